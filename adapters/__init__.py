@@ -1,0 +1,1 @@
+"""Adapters: the contract every executor of experiments implements, and its implementations."""

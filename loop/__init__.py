@@ -1,0 +1,1 @@
+"""The campaign loop: config, durable store, surrogate, acquisition, CLI."""

@@ -1,0 +1,1 @@
+"""The simulated lab: dataset-backed ground truth behind the adapter contract."""
