@@ -170,13 +170,13 @@ def locate(name: str) -> list[FileLocation]:
     return out
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+_HASHES: dict[tuple[str, int, int, int, int], str] = {}  # (path, inode, size, mtime, ctime) -> sha256
 
 
 def sha256_of(path: Path) -> str:
-    """The sha256 hex digest of a file, memoised on (path, size, mtime)."""
+    """The sha256 hex digest of a file, memoised on (path, inode, size, mtime, ctime)."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     digest = _HASHES.get(key)
     if digest is None:
         h = hashlib.sha256()
