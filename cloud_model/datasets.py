@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import difflib
 import gzip
 import hashlib
 import logging
@@ -36,13 +35,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from cloud_model.errors import DataError, DatasetNotFoundError
-from cloud_model.registry_data import SPECS
+from cloud_model.errors import DataError
+from cloud_model.registry_data import (
+    REGISTRY,
+    DatasetFile,
+    DatasetKind,
+    DatasetSpec,
+    TargetSpec,
+    get_spec,
+)
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
+
+__all__ = [
+    "CACHE_DIR_ENV", "DATA_DIR_ENV", "DATA_URL_ENV", "REGISTRY", "CrystalRecord", "DatasetFile",
+    "DatasetKind", "DatasetSpec", "FileLocation", "LoadResult", "TargetSpec", "cache_dir", "file_url",
+    "get_spec", "load_dataset", "locate", "mirror_dir", "read_csv", "resolve", "resource_path",
+    "sha256_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,79 +61,9 @@ DATA_DIR_ENV = "CLOUDLAB_DATA_DIR"
 CACHE_DIR_ENV = "CLOUDLAB_CACHE_DIR"
 DATA_URL_ENV = "CLOUDLAB_DATA_URL"
 
-DatasetKind = Literal["cif", "scope", "resource"]
 FileSource = Literal["mirror", "cache", "missing"]
 # progress(file, bytes_done, bytes_total or None), called while a file downloads
 ProgressCallback = Callable[["DatasetFile", int, "int | None"], None]
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TargetSpec(_Frozen):
-    """One labelled property: its CSV column, physical unit and meaning."""
-
-    column: str
-    unit: str
-    description: str
-
-
-class DatasetFile(_Frozen):
-    """One file of a dataset (usually one split)."""
-
-    split: str
-    relpath: str = Field(description="path relative to the mirror root, e.g. 'cdvae/perov_5/val.csv'")
-    url: str = Field(description="canonical public URL")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class DatasetSpec(_Frozen):
-    """A registered dataset: files, columns, targets, provenance."""
-
-    name: str
-    description: str
-    kind: DatasetKind
-    files: tuple[DatasetFile, ...]
-    id_column: str | None = Field(description="None -> ids are f'{name}:{split}:{row}'")
-    id_prefix: str = Field(default="", description="prepended to values of id_column")
-    structure_column: str | None = Field(description="'cif' for CIF sets, 'cloud' for SCOPE sets")
-    targets: dict[str, TargetSpec]
-    extra_columns: tuple[str, ...]
-    licence: str
-    citation: str
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        """Split names in registry order."""
-        return tuple(f.split for f in self.files)
-
-    def file(self, split: str) -> DatasetFile:
-        """The file of one split; :class:`DataError` if the dataset has no such split."""
-        for f in self.files:
-            if f.split == split:
-                return f
-        raise DataError(f"dataset {self.name!r} has no split {split!r}; its splits are {list(self.splits)}")
-
-
-REGISTRY: dict[str, DatasetSpec] = {spec["name"]: DatasetSpec.model_validate(spec) for spec in SPECS}
-
-
-def get_spec(name: str) -> DatasetSpec:
-    """The registered spec of ``name``.
-
-    Raises:
-        DatasetNotFoundError: ``name`` is not registered; the message names close matches.
-    """
-    spec = REGISTRY.get(name)
-    if spec is not None:
-        return spec
-    close = difflib.get_close_matches(name, REGISTRY, n=4, cutoff=0.5)
-    close += [n for n in REGISTRY if name and name.lower() in n and n not in close]
-    hint = f"did you mean {', '.join(close[:4])}? " if close else ""
-    raise DatasetNotFoundError(
-        f"unknown dataset {name!r}; {hint}(`cloudlab data list` shows all {len(REGISTRY)})"
-    )
 
 
 # ---------------------------------------------------------------- locations and hashes
@@ -240,6 +181,9 @@ def _download(spec: DatasetSpec, f: DatasetFile, dest: Path, progress: ProgressC
     return dest
 
 
+_WARNED: set[Path] = set()  # mirrors already reported missing
+
+
 def _resolve_file(spec: DatasetSpec, f: DatasetFile, *, download: bool, progress: ProgressCallback | None) -> Path:
     mirror = mirror_dir()
     if mirror is not None:
@@ -251,6 +195,9 @@ def _resolve_file(spec: DatasetSpec, f: DatasetFile, *, download: bool, progress
                                 "the mirror is corrupt or out of date: restore the file, or unset "
                                 f"{DATA_DIR_ENV} to download it into the cache")
             return path
+        if not mirror.is_dir() and mirror not in _WARNED:
+            _WARNED.add(mirror)
+            logger.warning("%s=%s is not a directory; using the cache and downloads", DATA_DIR_ENV, mirror)
         logger.debug("%s not in mirror %s; trying the cache", f.relpath, mirror)
     cached = cache_dir() / f.relpath
     if cached.is_file():
@@ -322,6 +269,9 @@ class CrystalRecord:
     cif: str | None
     scope: str | None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __hash__(self) -> int:  # the dict fields are unhashable; ids are unique per dataset
+        return hash((self.id, self.split))
 
     def structure(self) -> Structure:
         """The pymatgen Structure parsed from :attr:`cif`; :class:`DataError` if none or invalid."""
@@ -487,7 +437,7 @@ def load_dataset(name: str, splits: Sequence[str] | None = None, *, validate: bo
     spec = get_spec(name)
     if spec.kind == "resource":
         raise DataError(f"{name!r} is a resource file, not a table; use resource_path({name!r})")
-    chosen = tuple(spec.splits if splits is None else splits)
+    chosen = spec.splits if splits is None else (splits,) if isinstance(splits, str) else tuple(splits)
     files = [spec.file(s) for s in chosen]
     paths = tuple(_resolve_file(spec, f, download=True, progress=None) for f in files)
     key = (name, chosen, validate, paths)

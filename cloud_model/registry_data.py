@@ -1,15 +1,72 @@
-"""The table of registered datasets: files, sha256, public URLs, targets, licences.
+"""What is registered: the spec models and the table of datasets (files, sha256, URLs, targets).
 
-Data only; the models and the resolution/loading logic live in
-:mod:`cloud_model.datasets`. Hashes are those of the offline mirror
-(``../shared/data/SHA256SUMS``); URLs follow
-``https://raw.githubusercontent.com/OWNER/REPO/COMMIT/PATH`` with the commits
-named in ``../shared/data/SOURCES.md`` (``main`` where it names none).
+Re-exported by :mod:`cloud_model.datasets`, which resolves and loads the files. Hashes
+are those of the offline mirror (``../shared/data/SHA256SUMS``); URLs follow
+``https://raw.githubusercontent.com/OWNER/REPO/COMMIT/PATH`` with the commits named in
+``../shared/data/SOURCES.md`` (``main`` where it names none; the CLOUD commit for every
+CLOUD file).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import difflib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud_model.errors import DataError, DatasetNotFoundError
+
+DatasetKind = Literal["cif", "scope", "resource"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetSpec(_Frozen):
+    """One labelled property: its CSV column, physical unit and meaning."""
+
+    column: str
+    unit: str
+    description: str
+
+
+class DatasetFile(_Frozen):
+    """One file of a dataset (usually one split)."""
+
+    split: str
+    relpath: str = Field(description="path relative to the mirror root, e.g. 'cdvae/perov_5/val.csv'")
+    url: str = Field(description="canonical public URL")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class DatasetSpec(_Frozen):
+    """A registered dataset: files, columns, targets, provenance."""
+
+    name: str
+    description: str
+    kind: DatasetKind
+    files: tuple[DatasetFile, ...]
+    id_column: str | None = Field(description="None -> ids are f'{name}:{split}:{row}'")
+    id_prefix: str = Field(default="", description="prepended to values of id_column")
+    structure_column: str | None = Field(description="'cif' for CIF sets, 'cloud' for SCOPE sets")
+    targets: dict[str, TargetSpec]
+    extra_columns: tuple[str, ...]
+    licence: str
+    citation: str
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Split names in registry order."""
+        return tuple(f.split for f in self.files)
+
+    def file(self, split: str) -> DatasetFile:
+        """The file of one split; :class:`DataError` if the dataset has no such split."""
+        for f in self.files:
+            if f.split == split:
+                return f
+        raise DataError(f"dataset {self.name!r} has no split {split!r}; its splits are {list(self.splits)}")
+
 
 _RAW = "https://raw.githubusercontent.com"
 # (owner/repo, commit) of each canonical source
@@ -303,3 +360,23 @@ SPECS: list[dict[str, Any]] = [
         "citation": _CITE_CLOUD,
     },
 ]
+
+
+REGISTRY: dict[str, DatasetSpec] = {spec["name"]: DatasetSpec.model_validate(spec) for spec in SPECS}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The registered spec of ``name``.
+
+    Raises:
+        DatasetNotFoundError: ``name`` is not registered; the message names close matches.
+    """
+    spec = REGISTRY.get(name)
+    if spec is not None:
+        return spec
+    close = difflib.get_close_matches(name, REGISTRY, n=4, cutoff=0.5)
+    close += [n for n in REGISTRY if name and name.lower() in n and n not in close]
+    hint = f"did you mean {', '.join(close[:4])}? " if close else ""
+    raise DatasetNotFoundError(
+        f"unknown dataset {name!r}; {hint}(`cloudlab data list` shows all {len(REGISTRY)})"
+    )

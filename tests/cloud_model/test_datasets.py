@@ -178,7 +178,10 @@ def test_every_dataset_resolves_from_the_mirror_and_loads(name: str, data_dir: P
 
 
 def test_records_are_typed(data_dir: Path) -> None:
-    perov = load_dataset("perov_5", ["val"]).records[0]
+    val = load_dataset("perov_5", ["val"]).records
+    assert load_dataset("perov_5", "val").records == val  # a bare split name is one split
+    assert len(set(val)) == 3787  # records hash by (id, split)
+    perov = val[0]
     assert perov.id == "18517" and perov.split == "val"
     assert perov.extra == {"formula": "CuCdN3", "heat_all": 2.76}
     assert perov.targets["heat_ref"] == pytest.approx(2.709152583232041)
