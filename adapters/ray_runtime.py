@@ -1,0 +1,288 @@
+"""Ray plumbing for the dispatcher: starting or joining Ray, and the actor that hosts an adapter.
+
+The dispatcher (:mod:`adapters.dispatch`) never calls an adapter in the driver
+process. It builds the adapter inside a Ray actor (:class:`AdapterHost`) from an
+*adapter factory* and sends it batches of operations (submit / poll / cancel),
+so that one Ray round trip carries many adapter calls. Batches cross the process
+boundary as JSON produced and validated by pydantic (:class:`AdapterOp`,
+:class:`OpOutcome`), like every other record of the adapter contract.
+
+Starting Ray (:func:`ensure_ray`): a local Ray is started on demand, sized to the
+machine (``num_cpus=os.cpu_count()``), dashboard off. Ray >= 2.60 turns token
+authentication on for new local clusters: on first start it writes a random
+token to ``~/.ray/auth_token`` and every process of this session uses it, so no
+user action is needed. To join an existing cluster (``address="ray://..."`` or
+``"host:6379"``) that runs with token auth, provide the cluster's token through
+``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; set
+``RAY_AUTH_MODE=disabled`` to opt out on a machine whose home is read-only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import typing
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from adapters.base import (
+    ExperimentRequest,
+    JobHandle,
+    JobNotFoundError,
+    JobState,
+    JobStatus,
+    LabAdapter,
+    Measurement,
+    PermanentAdapterError,
+    TransientAdapterError,
+)
+from cloud_model.errors import CloudlabError, ConfigError
+
+__all__ = [
+    "AdapterFactory",
+    "AdapterHost",
+    "AdapterOp",
+    "AdapterSpec",
+    "OpKind",
+    "OpOutcome",
+    "RayRuntimeError",
+    "build_adapter",
+    "decode_ops",
+    "decode_outcomes",
+    "encode_ops",
+    "encode_outcomes",
+    "ensure_ray",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class RayRuntimeError(CloudlabError, RuntimeError):
+    """Ray could not be started or joined."""
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+    """Make sure this process is connected to Ray; start a local Ray if needed.
+
+    Args:
+        address: a Ray cluster address to join; ``None`` starts (or reuses) a
+            local Ray sized to the machine.
+        num_cpus: CPUs of a new local Ray (default: ``os.cpu_count()``).
+
+    Returns:
+        True when this call started or joined Ray, False when it was already up
+        (the caller then does not own it and must not shut it down).
+
+    Raises:
+        RayRuntimeError: Ray failed to start or to connect (the message says why).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        if address is not None:
+            ray.init(address=address, configure_logging=False, log_to_driver=False)
+        else:
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=False,  # actor logs: /tmp/ray/session_latest/logs
+            )
+    except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+        raise RayRuntimeError(
+            f"could not start or join {where}: {exc}. If the cluster uses token auth, set "
+            "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token; RAY_AUTH_MODE=disabled opts out."
+        ) from exc
+    logger.info(
+        "Ray %s: %s",
+        "joined" if address else "started locally",
+        ray.get_runtime_context().gcs_address,
+    )
+    return True
+
+
+class AdapterSpec(BaseModel):
+    """A JSON-friendly adapter factory: ``factory(**kwargs)`` is called inside the actor.
+
+    Each keyword argument is validated against the factory's type hints first,
+    so nested configs may be given as plain JSON: ``AdapterSpec(factory=
+    "simulators.lab:SimulatedLab", kwargs={"truth": {...}, "units": {...},
+    "config": {"capacity": 8}})`` builds a ``SimulatedLabConfig`` for ``config``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    factory: str = Field(
+        pattern=r"^[\w.]+:[\w.]+$", description="'package.module:attribute[.attr]'"
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    def build(self) -> LabAdapter:
+        """Import the factory, validate ``kwargs`` against its signature, and call it.
+
+        Raises:
+            ConfigError: the factory cannot be imported, a keyword argument is
+                invalid, or the result is not a :class:`LabAdapter`.
+        """
+        module_name, _, attr_path = self.factory.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for attr in attr_path.split("."):
+                target = getattr(target, attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(
+                f"adapter factory {self.factory!r} cannot be imported: {exc}"
+            ) from exc
+        try:
+            signed = typing.cast(Any, target).__init__ if isinstance(target, type) else target
+            hints = typing.get_type_hints(signed)
+        except (NameError, TypeError):  # unresolvable annotations: pass kwargs as they are
+            hints = {}
+        kwargs = dict(self.kwargs)
+        for name, value in kwargs.items():
+            if name in hints:
+                try:
+                    kwargs[name] = TypeAdapter(hints[name]).validate_python(value)
+                except ValidationError as exc:
+                    raise ConfigError(
+                        f"adapter factory {self.factory!r}, argument {name!r}: {exc}"
+                    ) from exc
+        return _checked(target(**kwargs), self.factory)
+
+
+AdapterFactory = Callable[[], LabAdapter] | AdapterSpec
+"""A picklable zero-argument callable returning an adapter, or an :class:`AdapterSpec`."""
+
+
+def build_adapter(factory: AdapterFactory) -> LabAdapter:
+    """Build the adapter described by ``factory`` (called inside the actor process)."""
+    if isinstance(factory, AdapterSpec):
+        return factory.build()
+    return _checked(factory(), repr(factory))
+
+
+def _checked(adapter: object, origin: str) -> LabAdapter:
+    if not isinstance(adapter, LabAdapter):
+        raise ConfigError(
+            f"adapter factory {origin} returned {type(adapter).__name__}, not a LabAdapter"
+        )
+    return adapter
+
+
+class OpKind(StrEnum):
+    """An adapter call the dispatcher can ask an actor to make."""
+
+    SUBMIT = "submit"
+    POLL = "poll"  # poll, then result() when SUCCEEDED
+    CANCEL = "cancel"  # cancel, then result() when the job had SUCCEEDED anyway
+
+
+class AdapterOp(BaseModel):
+    """One adapter call of a batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op_id: int
+    kind: OpKind
+    idempotency_key: str
+    request: ExperimentRequest | None = None  # SUBMIT
+    handle: JobHandle | None = None  # POLL, CANCEL
+
+
+ErrorKind = Literal["transient", "permanent", "not_found"]
+
+
+class OpOutcome(BaseModel):
+    """What one adapter call returned or raised."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op_id: int
+    handle: JobHandle | None = None
+    status: JobStatus | None = None
+    measurement: Measurement | None = None
+    error_kind: ErrorKind | None = None
+    error: str | None = None
+
+
+_OPS: TypeAdapter[list[AdapterOp]] = TypeAdapter(list[AdapterOp])
+_OUTCOMES: TypeAdapter[list[OpOutcome]] = TypeAdapter(list[OpOutcome])
+
+
+def encode_ops(ops: list[AdapterOp]) -> bytes:
+    return _OPS.dump_json(ops, exclude_defaults=True)
+
+
+def decode_ops(payload: bytes) -> list[AdapterOp]:
+    return _OPS.validate_json(payload)
+
+
+def encode_outcomes(outcomes: list[OpOutcome]) -> bytes:
+    return _OUTCOMES.dump_json(outcomes, exclude_defaults=True)
+
+
+def decode_outcomes(payload: bytes) -> list[OpOutcome]:
+    return _OUTCOMES.validate_json(payload)
+
+
+class AdapterHost:
+    """Holds one adapter inside a Ray actor and runs batches of calls on it.
+
+    Used as ``ray.remote(AdapterHost)``; Ray runs one batch at a time per actor,
+    which honours the contract's "one thread at a time".
+
+    Args:
+        factory: builds the adapter in this (the actor's) process.
+    """
+
+    def __init__(self, factory: AdapterFactory) -> None:
+        self._adapter = build_adapter(factory)
+
+    def describe(self) -> dict[str, Any]:
+        """The adapter's name and capacity, and this process's pid (for memory sampling)."""
+        return {"name": self._adapter.name, "capacity": self._adapter.capacity, "pid": os.getpid()}
+
+    def run(self, payload: bytes) -> bytes:
+        """Run a JSON batch of :class:`AdapterOp` in order; return the JSON outcomes."""
+        return encode_outcomes([self._run_one(op) for op in decode_ops(payload)])
+
+    def close(self) -> None:
+        self._adapter.close()
+
+    def _run_one(self, op: AdapterOp) -> OpOutcome:
+        adapter = self._adapter
+        try:
+            if op.kind is OpKind.SUBMIT:
+                if op.request is None:
+                    raise PermanentAdapterError(f"submit op {op.op_id} has no request")
+                return OpOutcome(
+                    op_id=op.op_id, handle=adapter.submit(op.request, op.idempotency_key)
+                )
+            if op.handle is None:
+                raise PermanentAdapterError(f"{op.kind} op {op.op_id} has no handle")
+            status = (
+                adapter.poll(op.handle) if op.kind is OpKind.POLL else adapter.cancel(op.handle)
+            )
+            measurement = adapter.result(op.handle) if status.state is JobState.SUCCEEDED else None
+            return OpOutcome(op_id=op.op_id, status=status, measurement=measurement)
+        except TransientAdapterError as exc:
+            return OpOutcome(op_id=op.op_id, error_kind="transient", error=str(exc))
+        except JobNotFoundError as exc:
+            return OpOutcome(op_id=op.op_id, error_kind="not_found", error=str(exc))
+        except PermanentAdapterError as exc:
+            return OpOutcome(op_id=op.op_id, error_kind="permanent", error=str(exc))
+        except Exception as exc:  # an adapter bug must not take the other ops of the batch down
+            logger.exception(
+                "adapter %s raised on %s %s", adapter.name, op.kind, op.idempotency_key
+            )
+            return OpOutcome(
+                op_id=op.op_id, error_kind="permanent", error=f"{type(exc).__name__}: {exc}"
+            )

@@ -1,0 +1,470 @@
+"""The Ray dispatcher against real adapters in real Ray actors.
+
+Two executors: :class:`JournalLab` below, whose jobs live as JSON files in a
+directory (so they survive an actor crash and the test can inspect what really
+reached the executor: experiments started per key, peak jobs in flight,
+cancellations), and the project's :class:`simulators.lab.SimulatedLab`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from adapters.base import (
+    ExperimentRequest,
+    JobHandle,
+    JobNotFoundError,
+    JobState,
+    JobStatus,
+    LabAdapter,
+    MeasuredValue,
+    Measurement,
+    PermanentAdapterError,
+    ResultNotReadyError,
+    TransientAdapterError,
+)
+from adapters.dispatch import (
+    DispatchConfig,
+    Dispatcher,
+    DispatcherClosedError,
+    DispatcherError,
+    DispatchEvent,
+    DuplicateJobError,
+    EventKind,
+)
+from adapters.ray_runtime import AdapterSpec
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors need not import tests/
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+TRUTH = {f"mp-{i}": 0.5 + 0.25 * i for i in range(40)}  # band gaps, eV
+FAST = DispatchConfig(poll_interval_s=0.02, backoff_base_s=0.02, backoff_max_s=0.2)
+
+
+class _JobFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    key: str
+    request: ExperimentRequest
+    started_at: float  # unix seconds
+    duration_s: float
+    cancelled_at: float | None = None
+    submit_calls: int = 1
+    poll_calls: int = 0
+
+
+class JournalLab(LabAdapter):
+    """An executor whose jobs are JSON files in ``root``; a job runs for
+    ``parameters["duration_s"]`` wall seconds, then SUCCEEDED with the true value
+    (or FAILED if ``parameters["fail"]``). Fault injection through parameters:
+    ``reject`` (permanent error on submit), ``lose_responses`` (the first n submits
+    create/find the job, then raise a transient error as if the reply was lost),
+    ``flaky_polls`` (the first n polls raise a transient error), ``crash_actor``
+    (the first submit kills the hosting process after creating the job).
+    """
+
+    name = "journal"
+
+    def __init__(self, root: str, truth: dict[str, float], capacity: int = 4) -> None:
+        self.root = Path(root)
+        self.truth = truth
+        self.capacity = capacity
+
+    # -- inspection, used by the tests from the driver process
+    def jobs(self) -> list[_JobFile]:
+        return [
+            _JobFile.model_validate_json(p.read_text())
+            for p in sorted(self.root.glob("job-*.json"))
+        ]
+
+    def peak_in_flight(self) -> int:
+        path = self.root / "peak.json"
+        return int(json.loads(path.read_text())["peak"]) if path.exists() else 0
+
+    # -- the contract
+    def submit(self, request: ExperimentRequest, idempotency_key: str) -> JobHandle:
+        job = self._load(idempotency_key)
+        params = request.parameters
+        if job is None:
+            if "reject" in params:
+                raise PermanentAdapterError(f"refused: {params['reject']}")
+            now = time.time()
+            running = sum(not self._state(j, now).is_terminal for j in self.jobs())
+            job = _JobFile(
+                job_id="J" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:12],
+                key=idempotency_key,
+                request=request,
+                started_at=now,
+                duration_s=float(params.get("duration_s", 0.05)),
+            )
+            peak = max(self.peak_in_flight(), running + 1)
+            (self.root / "peak.json").write_text(json.dumps({"peak": peak}))
+        else:
+            job.submit_calls += 1
+        self._save(job)
+        if job.submit_calls <= int(params.get("lose_responses", 0)):
+            raise TransientAdapterError("reply lost on the way back")
+        if params.get("crash_actor") and job.submit_calls == 1:
+            os._exit(3)
+        return self._handle(job)
+
+    def poll(self, handle: JobHandle) -> JobStatus:
+        job = self._get(handle)
+        job.poll_calls += 1
+        self._save(job)
+        if job.poll_calls <= int(job.request.parameters.get("flaky_polls", 0)):
+            raise TransientAdapterError("executor busy (503)")
+        return self._status(job)
+
+    def result(self, handle: JobHandle) -> Measurement:
+        job = self._get(handle)
+        if self._state(job, time.time()) is not JobState.SUCCEEDED:
+            raise ResultNotReadyError(f"{job.job_id} has not succeeded")
+        value = self.truth[job.request.candidate_id]
+        values = {t: MeasuredValue(value=value, unit="eV") for t in job.request.targets}
+        return Measurement(
+            job_id=job.job_id, candidate_id=job.request.candidate_id, values=values, cost=1.0
+        )
+
+    def cancel(self, handle: JobHandle) -> JobStatus:
+        job = self._get(handle)
+        if not self._state(job, time.time()).is_terminal:
+            job.cancelled_at = time.time()
+            self._save(job)
+        return self._status(job)
+
+    # -- storage
+    def _path(self, key: str) -> Path:
+        return self.root / f"job-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+    def _load(self, key: str) -> _JobFile | None:
+        path = self._path(key)
+        return _JobFile.model_validate_json(path.read_text()) if path.exists() else None
+
+    def _get(self, handle: JobHandle) -> _JobFile:
+        job = self._load(handle.idempotency_key)
+        if job is None or job.job_id != handle.job_id:
+            raise JobNotFoundError(f"no job {handle.job_id}")
+        return job
+
+    def _save(self, job: _JobFile) -> None:
+        tmp = self._path(job.key).with_suffix(".tmp")
+        tmp.write_text(job.model_dump_json())
+        os.replace(tmp, self._path(job.key))
+
+    def _state(self, job: _JobFile, now: float) -> JobState:
+        if job.cancelled_at is not None:
+            return JobState.CANCELLED
+        if now < job.started_at + job.duration_s:
+            return JobState.RUNNING
+        return JobState.FAILED if job.request.parameters.get("fail") else JobState.SUCCEEDED
+
+    def _status(self, job: _JobFile) -> JobStatus:
+        state = self._state(job, time.time())
+        message = "failed synthesis" if state is JobState.FAILED else None
+        return JobStatus(job_id=job.job_id, state=state, message=message)
+
+    def _handle(self, job: _JobFile) -> JobHandle:
+        return JobHandle(
+            adapter=self.name,
+            job_id=job.job_id,
+            idempotency_key=job.key,
+            candidate_id=job.request.candidate_id,
+        )
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (and is not a zombie waiting to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())
+
+
+def request(i: int, **parameters: Any) -> ExperimentRequest:
+    return ExperimentRequest(candidate_id=f"mp-{i}", targets=("band_gap",), parameters=parameters)
+
+
+def journal(tmp_path: Path, capacity: int = 4) -> tuple[JournalLab, Callable[[], LabAdapter]]:
+    return JournalLab(str(tmp_path), TRUTH, capacity), functools.partial(
+        JournalLab, str(tmp_path), TRUTH, capacity
+    )
+
+
+def collect(dispatcher: Dispatcher, timeout: float = 15.0) -> list[tuple[float, DispatchEvent]]:
+    """Every event until no job is outstanding, with its arrival time; checks the JSON round trip."""
+    out: list[tuple[float, DispatchEvent]] = []
+    end = time.monotonic() + timeout
+    while dispatcher.outstanding() or out == []:
+        if time.monotonic() > end:
+            pytest.fail(f"jobs still outstanding after {timeout} s: {[e.kind for _, e in out]}")
+        for event in dispatcher.next_events(timeout=0.1):
+            assert DispatchEvent.model_validate_json(event.model_dump_json()) == event
+            out.append((time.monotonic(), event))
+    return out
+
+
+def by_key(events: list[tuple[float, DispatchEvent]]) -> dict[str, list[DispatchEvent]]:
+    out: dict[str, list[DispatchEvent]] = {}
+    for _, event in events:
+        out.setdefault(event.idempotency_key, []).append(event)
+    return out
+
+
+def test_results_stream_as_they_complete(tmp_path: Path) -> None:
+    lab, factory = journal(tmp_path)
+    with Dispatcher(factory, FAST) as dispatcher:
+        t0 = time.monotonic()
+        dispatcher.submit(request(1, duration_s=1.5), "slow")
+        dispatcher.submit(request(2, duration_s=0.1), "fast")
+        with pytest.raises(DuplicateJobError):
+            dispatcher.submit(request(2), "fast")
+        events = collect(dispatcher)
+    done = [(t - t0, e) for t, e in events if e.kind.is_terminal]
+    assert [e.idempotency_key for _, e in done] == ["fast", "slow"]
+    assert done[0][0] < 1.0 <= 1.5 <= done[1][0]  # the fast result did not wait for the slow one
+    for key, evs in by_key(events).items():
+        assert [e.kind for e in evs] == [
+            EventKind.SUBMITTED,
+            EventKind.STATE,
+            EventKind.SUCCEEDED,
+        ], key
+        assert evs[0].handle is not None and evs[0].handle.idempotency_key == key
+        assert evs[1].status is not None and evs[1].status.state is JobState.RUNNING
+    measured = {e.idempotency_key: e.measurement for _, e in done}
+    assert (
+        measured["fast"] is not None and measured["fast"].values["band_gap"].value == TRUTH["mp-2"]
+    )
+    assert [j.submit_calls for j in lab.jobs()] == [1, 1]
+
+
+@pytest.mark.parametrize(("concurrency", "expected_peak"), [(None, 3), (2, 2)])
+def test_concurrency_limit_is_respected(
+    tmp_path: Path, concurrency: int | None, expected_peak: int
+) -> None:
+    lab, factory = journal(tmp_path, capacity=3)
+    config = FAST.model_copy(update={"concurrency": concurrency})
+    with Dispatcher(factory, config) as dispatcher:
+        assert dispatcher.concurrency == expected_peak
+        for i in range(9):
+            dispatcher.submit(request(i, duration_s=0.15), f"job-{i}")
+        peak_seen = 0
+        while dispatcher.outstanding():
+            peak_seen = max(peak_seen, dispatcher.in_flight())
+            dispatcher.next_events(timeout=0.01)
+    assert lab.peak_in_flight() == expected_peak  # measured by the executor itself
+    assert peak_seen <= expected_peak
+    assert len(lab.jobs()) == 9
+
+
+def test_transient_errors_are_retried_with_the_same_key(tmp_path: Path) -> None:
+    lab, factory = journal(tmp_path)
+    with Dispatcher(factory, FAST) as dispatcher:
+        dispatcher.submit(request(1, lose_responses=2), "lost-replies")
+        dispatcher.submit(request(2, flaky_polls=2), "flaky-polls")
+        events = by_key(collect(dispatcher))
+    kinds = {key: [e.kind for e in evs] for key, evs in events.items()}
+    assert kinds["lost-replies"][:3] == [
+        EventKind.RETRYING,
+        EventKind.RETRYING,
+        EventKind.SUBMITTED,
+    ]
+    assert kinds["flaky-polls"][:3] == [EventKind.SUBMITTED, EventKind.RETRYING, EventKind.RETRYING]
+    assert [evs[-1].kind for evs in events.values()] == [EventKind.SUCCEEDED] * 2
+    assert [e.attempt for e in events["lost-replies"][:2]] == [1, 2]
+    jobs = {j.key: j for j in lab.jobs()}
+    assert len(jobs) == 2  # one experiment per key, whatever the retries
+    assert jobs["lost-replies"].submit_calls == 3
+    assert jobs["flaky-polls"].poll_calls >= 3
+
+
+def test_actor_death_is_retried_without_a_second_experiment(tmp_path: Path) -> None:
+    lab, factory = journal(tmp_path)
+    config = FAST.model_copy(update={"max_retries": 10, "backoff_max_s": 0.5})
+    with Dispatcher(factory, config) as dispatcher:
+        pid_before = dispatcher.actor_pids[0]
+        dispatcher.submit(request(1, crash_actor=True), "crash")
+        events = by_key(collect(dispatcher, timeout=30))
+    kinds = [e.kind for e in events["crash"]]
+    assert kinds[0] is EventKind.RETRYING and kinds[-1] is EventKind.SUCCEEDED
+    assert "Ray actor" in (events["crash"][0].message or "")
+    assert not alive(pid_before)  # the first actor process really died
+    [job] = lab.jobs()
+    assert job.submit_calls == 2  # the retry found the job the dead actor had created
+
+
+def test_permanent_failures_and_exhausted_retries_are_reported(tmp_path: Path) -> None:
+    lab, factory = journal(tmp_path)
+    with Dispatcher(factory, FAST.model_copy(update={"max_retries": 1})) as dispatcher:
+        dispatcher.submit(request(1, reject="unsafe precursor"), "rejected")
+        dispatcher.submit(request(2, fail=True), "failed")
+        dispatcher.submit(request(3, lose_responses=5), "hopeless")
+        events = {k: evs[-1] for k, evs in by_key(collect(dispatcher)).items()}
+    assert events["rejected"].kind is EventKind.FAILED and events["rejected"].permanent
+    assert "unsafe precursor" in (events["rejected"].message or "")
+    assert events["failed"].kind is EventKind.FAILED and not events["failed"].permanent
+    assert events["failed"].message == "failed synthesis"
+    assert events["failed"].status is not None and events["failed"].status.state is JobState.FAILED
+    assert events["hopeless"].kind is EventKind.FAILED
+    assert "gave up after 2 transient errors" in (events["hopeless"].message or "")
+    assert sorted(j.key for j in lab.jobs()) == [
+        "failed",
+        "hopeless",
+    ]  # a refused job never existed
+
+
+def test_timeout_cancels_the_job_at_the_adapter(tmp_path: Path) -> None:
+    lab, factory = journal(tmp_path)
+    with Dispatcher(factory, FAST.model_copy(update={"job_timeout_s": 0.3})) as dispatcher:
+        t0 = time.monotonic()
+        dispatcher.submit(request(1, duration_s=30), "too-slow")
+        dispatcher.submit(request(2, duration_s=0.05), "quick")
+        events = by_key(collect(dispatcher))
+        elapsed = time.monotonic() - t0
+    timed_out = events["too-slow"][-1]
+    assert timed_out.kind is EventKind.TIMED_OUT
+    assert timed_out.status is not None and timed_out.status.state is JobState.CANCELLED
+    assert events["quick"][-1].kind is EventKind.SUCCEEDED
+    assert 0.3 <= elapsed < 3.0
+    jobs = {j.key: j for j in lab.jobs()}
+    assert jobs["too-slow"].cancelled_at is not None and jobs["quick"].cancelled_at is None
+
+
+def test_cancel_queued_and_running_jobs(tmp_path: Path) -> None:
+    lab, factory = journal(tmp_path, capacity=1)
+    with Dispatcher(factory, FAST) as dispatcher:
+        dispatcher.submit(request(1, duration_s=30), "running")
+        dispatcher.submit(request(2, duration_s=30), "queued")  # waits: capacity 1
+        assert dispatcher.next_events(timeout=5)[0].kind is EventKind.SUBMITTED
+        assert dispatcher.in_flight() == 1 and dispatcher.outstanding() == 2
+        assert dispatcher.cancel("queued") and dispatcher.cancel("running")
+        assert not dispatcher.cancel("never-submitted")
+        events = {k: evs[-1] for k, evs in by_key(collect(dispatcher)).items()}
+    assert events["queued"].kind is EventKind.CANCELLED and events["queued"].handle is None
+    assert events["running"].kind is EventKind.CANCELLED
+    assert (
+        events["running"].status is not None
+        and events["running"].status.state is JobState.CANCELLED
+    )
+    [job] = lab.jobs()  # the queued job never reached the executor
+    assert job.key == "running" and job.cancelled_at is not None
+
+
+def test_graceful_shutdown_finishes_in_flight_and_drops_queued(tmp_path: Path) -> None:
+    lab, factory = journal(tmp_path, capacity=2)
+    dispatcher = Dispatcher(factory, FAST)
+    for i in range(4):
+        dispatcher.submit(request(i, duration_s=0.3), f"job-{i}")
+    while dispatcher.in_flight() < 2 or len(lab.jobs()) < 2:
+        time.sleep(0.01)
+    assert dispatcher.shutdown(graceful=True) == []
+    events = {k: evs[-1].kind for k, evs in by_key(collect(dispatcher)).items()}
+    assert events == {
+        "job-0": EventKind.SUCCEEDED,
+        "job-1": EventKind.SUCCEEDED,
+        "job-2": EventKind.CANCELLED,
+        "job-3": EventKind.CANCELLED,
+    }
+    assert len(lab.jobs()) == 2
+    with pytest.raises(DispatcherClosedError):
+        dispatcher.submit(request(9), "late")
+    deadline = time.monotonic() + 10
+    while alive(dispatcher.actor_pids[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(dispatcher.actor_pids[0])  # the actor was killed
+
+
+def test_shutdown_can_cancel_in_flight_jobs(tmp_path: Path) -> None:
+    lab, factory = journal(tmp_path, capacity=2)
+    dispatcher = Dispatcher(factory, FAST)
+    dispatcher.submit(request(1, duration_s=30), "long")
+    assert dispatcher.next_events(timeout=5)[0].kind is EventKind.SUBMITTED
+    assert dispatcher.shutdown(graceful=True, cancel_in_flight=True, timeout_s=10) == []
+    [(_, event)] = collect(dispatcher)
+    assert event.kind is EventKind.CANCELLED
+    assert lab.jobs()[0].cancelled_at is not None
+
+
+def test_track_resumes_jobs_without_resubmitting(tmp_path: Path) -> None:
+    lab, factory = journal(tmp_path)
+    # a job started before "the crash", by another process
+    old = lab.submit(request(5, duration_s=0.2), "from-before")
+    # a job whose dispatcher died abruptly
+    first = Dispatcher(factory, FAST)
+    first.submit(request(6, duration_s=0.6), "orphan")
+    submitted = first.next_events(timeout=5)[0]
+    assert submitted.kind is EventKind.SUBMITTED and submitted.handle is not None
+    assert first.shutdown(graceful=False) == [submitted.handle]
+    with Dispatcher(factory, FAST) as second:
+        second.track(old)
+        second.track(submitted.handle)
+        events = {k: evs for k, evs in by_key(collect(second)).items()}
+    for key, candidate in (("from-before", "mp-5"), ("orphan", "mp-6")):
+        assert events[key][-1].kind is EventKind.SUCCEEDED
+        assert EventKind.SUBMITTED not in [e.kind for e in events[key]]
+        measurement = events[key][-1].measurement
+        assert measurement is not None and measurement.values["band_gap"].value == TRUTH[candidate]
+    assert [j.submit_calls for j in lab.jobs()] == [1, 1]
+
+
+def _simulated_spec(capacity: int, **config: Any) -> AdapterSpec:
+    truth = {cid: {"band_gap": value} for cid, value in TRUTH.items()}
+    config = {"capacity": capacity, "latency": {"mean_s": 0.2}, **config}
+    return AdapterSpec(
+        factory="simulators.lab:SimulatedLab",
+        kwargs={"truth": truth, "units": {"band_gap": "eV"}, "config": config},
+    )
+
+
+@pytest.mark.parametrize(("concurrency", "queued_at_lab"), [(None, False), (8, True)])
+def test_simulated_lab_gets_no_more_than_its_capacity(
+    concurrency: int | None, queued_at_lab: bool
+) -> None:
+    config = FAST.model_copy(update={"concurrency": concurrency})
+    with Dispatcher(_simulated_spec(capacity=4), config) as dispatcher:
+        for i in range(16):
+            dispatcher.submit(request(i), f"sim-{i}")
+        events = collect(dispatcher)
+    states = [e.status.state for _, e in events if e.kind is EventKind.STATE and e.status]
+    assert (JobState.QUEUED in states) is queued_at_lab  # beyond capacity the lab makes jobs wait
+    done = [e for _, e in events if e.kind is EventKind.SUCCEEDED]
+    assert len(done) == 16
+    for event in done:
+        assert event.measurement is not None
+        assert event.measurement.values["band_gap"].value == TRUTH[event.candidate_id]
+        assert event.measurement.values["band_gap"].unit == "eV"
+
+
+def test_simulated_lab_failures_and_bad_requests() -> None:
+    spec = _simulated_spec(capacity=8, failure={"probability": 1.0})
+    with Dispatcher(spec, FAST) as dispatcher:
+        assert (dispatcher.adapter_name, dispatcher.capacity) == ("simulated", 8)
+        dispatcher.submit(request(1), "fails")
+        dispatcher.submit(
+            ExperimentRequest(candidate_id="not-in-pool", targets=("band_gap",)), "unknown"
+        )
+        events = {k: evs[-1] for k, evs in by_key(collect(dispatcher)).items()}
+    assert events["fails"].kind is EventKind.FAILED and not events["fails"].permanent
+    assert events["fails"].message in ("failed synthesis", "instrument fault")
+    assert events["unknown"].kind is EventKind.FAILED and events["unknown"].permanent
+    assert "not-in-pool" in (events["unknown"].message or "")
+
+
+def test_a_factory_that_cannot_build_is_a_clear_error() -> None:
+    with pytest.raises(DispatcherError, match="no_such_lab"):
+        Dispatcher(AdapterSpec(factory="simulators.lab:no_such_lab"), FAST)
