@@ -179,6 +179,10 @@ class SimulatedLab(LabAdapter):
             PermanentAdapterError: unknown candidate or target, a target without a
                 true value, or a key reused with a different request.
         """
+        return self.submit_or_get(request, idempotency_key)[0]
+
+    def submit_or_get(self, request: ExperimentRequest, idempotency_key: str) -> tuple[JobHandle, bool]:
+        """Like :meth:`submit`, also telling whether the job was created by this call."""
         if not idempotency_key:
             raise PermanentAdapterError("idempotency_key must be a non-empty string")
         with self._lock:
@@ -191,7 +195,7 @@ class SimulatedLab(LabAdapter):
                         f"with a different request (candidate {job.request.candidate_id!r}); "
                         "use a new key for a new experiment"
                     )
-                return self._handle(job)
+                return self._handle(job), False
             self._validate(request)
             event = SubmitEvent(
                 sim_time=self._now(),
@@ -202,7 +206,7 @@ class SimulatedLab(LabAdapter):
             )
             if self._journal is not None:
                 self._journal.append(event)
-            return self._handle(self._apply_submit(event))
+            return self._handle(self._apply_submit(event)), True
 
     def poll(self, handle: JobHandle) -> JobStatus:
         return self.status(handle.job_id)
@@ -212,6 +216,17 @@ class SimulatedLab(LabAdapter):
 
     def cancel(self, handle: JobHandle) -> JobStatus:
         return self.cancel_job(handle.job_id)
+
+    def close(self) -> None:
+        """Close the journal, if it has a ``close`` method. Idempotent."""
+        with self._lock:
+            journal, self._journal = self._journal, None
+        closer = getattr(journal, "close", None)
+        if callable(closer):
+            closer()
+
+    def __enter__(self) -> SimulatedLab:
+        return self
 
     # ------------------------------------------------------------ by job id (server)
     def handle(self, job_id: str) -> JobHandle:
