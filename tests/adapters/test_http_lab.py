@@ -158,7 +158,8 @@ def test_server_restart_mid_campaign(
     state, port = tmp_path / "state", free_port()
     first = start_server(tmp_path, truth, config, state_dir=state, port=port)
     cids = sorted(truth.values)[40:46]
-    client = _client(first.url, monkeypatch, max_attempts=10, backoff_initial_s=0.2, backoff_multiplier=1.5)
+    client = _client(first.url, monkeypatch, max_attempts=14, backoff_initial_s=0.2, backoff_multiplier=1.5,
+                     backoff_max_s=5.0)  # fmt: skip
     handles = [client.submit(_request(c), f"restart-{c}") for c in cids]
     assert client.cancel(handles[-1]).state is JobState.CANCELLED  # still queued behind 4 others
     first.stop(crash=True)
@@ -204,13 +205,13 @@ FAULTS = ",".join(
     [
         "503,502,ok",  # 1 submit: two 5xx, then served
         "drop,ok",  # 2 submit: job created, answer lost mid-body; the retry finds it
-        "delay:1.2,ok",  # 3 submit: client times out (0.4 s); the retry creates, the late one finds it
+        "delay:1.5,ok",  # 3 submit: client times out (1 s); the retry creates, the late one finds it
         "malformed,ok",  # 4 poll: truncated JSON
         "invalid,ok",  # 5 result: JSON of the wrong schema
         "503*4",  # 6 poll: 5xx burst longer than the retries
         "malformed*4",  # 7 poll
         "drop*4",  # 8 poll
-        "delay:0.8*4",  # 9 poll: timeouts
+        "delay:1.5*4",  # 9 poll: timeouts
     ]
 )
 
@@ -223,7 +224,7 @@ def test_faults_are_retried_then_reported(
     try:
         with _client(
             running.url, monkeypatch, max_attempts=4, backoff_initial_s=0.02, backoff_multiplier=1.0,
-            backoff_jitter=0.0, read_timeout_s=0.4,
+            backoff_jitter=0.0, read_timeout_s=1.0,
         ) as client:  # fmt: skip
             h1, h2, h3 = (client.submit(_request(c), f"fault-{c}") for c in cids)
             assert client.poll(h1).state is JobState.SUCCEEDED
@@ -232,12 +233,12 @@ def test_faults_are_retried_then_reported(
                 (lambda: client.poll(h2), r"after 4 attempts; last: HTTP 503: unavailable: injected fault"),
                 (lambda: client.poll(h2), r"after 4 attempts; last: HTTP 200 with an invalid JobResource body"),
                 (lambda: client.poll(h2), r"after 4 attempts; last: connection failed \(RemoteProtocolError"),
-                (lambda: client.poll(h3), r"after 4 attempts; last: timed out \(ReadTimeout; read timeout 0.4 s\)"),
+                (lambda: client.poll(h3), r"after 4 attempts; last: timed out \(ReadTimeout; read timeout 1.0 s\)"),
             ]
             for call, message in expected:
                 with pytest.raises(TransientAdapterError, match=message):
                     call()
-            time.sleep(0.5)  # let the last delayed requests finish
+            time.sleep(0.6)  # let the last delayed request finish
             jobs = list(client.list_jobs())  # the schedule is used up: served normally
             assert sorted(j.idempotency_key for j in jobs) == sorted(f"fault-{c}" for c in cids)
             assert all(j.state is JobState.SUCCEEDED for j in jobs)
