@@ -5,10 +5,17 @@ the actor from an adapter factory (see :mod:`adapters.ray_runtime`). The caller
 submits requests with idempotency keys and reads :class:`DispatchEvent` records
 as they happen::
 
-    with Dispatcher(AdapterSpec(factory="mypkg.labs:make_lab", kwargs={...})) as dispatcher:
+    spec = AdapterSpec(factory="simulators.lab:SimulatedLab",
+                       kwargs={"truth": truth, "units": {"band_gap": "eV"}, "config": {"capacity": 8}})
+    with Dispatcher(spec, DispatchConfig(job_timeout_s=3600)) as dispatcher:
         dispatcher.submit(request, idempotency_key="campaign-1/job-7")
-        for event in dispatcher.events():
+        for event in dispatcher.events():  # as they happen, until no job is outstanding
             store.record(event)  # SUBMITTED carries the JobHandle, SUCCEEDED the Measurement
+
+After a crash, :meth:`Dispatcher.track` resumes polling jobs whose handle was
+stored (no resubmission); a job stored without a handle is submitted again with
+its key, which the adapter contract makes safe. With ``ray_address`` set, the
+actors may run on other machines, which then need cloudlab installed.
 
 A background thread runs the state machine: it keeps at most ``concurrency``
 jobs at the adapter (the rest wait in the dispatcher's queue), sends each actor
@@ -381,6 +388,8 @@ class Dispatcher:
         with self._lock:
             if self._closed:
                 raise DispatcherClosedError("the dispatcher was shut down; create a new one")
+            if self._failure is not None:
+                raise DispatcherError(f"dispatcher worker crashed: {self._failure!r}")
             if key in self._outstanding:
                 raise DuplicateJobError(
                     f"a job with idempotency key {key!r} is already outstanding"
@@ -623,7 +632,10 @@ class Dispatcher:
         what = f"{kind} of {job.key!r} at {self.adapter_name}: {outcome.error}"
         if outcome.error_kind == "transient":
             job.failures += 1
-            if job.failures <= cfg.max_retries:
+            if kind is OpKind.SUBMIT and job.cancel is not None:  # cancelled: do not resubmit
+                job.phase = _Phase.READY
+                self._request_cancel(job, job.cancel)
+            elif job.failures <= cfg.max_retries:
                 delay = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (job.failures - 1))
                 job.phase = _Phase.READY if kind is OpKind.SUBMIT else _Phase.ACTIVE
                 job.due = now + delay
@@ -633,12 +645,12 @@ class Dispatcher:
                     message=f"{what}; retry {job.failures}/{cfg.max_retries} in {delay:.2f} s",
                     attempt=job.failures,
                 )
-                return
-            self._finish(
-                job,
-                self._ending_kind(job, EventKind.FAILED),
-                message=f"gave up after {job.failures} transient errors: {what}",
-            )
+            else:
+                self._finish(
+                    job,
+                    self._ending_kind(job, EventKind.FAILED),
+                    message=f"gave up after {job.failures} transient errors: {what}",
+                )
         elif outcome.error_kind == "not_found" and kind is not OpKind.SUBMIT:
             self._finish(job, EventKind.LOST, message=what)
         else:
