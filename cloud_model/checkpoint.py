@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cloud_model.errors import CheckpointError
+from cloud_model.errors import CheckpointError, TokenizerError
 from cloud_model.heads import CloudModel, HeadConfig, build_model
 from cloud_model.model import CloudConfig, CloudEncoder
 
@@ -100,12 +100,17 @@ def default_checkpoint() -> Path:
     return path
 
 
+def vocab_sha256(tokenizer: ScopeTokenizer) -> str:
+    """sha256 of the tokenizer's tokens in id order (one per line)."""
+    return hashlib.sha256("\n".join(tokenizer.tokens).encode("utf-8")).hexdigest()
+
+
 def tokenizer_info(tokenizer: ScopeTokenizer) -> TokenizerInfo:
     """Version, size and sha256 fingerprint of a tokenizer's vocabulary."""
     return TokenizerInfo(
         version=str(tokenizer.version),
         vocab_size=int(tokenizer.vocab_size),
-        vocab_sha256=str(tokenizer.vocab_hash),
+        vocab_sha256=vocab_sha256(tokenizer),
     )
 
 
@@ -311,7 +316,10 @@ def load_checkpoint(
     tokenizer_path = directory / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise CheckpointError(f"{tokenizer_path}: tokenizer file not found")
-    tokenizer = ScopeTokenizer.load(tokenizer_path)
+    try:
+        tokenizer = ScopeTokenizer.load(tokenizer_path)
+    except TokenizerError as exc:
+        raise CheckpointError(f"{tokenizer_path}: {exc}") from exc
     info = tokenizer_info(tokenizer)
     if (
         info.vocab_sha256 != card_tokenizer.vocab_sha256

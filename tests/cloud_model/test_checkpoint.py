@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from cloud_model.checkpoint import canonical_state, load_module_weights, save_module_weights
+from cloud_model.checkpoint import (
+    CARD_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    DataSummary,
+    ModelCard,
+    canonical_state,
+    file_sha256,
+    load_checkpoint,
+    load_encoder,
+    load_module_weights,
+    save_checkpoint,
+    save_module_weights,
+)
 from cloud_model.errors import CheckpointError
-from cloud_model.heads import CloudForMaskedLM, CloudForRegression, RegressionHeadConfig
+from cloud_model.heads import (
+    CloudForMaskedLM,
+    CloudForRegression,
+    DebyeHeadConfig,
+    MaskedLMHeadConfig,
+    RegressionHeadConfig,
+    build_model,
+)
 from cloud_model.model import CloudConfig, CloudEncoder
+from cloud_model.tokenizer import ScopeTokenizer
 
 VOCAB = 61
 
@@ -47,3 +69,132 @@ def test_weight_file_problems_name_the_file(tmp_path: Path) -> None:
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_module_weights(path, _mlm(0))
+
+
+# ---------------------------------------------------------------- whole checkpoints
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ScopeTokenizer:
+    return ScopeTokenizer.default()
+
+
+def _real_batch(tokenizer: ScopeTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    strings = [
+        "1 6 a O D D a D O D b O O O c O O O d O O O e O O O 0 | 4a 4b | Na 0.5 Cl 0.5",
+        "1 2 a D D O c O O O 0 | 4i 2a | Ho 0.33 Ga 0.44 Pt 0.22",
+    ]
+    batch = tokenizer.batch_encode(strings, max_length=64)
+    return batch.ids, batch.mask
+
+
+def _card() -> ModelCard:
+    return ModelCard(
+        size="tiny",
+        data=DataSummary(datasets={"cloud_cv": 1213}, n_train=1150, n_validation=63),
+        hyperparameters={"lr": 1e-3},
+        metrics={"validation_mlm_loss": 2.5},
+        command="cloudlab pretrain x.yaml --out y",
+    )
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        MaskedLMHeadConfig(),
+        RegressionHeadConfig(target_names=("cv", "u")),
+        DebyeHeadConfig(theta_scale=250.0),
+    ],
+    ids=["mlm", "regression", "debye"],
+)
+def test_round_trip_gives_identical_outputs(
+    tmp_path: Path,
+    tokenizer: ScopeTokenizer,
+    head: MaskedLMHeadConfig | RegressionHeadConfig | DebyeHeadConfig,
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(CloudConfig.named("tiny", tokenizer.vocab_size), head).eval()
+    if isinstance(model, CloudForRegression):
+        model.head.set_target_stats(torch.tensor([[10.0, -1.0], [30.0, 2.0], [50.0, 5.0]]))
+    written = save_checkpoint(tmp_path, model, tokenizer, _card())
+    loaded, loaded_tokenizer, card = load_checkpoint(tmp_path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert loaded_tokenizer.tokens == tokenizer.tokens
+    assert card == written and card.head == head
+    assert card.weights_sha256 == file_sha256(tmp_path / WEIGHTS_FILE)
+    assert card.tokenizer is not None and card.tokenizer.vocab_size == tokenizer.vocab_size == 443
+    assert card.n_parameters == sum(p.numel() for p in model.parameters())
+    assert card.data.datasets == {"cloud_cv": 1213} and card.command.startswith("cloudlab pretrain")
+    ids, mask = _real_batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask)[0], model(ids, mask)[0], rtol=0, atol=0)
+    if isinstance(loaded, CloudForRegression):
+        torch.testing.assert_close(loaded.head.target_mean, torch.tensor([30.0, 2.0]))
+    encoder, _, _ = load_encoder(tmp_path)
+    assert encoder.config == model.encoder.config
+    # the card is plain JSON that round-trips
+    assert ModelCard.model_validate_json((tmp_path / CARD_FILE).read_text()) == card
+
+
+def test_corrupt_or_mismatched_checkpoints_raise_checkpoint_error(
+    tmp_path: Path, tokenizer: ScopeTokenizer
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(CloudConfig.named("tiny", tokenizer.vocab_size), MaskedLMHeadConfig())
+    save_checkpoint(tmp_path, model, tokenizer, _card())
+    weights, card_path, vocab = (
+        tmp_path / WEIGHTS_FILE,
+        tmp_path / CARD_FILE,
+        tmp_path / TOKENIZER_FILE,
+    )
+    good_weights, good_card, good_vocab = (
+        weights.read_bytes(),
+        card_path.read_text(),
+        vocab.read_text(),
+    )
+
+    blob = bytearray(good_weights)
+    blob[-3] ^= 0xFF  # flip bits inside a tensor
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 .* does not match"):
+        load_checkpoint(tmp_path)
+    weights.write_bytes(good_weights)
+
+    tokens = json.loads(good_vocab)
+    tokens["tokens"][10], tokens["tokens"][11] = tokens["tokens"][11], tokens["tokens"][10]
+    vocab.write_text(json.dumps(tokens))
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json"):
+        load_checkpoint(tmp_path)
+    vocab.write_text(good_vocab)
+
+    card = json.loads(good_card)
+    card["tokenizer"]["vocab_sha256"] = "0" * 64
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer\.json: vocabulary .* does not match the card"
+    ):
+        load_checkpoint(tmp_path)
+
+    card = json.loads(good_card)
+    card["config"]["d_model"] = 128  # weights of another architecture
+    card["config"]["d_ff"] = 512
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor shapes"):
+        load_checkpoint(tmp_path)
+
+    card = json.loads(good_card)
+    card["surprise"] = 1
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"model_card\.json: invalid model card"):
+        load_checkpoint(tmp_path)
+    card_path.write_text(good_card)
+
+    for name in (WEIGHTS_FILE, TOKENIZER_FILE, CARD_FILE):
+        (tmp_path / name).rename(tmp_path / "aside")
+        with pytest.raises(CheckpointError, match=f"{name}.*not found"):
+            load_checkpoint(tmp_path)
+        (tmp_path / "aside").rename(tmp_path / name)
+    load_checkpoint(tmp_path)  # intact again
+
+    with pytest.raises(CheckpointError, match="443 tokens but the model embeds 444"):
+        save_checkpoint(tmp_path / "bad", _mlm(0, vocab=444), tokenizer, _card())
