@@ -1,0 +1,363 @@
+"""The durable campaign store: one SQLite file (WAL) per campaign directory.
+
+Everything a campaign knows lives here, so that a crash at any instant loses
+nothing and a resume can reconcile:
+
+* ``meta``         key/value: schema version, campaign config (JSON), created_at;
+* ``candidates``   the pool: index, id, SCOPE string;
+* ``jobs``         one row per experiment, keyed by its idempotency key, with the
+                   current state, the adapter's handle (JSON) and the decision that chose it;
+* ``job_events``   every state transition with its time;
+* ``measurements`` the values of SUCCEEDED jobs (a ``Measurement`` as JSON);
+* ``model_versions`` surrogate versions (file + sha256 + training size + metrics);
+* ``decisions``    the acquisition decisions: model version, acquisition, the chosen
+                   candidates with their acquisition values and predicted mean/std.
+
+A job row is committed (state ``CREATED``) before anything is submitted. Every
+write is one transaction; readers (``cloudlab status``) may read while a
+campaign runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from adapters.base import JobHandle, JobState, Measurement
+from cloud_model.errors import CloudlabError
+
+logger = logging.getLogger(__name__)
+
+STORE_FILENAME = "campaign.sqlite"
+SCHEMA_VERSION = 1
+CREATED = "CREATED"  # committed locally, not yet accepted by the adapter
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+    idx INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, scope TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL UNIQUE, state TEXT NOT NULL,
+    handle TEXT, decision_id INTEGER, message TEXT,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, state TEXT NOT NULL,
+    message TEXT, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS measurements (
+    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL UNIQUE, measurement TEXT NOT NULL,
+    recorded_at TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS model_versions (
+    version INTEGER PRIMARY KEY, path TEXT, sha256 TEXT, n_train INTEGER NOT NULL,
+    metrics TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model_version INTEGER, acquisition TEXT NOT NULL,
+    chosen TEXT NOT NULL, n_pending INTEGER NOT NULL, seconds REAL NOT NULL, created_at TEXT NOT NULL);
+"""
+
+
+class StoreError(CloudlabError, RuntimeError):
+    """The campaign store is missing, corrupt, or asked to do something inconsistent."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class JobRow(BaseModel):
+    """One experiment as the store knows it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    candidate_id: str
+    state: str  # CREATED or a JobState value
+    handle: JobHandle | None
+    decision_id: int | None
+    message: str | None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state != CREATED and JobState(self.state).is_terminal
+
+
+class ChosenCandidate(BaseModel):
+    """One candidate picked by a decision, with what the surrogate believed of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    candidate_id: str
+    acquisition_value: float | None = None
+    predicted_mean: list[float] | None = None  # per target
+    predicted_std: list[float] | None = None
+
+
+class CampaignStore:
+    """SQLite store of one campaign. Open with :meth:`open` (creates if missing).
+
+    Args:
+        path: the campaign directory or the SQLite file inside it.
+    """
+
+    def __init__(self, path: Path | str, *, create: bool = True) -> None:
+        path = Path(path)
+        self.path = path / STORE_FILENAME if path.suffix != ".sqlite" else path
+        if not self.path.exists() and not create:
+            raise StoreError(f"no campaign store at {self.path}: is this a campaign directory?")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"campaign store {self.path} is not a valid SQLite file: {exc}") from exc
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+        elif int(version) != SCHEMA_VERSION:
+            raise StoreError(
+                f"campaign store {self.path} has schema version {version}, this cloudlab reads "
+                f"{SCHEMA_VERSION}"
+            )
+
+    # ---- plumbing -------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write: everything inside commits together or not at all."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> CampaignStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- meta -----------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # ---- candidates -----------------------------------------------------------------------
+    def add_candidates(self, items: Iterable[tuple[str, str]]) -> int:
+        """Insert the pool as (id, scope) pairs, in order. Returns the number added."""
+        rows = list(items)
+        with self.transaction() as db:
+            start = db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
+            db.executemany(
+                "INSERT INTO candidates(idx, id, scope) VALUES (?, ?, ?)",
+                [(start + i, cid, scope) for i, (cid, scope) in enumerate(rows)],
+            )
+        return len(rows)
+
+    def candidates(self) -> list[tuple[str, str]]:
+        """The pool as (id, scope) pairs in index order."""
+        return [(str(r[0]), str(r[1])) for r in self._db.execute("SELECT id, scope FROM candidates ORDER BY idx")]
+
+    def n_candidates(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0])
+
+    # ---- decisions and jobs ---------------------------------------------------------------
+    def record_decision(
+        self,
+        *,
+        keys: Sequence[str],
+        chosen: Sequence[ChosenCandidate],
+        model_version: int | None,
+        acquisition: str,
+        n_pending: int,
+        seconds: float,
+    ) -> int:
+        """Commit a decision and its jobs (state CREATED) in one transaction.
+
+        Raises:
+            StoreError: a candidate already has a job (it would be measured twice).
+        """
+        if len(keys) != len(chosen):
+            raise StoreError("record_decision: one idempotency key per chosen candidate")
+        now = _now()
+        with self.transaction() as db:
+            taken = [
+                c.candidate_id
+                for c in chosen
+                if db.execute("SELECT 1 FROM jobs WHERE candidate_id = ?", (c.candidate_id,)).fetchone()
+            ]
+            if taken:
+                raise StoreError(f"candidates already have jobs, refusing to measure twice: {taken[:5]}")
+            cur = db.execute(
+                "INSERT INTO decisions(model_version, acquisition, chosen, n_pending, seconds, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    model_version,
+                    acquisition,
+                    json.dumps([c.model_dump() for c in chosen]),
+                    n_pending,
+                    seconds,
+                    now,
+                ),
+            )
+            decision_id = int(cur.lastrowid or 0)
+            for key, c in zip(keys, chosen, strict=True):
+                db.execute(
+                    "INSERT INTO jobs(key, candidate_id, state, handle, decision_id, message, created_at, updated_at)"
+                    " VALUES (?, ?, ?, NULL, ?, NULL, ?, ?)",
+                    (key, c.candidate_id, CREATED, decision_id, now, now),
+                )
+                db.execute(
+                    "INSERT INTO job_events(key, state, message, at) VALUES (?, ?, NULL, ?)",
+                    (key, CREATED, now),
+                )
+        return decision_id
+
+    def update_job(
+        self,
+        key: str,
+        state: JobState,
+        *,
+        handle: JobHandle | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Record a state transition (and the handle once the adapter accepted the job)."""
+        now = _now()
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                raise StoreError(f"unknown job {key!r}")
+            if row[0] != CREATED and JobState(row[0]).is_terminal:
+                logger.debug("job %s already terminal (%s); ignoring %s", key, row[0], state)
+                return
+            if handle is not None:
+                db.execute("UPDATE jobs SET handle = ? WHERE key = ?", (handle.model_dump_json(), key))
+            db.execute(
+                "UPDATE jobs SET state = ?, message = COALESCE(?, message), updated_at = ? WHERE key = ?",
+                (state.value, message, now, key),
+            )
+            if row[0] != state.value:
+                db.execute(
+                    "INSERT INTO job_events(key, state, message, at) VALUES (?, ?, ?, ?)",
+                    (key, state.value, message, now),
+                )
+
+    def record_measurement(self, key: str, measurement: Measurement) -> None:
+        """Store a SUCCEEDED job's measurement and mark the job SUCCEEDED, atomically."""
+        now = _now()
+        with self.transaction() as db:
+            row = db.execute("SELECT candidate_id FROM jobs WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                raise StoreError(f"unknown job {key!r}")
+            if db.execute("SELECT 1 FROM measurements WHERE key = ?", (key,)).fetchone():
+                return  # already recorded (a resumed campaign re-reading a result)
+            seq = db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
+            db.execute(
+                "INSERT INTO measurements(key, candidate_id, measurement, recorded_at, seq) VALUES (?, ?, ?, ?, ?)",
+                (key, row[0], measurement.model_dump_json(), now, seq),
+            )
+            db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE key = ?",
+                (JobState.SUCCEEDED.value, now, key),
+            )
+            db.execute(
+                "INSERT INTO job_events(key, state, message, at) VALUES (?, ?, NULL, ?)",
+                (key, JobState.SUCCEEDED.value, now),
+            )
+
+    def jobs(self, *, states: Sequence[str] | None = None) -> list[JobRow]:
+        query = "SELECT key, candidate_id, state, handle, decision_id, message FROM jobs"
+        params: tuple[Any, ...] = ()
+        if states is not None:
+            query += f" WHERE state IN ({','.join('?' * len(states))})"
+            params = tuple(states)
+        rows = self._db.execute(query + " ORDER BY created_at, key", params).fetchall()
+        return [
+            JobRow(
+                key=r[0],
+                candidate_id=r[1],
+                state=r[2],
+                handle=None if r[3] is None else JobHandle.model_validate_json(r[3]),
+                decision_id=r[4],
+                message=r[5],
+            )
+            for r in rows
+        ]
+
+    def open_jobs(self) -> list[JobRow]:
+        """Jobs not yet in a terminal state (CREATED, QUEUED, RUNNING)."""
+        return self.jobs(states=[CREATED, JobState.QUEUED.value, JobState.RUNNING.value])
+
+    def job_counts(self) -> dict[str, int]:
+        return {str(s): int(n) for s, n in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+
+    def measurements(self) -> list[Measurement]:
+        """Every measurement, in the order it was recorded."""
+        return [
+            Measurement.model_validate_json(r[0])
+            for r in self._db.execute("SELECT measurement FROM measurements ORDER BY seq")
+        ]
+
+    def n_measurements(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0])
+
+    def job_events(self, key: str) -> list[tuple[str, str]]:
+        """(state, time) transitions of one job, oldest first."""
+        return [
+            (str(r[0]), str(r[1]))
+            for r in self._db.execute("SELECT state, at FROM job_events WHERE key = ? ORDER BY id", (key,))
+        ]
+
+    # ---- models and decisions ------------------------------------------------------------
+    def record_model_version(
+        self, *, path: str | None, sha256: str | None, n_train: int, metrics: dict[str, float]
+    ) -> int:
+        with self.transaction() as db:
+            version = int(db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM model_versions").fetchone()[0])
+            db.execute(
+                "INSERT INTO model_versions(version, path, sha256, n_train, metrics, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (version, path, sha256, n_train, json.dumps(metrics), _now()),
+            )
+        return version
+
+    def latest_model_version(self) -> tuple[int, int] | None:
+        """(version, n_train) of the newest surrogate, or None."""
+        row = self._db.execute(
+            "SELECT version, n_train FROM model_versions ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def decisions(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self._db.execute(
+            "SELECT id, model_version, acquisition, chosen, n_pending, seconds, created_at FROM decisions ORDER BY id"
+        ):
+            out.append(
+                {
+                    "id": r[0],
+                    "model_version": r[1],
+                    "acquisition": r[2],
+                    "chosen": [ChosenCandidate.model_validate(c) for c in json.loads(r[3])],
+                    "n_pending": r[4],
+                    "seconds": r[5],
+                    "created_at": r[6],
+                }
+            )
+        return out

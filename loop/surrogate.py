@@ -1,0 +1,234 @@
+"""Surrogates seen by BoTorch: every model takes candidate *indices* as inputs.
+
+The pool is fixed for a campaign, so inputs are ``X[..., 0]`` = index into the pool:
+
+* :class:`LookupEnsembleModel` — a ``botorch.models.ensemble.EnsembleModel`` over the
+  cached per-member predictions of a CLOUD deep ensemble (``S x N x m``);
+* :class:`IndexedModel` — wraps any BoTorch model over features (the GP baseline on
+  composition features) so that it too reads indices;
+* :class:`Surrogate` implementations bind a model to the fitting procedure:
+  :class:`EnsembleSurrogate` (CLOUD), :class:`GPSurrogate` (SingleTaskGP) and
+  :class:`RandomSurrogate` (no model).
+
+All of them expose ``samples(idx) -> S x n x m`` draws from their belief, which is
+what Thompson sampling, the greedy strategy and the reports read.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import Any, Protocol
+
+import torch
+from botorch.models.ensemble import EnsembleModel
+from botorch.models.model import Model
+from botorch.posteriors import Posterior
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+class LookupEnsembleModel(EnsembleModel):
+    """Ensemble over cached predictions; ``X[..., 0]`` is a candidate index.
+
+    Args:
+        predictions: ``S x N x m`` per-member predictions for the whole pool.
+    """
+
+    def __init__(self, predictions: Tensor) -> None:
+        super().__init__()
+        if predictions.dim() != 3:
+            raise ValueError(f"predictions must be members x candidates x targets, got {tuple(predictions.shape)}")
+        self._num_outputs = int(predictions.shape[-1])
+        self.predictions: Tensor
+        self.register_buffer("predictions", predictions)
+
+    def forward(self, X: Tensor) -> Tensor:
+        idx = X[..., 0].long()  # batch x q
+        out = self.predictions[:, idx]  # S x batch x q x m
+        return out.movedim(0, -3)  # batch x S x q x m
+
+
+class IndexedModel(Model):
+    """A BoTorch model over features, addressed by candidate index.
+
+    Args:
+        base: a fitted model whose inputs are feature vectors.
+        features: ``N x d`` features of the whole pool.
+    """
+
+    def __init__(self, base: Model, features: Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.features: Tensor
+        self.register_buffer("features", features)
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.base.num_outputs)
+
+    def posterior(self, X: Tensor, *args: Any, **kwargs: Any) -> Posterior:
+        return self.base.posterior(self.features[X[..., 0].long()], *args, **kwargs)
+
+
+class Surrogate(abc.ABC):
+    """What the campaign loop needs of a surrogate."""
+
+    name: str = "surrogate"
+
+    @abc.abstractmethod
+    def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
+        """Update on measured data. ``train_idx``: ``n`` indices, ``train_y``: ``n x m``."""
+
+    @abc.abstractmethod
+    def model(self) -> Model | None:
+        """The BoTorch model over index inputs (None for random)."""
+
+    @abc.abstractmethod
+    def samples(self, idx: Tensor) -> Tensor:
+        """``S x n x m`` draws of the belief at candidate indices ``idx`` (``n``)."""
+
+    def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std (each ``n x m``) of the belief at ``idx``."""
+        s = self.samples(idx)
+        return s.mean(0), s.std(0) if s.shape[0] > 1 else torch.zeros_like(s[0])
+
+
+class EnsemblePredictor(Protocol):
+    """The part of ``cloud_model.ensemble.CloudEnsemble`` the surrogate uses."""
+
+    def fit(self, scopes: list[str], y: Tensor, *, warm_start: bool = True) -> Any: ...
+
+    def predict(self, scopes: list[str]) -> Tensor: ...
+
+
+class EnsembleSurrogate(Surrogate):
+    """CLOUD deep ensemble: refit on the measured data, predict the whole pool once per fit.
+
+    Args:
+        ensemble: a ``CloudEnsemble`` (or anything with its ``fit``/``predict``).
+        scopes: SCOPE strings of the pool, length ``N``.
+        warm_start: continue from the previous weights at each refit.
+    """
+
+    name = "cloud_ensemble"
+
+    def __init__(self, ensemble: EnsemblePredictor, scopes: list[str], *, warm_start: bool = True) -> None:
+        self.ensemble = ensemble
+        self.scopes = scopes
+        self.warm_start = warm_start
+        self._model: LookupEnsembleModel | None = None
+        self._fitted_once = False
+
+    def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
+        report = self.ensemble.fit(
+            [self.scopes[int(i)] for i in train_idx],
+            train_y,
+            warm_start=self.warm_start and self._fitted_once,
+        )
+        self._fitted_once = True
+        preds = self.ensemble.predict(self.scopes).to(torch.float64)  # S x N x m
+        self._model = LookupEnsembleModel(preds)
+        metrics = {k: float(v) for k, v in _as_dict(report).items() if isinstance(v, int | float)}
+        return metrics
+
+    def model(self) -> LookupEnsembleModel:
+        if self._model is None:
+            raise RuntimeError("the ensemble surrogate has not been fitted yet")
+        return self._model
+
+    def samples(self, idx: Tensor) -> Tensor:
+        return self.model().predictions[:, idx.long()]
+
+
+class GPSurrogate(Surrogate):
+    """Exact GP (BoTorch ``SingleTaskGP``, Matern-5/2 ARD) on composition features.
+
+    Args:
+        features: ``N x d`` pool features (e.g. :func:`loop.features.composition_features`).
+        n_samples: how many posterior draws :meth:`samples` returns (independent per candidate).
+        seed: seed of those draws.
+    """
+
+    name = "gp"
+
+    def __init__(self, features: Tensor, *, n_samples: int = 64, seed: int = 0) -> None:
+        self.features = features.to(torch.float64)
+        self.n_samples = n_samples
+        self.seed = seed
+        self._model: IndexedModel | None = None
+
+    def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import SingleTaskGP
+        from botorch.models.transforms import Normalize, Standardize
+        from gpytorch.mlls import ExactMarginalLogLikelihood
+
+        X = self.features[train_idx.long()]
+        Y = train_y.to(torch.float64)
+        gp = SingleTaskGP(
+            X,
+            Y,
+            input_transform=Normalize(d=X.shape[-1], bounds=_bounds(self.features)),
+            outcome_transform=Standardize(m=Y.shape[-1]),
+        )
+        mll = ExactMarginalLogLikelihood(gp.likelihood, gp)
+        try:
+            fit_gpytorch_mll(mll)
+        except Exception as exc:  # botorch raises several types; the GP stays usable at its prior
+            logger.warning("GP hyperparameter fit failed (%s); using the initial hyperparameters", exc)
+        gp.eval()
+        self._model = IndexedModel(gp, self.features)
+        return {"n_train": float(len(train_idx))}
+
+    def model(self) -> IndexedModel:
+        if self._model is None:
+            raise RuntimeError("the GP surrogate has not been fitted yet")
+        return self._model
+
+    def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        means, stds = [], []
+        with torch.no_grad():
+            for chunk in idx.long().split(4096):
+                post = self.model().base.posterior(self.features[chunk])  # n x m
+                means.append(post.mean)  # type: ignore[attr-defined]
+                stds.append(post.variance.clamp_min(0).sqrt())  # type: ignore[attr-defined]
+        return torch.cat(means), torch.cat(stds)
+
+    def samples(self, idx: Tensor) -> Tensor:
+        mean, std = self.mean_std(idx)
+        gen = torch.Generator().manual_seed(self.seed)
+        eps = torch.randn((self.n_samples, *mean.shape), generator=gen, dtype=mean.dtype)
+        return mean + std * eps  # S x n x m (independent per candidate)
+
+
+class RandomSurrogate(Surrogate):
+    """No model: the random strategy."""
+
+    name = "random"
+
+    def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
+        return {}
+
+    def model(self) -> None:
+        return None
+
+    def samples(self, idx: Tensor) -> Tensor:
+        raise RuntimeError("the random strategy has no belief to sample")
+
+
+def _bounds(features: Tensor) -> Tensor:
+    lo, hi = features.min(0).values, features.max(0).values
+    hi = torch.where(hi > lo, hi, lo + 1.0)
+    return torch.stack([lo, hi])
+
+
+def _as_dict(report: Any) -> dict[str, Any]:
+    if report is None:
+        return {}
+    if isinstance(report, dict):
+        return report
+    if hasattr(report, "model_dump"):
+        return dict(report.model_dump())
+    return {k: v for k, v in vars(report).items() if not k.startswith("_")}
