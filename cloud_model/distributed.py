@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloud_model.errors import CheckpointError
-from cloud_model.pretrain import Corpus, PretrainConfig, PretrainResult, train_loop
+from cloud_model.pretrain import RESULT_FILE, Corpus, PretrainConfig, PretrainResult, train_loop
 
 if TYPE_CHECKING:
     from cloud_model.tokenizer import ScopeTokenizer
@@ -53,7 +53,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     )
     config = PretrainConfig.model_validate(loop_config["config"])
     corpus = Corpus(loop_config["train"], loop_config["validation"], loop_config["sources"])
-    result = train_loop(
+    train_loop(
         config,
         Path(loop_config["out_dir"]),
         corpus,
@@ -65,7 +65,6 @@ def _worker(loop_config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         wrap_model=ray.train.torch.prepare_model,
     )
-    ray.train.report({"rank": rank, "result_json": result.model_dump_json()})
 
 
 def pretrain_with_ray(
@@ -82,8 +81,8 @@ def pretrain_with_ray(
     Starts a local Ray runtime (dashboard off) unless one is already connected.
 
     Returns:
-        Rank 0's :class:`PretrainResult` (its losses are rank 0's; each rank's rows
-        and losses are in ``out_dir/shards/rank_<r>.json``).
+        Rank 0's :class:`PretrainResult` (read back from ``out_dir/pretrain_result.json``;
+        each rank's rows and losses are in ``out_dir/shards/rank_<r>.json``).
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -113,7 +112,9 @@ def pretrain_with_ray(
         train_cfg.num_workers,
         "GPU" if train_cfg.use_gpu else "CPU, gloo",
     )
-    result = trainer.fit()
-    if not result.metrics or "result_json" not in result.metrics:
-        raise CheckpointError(f"Ray Train run in {out_dir} ended without a result from rank 0")
-    return PretrainResult.model_validate_json(result.metrics["result_json"])
+    (out_dir / RESULT_FILE).unlink(missing_ok=True)  # never report a previous run's result
+    trainer.fit()  # raises ray.train.TrainingFailedError if a worker failed
+    result_file = out_dir / RESULT_FILE
+    if not result_file.is_file():
+        raise CheckpointError(f"{result_file}: the Ray Train run ended without rank 0's result")
+    return PretrainResult.model_validate_json(result_file.read_text(encoding="utf-8"))

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "training_state"  # under the run directory
+RESULT_FILE = "pretrain_result.json"  # rank 0's PretrainResult of the latest (partial) run
 
 __all__ = [
     "Corpus",
@@ -313,6 +314,8 @@ def train_loop(
     if rank == 0 and n_steps > 0:
         card = _model_card(config, corpus, result, history + losses, command)
         save_checkpoint(out_dir, model, tokenizer, card)
+    if rank == 0:
+        (out_dir / RESULT_FILE).write_text(result.model_dump_json(indent=1), encoding="utf-8")
     return result
 
 
