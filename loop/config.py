@@ -1,0 +1,240 @@
+"""Campaign configuration: one YAML file, validated before anything starts.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is an
+error naming its path (``acquisition.bach_size: extra inputs are not permitted``).
+The adapter section is a discriminated union on ``kind``: ``simulated`` (the
+dataset-backed simulated lab, in-process or in a Ray actor), ``http`` (any lab
+orchestrator speaking the cloudlab lab protocol), ``gpaw`` (real DFT) and
+``chgnet`` (ML potential). Secrets are never written in a config: only the *name*
+of the environment variable that holds them (``adapter.token_env``).
+
+See ``configs/*.yaml`` for commented examples; every one of them is loaded by a test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from adapters.dispatch import DispatchConfig
+from adapters.http_lab import HttpLabConfig
+from cloud_model.ensemble import EnsembleConfig
+from cloud_model.errors import ConfigError
+from loop.acquisition import AcquisitionKind
+from loop.objective import Bound, ObjectiveSpec
+from simulators.config import SimulatedLabConfig
+
+SCHEMA_VERSION = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PoolConfig(_Section):
+    """The candidates: a registry dataset or a CSV file of CIF or SCOPE strings."""
+
+    dataset: str | None = None  # registry name, e.g. perov_5
+    splits: list[str] | None = None  # None = every split of the dataset
+    file: Path | None = None  # CSV with an id column and a cif or scope column
+    id_column: str = "material_id"
+    structure_column: str = "cif"  # "cif" (encoded with SCOPE) or a column of SCOPE strings
+    structure_format: Literal["cif", "scope"] = "cif"
+    max_candidates: int | None = Field(default=None, ge=2)  # seeded subsample of the pool
+    exclude_ids: list[str] = Field(default_factory=list)
+    variant: Literal["cloud", "native"] = "cloud"  # SCOPE variant the surrogate reads
+    symprec: float = Field(default=0.1, gt=0)  # spglib tolerance, Angstrom
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PoolConfig:
+        if (self.dataset is None) == (self.file is None):
+            raise ValueError("give exactly one of pool.dataset or pool.file")
+        return self
+
+
+class ConstraintConfig(_Section):
+    """``lower <= target <= upper``; at least one bound."""
+
+    target: str
+    lower: float | None = None
+    upper: float | None = None
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> ConstraintConfig:
+        if self.lower is None and self.upper is None:
+            raise ValueError(f"constraint on {self.target!r} needs a lower or an upper bound")
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise ValueError(f"constraint on {self.target!r}: lower {self.lower} > upper {self.upper}")
+        return self
+
+
+class ObjectiveConfig(_Section):
+    """What to optimise: maximise or minimise a target, or bring it into a window."""
+
+    target: str
+    sense: Literal["maximize", "minimize", "window"]
+    window: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> ObjectiveConfig:
+        if (self.sense == "window") != (self.window is not None):
+            raise ValueError("objective.window is required with sense 'window' and only then")
+        if self.window is not None and self.window[0] >= self.window[1]:
+            raise ValueError(f"objective.window {self.window} must be (low, high) with low < high")
+        return self
+
+
+class SurrogateConfig(_Section):
+    """The model inside the acquisition loop."""
+
+    kind: Literal["cloud_ensemble", "gp", "random"] = "cloud_ensemble"
+    # pretrained checkpoint directory; "default" = the shipped cloud-small; null = no pretraining
+    checkpoint: str | None = "default"
+    n_members: int = Field(default=5, ge=1)  # K of the deep ensemble
+    head: Literal["regression", "debye"] = "regression"
+    ensemble: EnsembleConfig = Field(
+        default_factory=lambda: EnsembleConfig(n_trainable_blocks=0, epochs=60, warm_start_epochs=30)
+    )
+
+
+class AcquisitionConfig(_Section):
+    kind: AcquisitionKind = "qlogei"
+    batch_size: int = Field(default=8, ge=1)  # q: candidates chosen per decision
+    beta: float = Field(default=2.0, gt=0)  # qUCB exploration weight
+    shortlist: int = Field(default=2048, ge=16)  # see loop.acquisition.select_batch
+
+
+class InitialDesignConfig(_Section):
+    """Experiments before the surrogate has data: random ones, or given ids."""
+
+    n_random: int = Field(default=16, ge=0)
+    ids: list[str] = Field(default_factory=list)
+
+
+class BudgetConfig(_Section):
+    experiments: int = Field(default=100, ge=1)  # jobs submitted, failures included
+    cost: float | None = Field(default=None, gt=0)  # in the adapter's cost unit
+    wall_time_s: float | None = Field(default=None, gt=0)
+
+
+class GpawAdapterConfig(_Section):
+    kind: Literal["gpaw"] = "gpaw"
+    settings: dict[str, Any] = Field(default_factory=dict)  # adapters.dft.GpawSettings fields
+    work_dir: Path | None = None  # default: <campaign dir>/gpaw
+
+
+class ChgnetAdapterConfig(_Section):
+    kind: Literal["chgnet"] = "chgnet"
+    settings: dict[str, Any] = Field(default_factory=dict)  # adapters.mlip settings fields
+    work_dir: Path | None = None
+
+
+AdapterConfig = Annotated[
+    SimulatedLabConfig | HttpLabConfig | GpawAdapterConfig | ChgnetAdapterConfig,
+    Field(discriminator="kind"),
+]
+
+
+class DispatchSection(DispatchConfig):
+    """Ray dispatch settings plus how the loop waits for jobs."""
+
+    # "ray": adapter calls in Ray actors (the default); "inline": in this process, with the
+    # simulated lab on a virtual clock (no waiting at all: benchmarks and tests)
+    mode: Literal["ray", "inline"] = "ray"
+    # refill free slots as soon as "any" job ends, or only when "all" in-flight jobs ended
+    # (synchronous batches: decisions then do not depend on completion order)
+    wait_for: Literal["any", "all"] = "any"
+
+
+class FinetunePolicy(_Section):
+    every_n_results: int = Field(default=8, ge=1)  # refit after this many new measurements
+    warm_start: bool = True  # continue from the previous weights (replaying all data)
+
+
+class StopConfig(_Section):
+    no_improvement_rounds: int | None = Field(default=None, ge=1)  # decisions without a new best
+    max_failure_fraction: float = Field(default=0.8, gt=0, le=1)  # stop when failing this often
+
+
+class CampaignConfig(_Section):
+    """A whole campaign. ``schema_version`` guards against configs from another release."""
+
+    schema_version: Literal[1] = 1
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    pool: PoolConfig
+    objective: ObjectiveConfig
+    constraints: list[ConstraintConfig] = Field(default_factory=list)
+    surrogate: SurrogateConfig = SurrogateConfig()
+    acquisition: AcquisitionConfig = AcquisitionConfig()
+    initial_design: InitialDesignConfig = InitialDesignConfig()
+    budget: BudgetConfig = BudgetConfig()
+    adapter: AdapterConfig = Field(default_factory=SimulatedLabConfig)
+    dispatch: DispatchSection = DispatchSection()
+    finetune: FinetunePolicy = FinetunePolicy()
+    stop: StopConfig = StopConfig()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every measured target: the objective's first, then the constraints', no repeats."""
+        names = [self.objective.target] + [c.target for c in self.constraints]
+        return tuple(dict.fromkeys(names))
+
+    def objective_spec(self) -> ObjectiveSpec:
+        col = {t: i for i, t in enumerate(self.targets)}
+        return ObjectiveSpec(
+            targets=self.targets,
+            primary=0,
+            sense=self.objective.sense,
+            window=self.objective.window,
+            constraints=tuple(Bound(col[c.target], c.lower, c.upper) for c in self.constraints),
+        )
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON: a resumed campaign must have the same config."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field.path: reason``."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{source}: {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, source: str = "config") -> CampaignConfig:
+    """Validate a mapping into a :class:`CampaignConfig`.
+
+    Raises:
+        ConfigError: naming each invalid field path and the reason.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return CampaignConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path) -> CampaignConfig:
+    """Read and validate a campaign YAML file.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or does not validate.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"campaign config {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path))

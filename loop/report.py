@@ -1,0 +1,224 @@
+"""Campaign reports: a status summary, PNG plots and a Markdown page.
+
+Everything is read from the campaign store, so a report can be written while the
+campaign runs or long after. For campaigns whose pool carries known values (the
+simulated lab), the report also shows how many of the pool's top candidates
+were found after n experiments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loop.config import parse_config
+from loop.store import CampaignStore
+
+
+@dataclass
+class Summary:
+    name: str
+    objective: str
+    counts: dict[str, int]
+    n_measured: int
+    budget: int
+    best_value: float | None
+    best_id: str | None
+    model_versions: int
+    stop_reason: str | None
+
+    def rows(self) -> list[tuple[str, str]]:
+        jobs = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "none"
+        best = "-" if self.best_value is None else f"{self.best_value:.4g} ({self.best_id})"
+        return [
+            ("objective", self.objective),
+            ("jobs", jobs),
+            ("measured / budget", f"{self.n_measured} / {self.budget}"),
+            ("best (objective units, higher is better)", best),
+            ("surrogate versions", str(self.model_versions)),
+            ("state", self.stop_reason or "running or never run"),
+        ]
+
+
+def _open(directory: Path) -> tuple[CampaignStore, object]:
+    store = CampaignStore(directory, create=False)
+    text = store.get_meta("config")
+    if text is None:
+        raise FileNotFoundError(f"{directory} holds no campaign config")
+    return store, parse_config(json.loads(text), source=str(directory))
+
+
+def _trajectory(store: CampaignStore, config: object) -> tuple[list[str], torch.Tensor]:
+    from loop.config import CampaignConfig
+
+    assert isinstance(config, CampaignConfig)
+    ms = store.measurements()
+    ids = [m.candidate_id for m in ms]
+    y = torch.tensor(
+        [[m.values[t].value if t in m.values else math.nan for t in config.targets] for m in ms],
+        dtype=torch.float64,
+    ).reshape(len(ms), len(config.targets))
+    return ids, y
+
+
+def summarise(directory: str | Path) -> Summary:
+    from loop.config import CampaignConfig
+
+    store, config = _open(Path(directory))
+    assert isinstance(config, CampaignConfig)
+    with store:
+        spec = config.objective_spec()
+        ids, y = _trajectory(store, config)
+        best_value = best_id = None
+        if ids:
+            score = spec.score(y)
+            i = int(torch.argmax(score))
+            if torch.isfinite(score[i]):
+                best_value, best_id = float(score[i]), ids[i]
+        latest = store.latest_model_version()
+        return Summary(
+            name=config.name,
+            objective=spec.describe(),
+            counts=store.job_counts(),
+            n_measured=len(ids),
+            budget=config.budget.experiments,
+            best_value=best_value,
+            best_id=best_id,
+            model_versions=0 if latest is None else latest[0],
+            stop_reason=store.get_meta("stop_reason"),
+        )
+
+
+def write_report(directory: str | Path) -> Path:
+    """Write ``report/report.md`` and its PNG plots; returns the Markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loop.config import CampaignConfig
+
+    directory = Path(directory)
+    out = directory / "report"
+    out.mkdir(exist_ok=True)
+    summary = summarise(directory)
+    store, config = _open(directory)
+    assert isinstance(config, CampaignConfig)
+    spec = config.objective_spec()
+    lines = [f"# Campaign `{summary.name}`", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary.rows()]
+    lines.append("")
+    with store:
+        ids, y = _trajectory(store, config)
+        decisions = store.decisions()
+    if ids:
+        score = spec.score(y)
+        best = torch.cummax(torch.where(torch.isfinite(score), score, torch.full_like(score, -1e300)), 0).values
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = list(range(1, len(ids) + 1))
+        ok = best > -1e299
+        ax.step([x for x, k in zip(xs, ok, strict=True) if k], best[ok].tolist(), where="post")
+        ax.set_xlabel("experiments measured")
+        ax.set_ylabel("best feasible objective")
+        ax.set_title(spec.describe(), fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "best_so_far.png", dpi=120)
+        plt.close(fig)
+        lines += ["## Best so far", "", "![best so far](best_so_far.png)", ""]
+        found = _found_curve(config, ids)
+        if found is not None:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for label, curve in found.items():
+                ax.plot(xs, curve, label=label)
+            ax.set_xlabel("experiments measured")
+            ax.set_ylabel("fraction of the pool's top candidates found")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(out / "top_found.png", dpi=120)
+            plt.close(fig)
+            lines += ["## Top candidates found", "", "![found](top_found.png)", ""]
+            for label, curve in found.items():
+                lines.append(f"- {label}: {curve[-1]:.0%} found after {len(ids)} measurements")
+            lines.append("")
+        parity = _parity(decisions, ids, y, config.targets)
+        if parity is not None:
+            pred, sd, meas = parity
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+            axes[0].errorbar(meas, pred, yerr=sd, fmt="o", ms=3, alpha=0.6)
+            lo, hi = min(meas + pred), max(meas + pred)
+            axes[0].plot([lo, hi], [lo, hi], "k--", lw=1)
+            axes[0].set_xlabel(f"measured {config.targets[0]}")
+            axes[0].set_ylabel("predicted at decision time")
+            z = [(p - m) / s for p, m, s in zip(pred, meas, sd, strict=True) if s > 0]
+            if z:
+                axes[1].hist(z, bins=20, density=True, alpha=0.7)
+                grid = torch.linspace(-4, 4, 100)
+                axes[1].plot(grid, torch.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi), "k--")
+                axes[1].set_xlabel("z = (predicted - measured) / predicted std")
+            fig.tight_layout()
+            fig.savefig(out / "parity_calibration.png", dpi=120)
+            plt.close(fig)
+            mae = sum(abs(p - m) for p, m in zip(pred, meas, strict=True)) / len(pred)
+            cover = sum(abs(v) <= 1.645 for v in z) / max(len(z), 1)
+            lines += [
+                "## Surrogate on the candidates it chose (predicted before measuring)",
+                "",
+                "![parity](parity_calibration.png)",
+                "",
+                f"- MAE {mae:.4g} on {len(pred)} model-chosen measurements; "
+                f"90 % interval coverage {cover:.0%}",
+                "",
+            ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _found_curve(config: object, ids: list[str]) -> dict[str, list[float]] | None:
+    """Top-1 % / top-5 % found vs experiments, when the pool's values are known."""
+    from loop.config import CampaignConfig
+    from loop.objective import top_fraction_ids
+    from loop.pool import load_pool
+
+    assert isinstance(config, CampaignConfig)
+    try:
+        pool = load_pool(config.pool, config.targets, seed=config.seed)
+    except Exception:  # the report must not fail because the pool's source moved
+        return None
+    if len(pool.truth) < len(pool) * 0.9:
+        return None
+    truth = torch.tensor(
+        [[pool.truth.get(c, {}).get(t, math.nan) for t in config.targets] for c in pool.ids],
+        dtype=torch.float64,
+    )
+    spec = config.objective_spec()
+    out = {}
+    for frac in (0.01, 0.05):
+        top = top_fraction_ids(pool.ids, truth, spec, frac)
+        if not top:
+            continue
+        hits, curve = 0, []
+        for cid in ids:
+            hits += cid in top
+            curve.append(hits / len(top))
+        out[f"top {frac:.0%} ({len(top)} candidates)"] = curve
+    return out or None
+
+
+def _parity(
+    decisions: list[dict[str, object]], ids: list[str], y: torch.Tensor, targets: tuple[str, ...]
+) -> tuple[list[float], list[float], list[float]] | None:
+    measured = {cid: float(y[i, 0]) for i, cid in enumerate(ids) if not math.isnan(float(y[i, 0]))}
+    pred, sd, meas = [], [], []
+    for d in decisions:
+        for c in d["chosen"]:  # type: ignore[attr-defined]
+            if c.predicted_mean is None or c.candidate_id not in measured:
+                continue
+            pred.append(float(c.predicted_mean[0]))
+            sd.append(float(c.predicted_std[0]) if c.predicted_std else 0.0)
+            meas.append(measured[c.candidate_id])
+    return (pred, sd, meas) if len(pred) >= 3 else None
