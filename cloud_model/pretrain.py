@@ -270,8 +270,8 @@ def train_loop(
         done, lr = step + 1, float(optimizer.param_groups[0]["lr"])
 
         if done % train.eval_every == 0 or done == train.max_steps:
-            totals = evaluate_mlm(
-                trained, val_batch.ids, val_batch.mask, batch_size=train.eval_batch_size,
+            totals = evaluate_mlm(  # unwrapped model: a DDP forward would be a collective
+                model, val_batch.ids, val_batch.mask, batch_size=train.eval_batch_size,
                 seed=train.seed, device=device, autocast_dtype=autocast_dtype, rank=rank,
                 world_size=world_size, **masking.kwargs(),
             )  # fmt: skip
