@@ -1,0 +1,474 @@
+"""Fine-tuning machinery: a frozen shared trunk, trainable members, and their training loop.
+
+An encoder is cut at ``n_layer - n_trainable_blocks``. Everything below the cut
+(the *trunk*: embeddings and the bottom blocks) is frozen and shared; its output
+for a string never changes, so it is computed once and cached
+(:class:`FeatureCache`). Everything above the cut (a :class:`MemberNet`: the top
+blocks, the final LayerNorm, pooling and a head) is trained. Three cuts:
+
+* ``"pooled"`` (``n_trainable_blocks = 0``): the trunk is the whole encoder and
+  the cache holds one pooled vector per string; a member is a head only.
+* ``"hidden"``: the cache holds the per-token states ``(L, C)`` after the frozen
+  blocks; a member re-runs the top blocks.
+* ``"ids"`` (all blocks and the embeddings trainable): nothing is frozen; the
+  cache holds token ids.
+
+A member maps features to targets in physical units: a regression head
+(standardised internally), a Debye head giving theta (``debye_output="theta"``)
+or the Debye heat capacity at the label temperatures
+(``debye_output="heat_capacity"``, :func:`cloud_model.debye.heat_capacity`).
+The loss is L1 or MSE on ``(prediction - y) / scale`` with ``scale`` the training
+targets' standard deviation per column, over the finite targets only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from cloud_model.debye import heat_capacity
+from cloud_model.errors import ConfigError
+from cloud_model.heads import DebyeHead, DebyeHeadConfig, RegressionHead, RegressionHeadConfig
+from cloud_model.model import Block, CloudConfig, CloudEncoder
+
+logger = logging.getLogger(__name__)
+
+FeatureKind = Literal["ids", "hidden", "pooled"]
+
+
+class FinetuneConfig(BaseModel):
+    """Hyperparameters of fine-tuning one model (or each member of an ensemble)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # top transformer blocks trained; 0 = head only on cached pooled features; "all" = every block
+    n_trainable_blocks: int | Literal["all"] = Field(default="all")
+    # with every block trainable, also train the token/position embeddings (nothing is cached)
+    train_embeddings: bool = True
+    # pooled vector fed to the head; None keeps the encoder's own setting
+    pooling: Literal["cls", "mean"] | None = None
+    # L1 is robust to heavy-tailed targets; MSE matches the Gaussian view of an ensemble
+    loss: Literal["l1", "mse"] = "l1"
+    # passes over the training rows (early stopping may end sooner)
+    epochs: int = Field(default=60, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    # AdamW peak learning rates: the freshly initialised head learns faster than the encoder
+    lr_head: float = Field(default=1e-3, gt=0)
+    lr_encoder: float = Field(default=2e-4, gt=0)
+    # layer-wise decay: block d levels below the top gets lr_encoder * layer_decay**d (1 = off)
+    layer_decay: float = Field(default=1.0, gt=0, le=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    # linear warm-up over this fraction of steps, then cosine decay to 5 % of the peak
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+    # stop when validation loss has not improved for this many epochs (needs a validation split)
+    patience: int = Field(default=10, ge=1)
+    head_dropout: float = Field(default=0.1, ge=0, lt=1)
+    seed: int = 0
+    # "auto" = CUDA when available (bf16 autocast there), else CPU fp32
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # token sequences are cut to this length (the tokenizer reports truncations)
+    max_length: int = Field(default=64, ge=2)
+    eval_batch_size: int = Field(default=256, ge=1)
+    # Debye head: predict theta itself (AFLOW labels) or Cv at `temperatures` (CLOUD cv labels)
+    debye_output: Literal["theta", "heat_capacity"] = "heat_capacity"
+    # label temperatures in K, one per target column for debye_output="heat_capacity"
+    temperatures: tuple[float, ...] = (300.0,)
+    # loss on Cv divided by the training std of Cv (True) or in J/(mol K) (False)
+    standardise_debye_loss: bool = True
+    # typical Debye temperature (K); an untrained Debye head starts near it
+    theta_scale: float = Field(default=400.0, gt=0)
+
+
+def resolve_device(choice: Literal["auto", "cpu", "cuda"]) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class MemberSpec(BaseModel):
+    """Everything needed to rebuild a member's modules (its weights live in safetensors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    encoder: CloudConfig
+    kind: FeatureKind
+    n_trainable_blocks: int = Field(ge=0)
+    pooling: Literal["cls", "mean"]
+    head: RegressionHeadConfig | DebyeHeadConfig
+    debye_output: Literal["theta", "heat_capacity"] = "heat_capacity"
+    temperatures: tuple[float, ...] = (300.0,)
+    standardise_debye_loss: bool = True
+
+    @property
+    def n_targets(self) -> int:
+        """Output columns ``m``."""
+        if isinstance(self.head, RegressionHeadConfig):
+            return self.head.n_targets
+        return 1 if self.debye_output == "theta" else len(self.temperatures)
+
+
+def member_spec(
+    encoder: CloudConfig,
+    config: FinetuneConfig,
+    head: RegressionHeadConfig | DebyeHeadConfig,
+) -> MemberSpec:
+    """The cut and head that ``config`` asks for on an encoder of architecture ``encoder``."""
+    n_layer = encoder.n_layer
+    n_top = n_layer if config.n_trainable_blocks == "all" else config.n_trainable_blocks
+    if n_top > n_layer:
+        raise ConfigError(f"n_trainable_blocks={n_top} exceeds the encoder's {n_layer} blocks")
+    if n_top == 0:
+        kind: FeatureKind = "pooled"
+    elif n_top == n_layer and config.train_embeddings:
+        kind = "ids"
+    else:
+        kind = "hidden"
+    return MemberSpec(
+        encoder=encoder,
+        kind=kind,
+        n_trainable_blocks=n_top,
+        pooling=config.pooling or encoder.pooling,
+        head=head,
+        debye_output=config.debye_output,
+        temperatures=config.temperatures,
+        standardise_debye_loss=config.standardise_debye_loss,
+    )
+
+
+def _pool(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    """``(B, T, C)`` states -> ``(B, C)``: first ([CLS]) token or mean over real tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]  # (B, C)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, C)
+
+
+@torch.no_grad()
+def trunk_features(encoder: CloudEncoder, spec: MemberSpec, ids: Tensor, mask: Tensor) -> Tensor:
+    """The frozen part of the encoder applied to a batch (eval mode, no gradients).
+
+    Args:
+        encoder: the shared encoder.
+        spec: where it is cut.
+        ids: ``(B, T)`` token ids; mask: ``(B, T)`` bool, True on real tokens.
+
+    Returns:
+        ``(B, T)`` ids for ``"ids"``, ``(B, T, C)`` states for ``"hidden"``, ``(B, C)``
+        pooled vectors for ``"pooled"``.
+    """
+    if spec.kind == "ids":
+        return ids
+    if spec.kind == "pooled":
+        return _pool(encoder(ids, mask), mask, spec.pooling)  # (B, C)
+    pos = torch.arange(ids.shape[1], device=ids.device)  # (T,)
+    x = encoder.tok_emb(ids) + encoder.pos_emb(pos)  # (B, T, C)
+    key_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    for block in encoder.blocks[: spec.encoder.n_layer - spec.n_trainable_blocks]:
+        x = block(x, key_mask)  # (B, T, C)
+    return x
+
+
+class MemberNet(nn.Module):
+    """The trainable top of a model: [embeddings] + top blocks + final norm + pooling + head."""
+
+    target_scale: Tensor  # (m,) loss scale per target column (training std)
+    temperatures: Tensor  # (m,) label temperatures in K (Debye heat capacity)
+
+    def __init__(self, spec: MemberSpec, encoder: CloudEncoder | None = None) -> None:
+        """Copy the top of ``encoder`` (fresh, to be loaded, when None) and add a new head."""
+        super().__init__()
+        self.spec = spec
+        cfg = spec.encoder
+        self.embed: nn.ModuleDict | None = None
+        if spec.kind == "ids":
+            tok = nn.Embedding(cfg.vocab_size, cfg.d_model) if encoder is None else encoder.tok_emb
+            pos = nn.Embedding(cfg.max_len, cfg.d_model) if encoder is None else encoder.pos_emb
+            self.embed = nn.ModuleDict({"tok": copy.deepcopy(tok), "pos": copy.deepcopy(pos)})
+            self.drop = nn.Dropout(cfg.dropout)
+        n_top = spec.n_trainable_blocks
+        if encoder is None:
+            top: list[nn.Module] = [Block(cfg) for _ in range(n_top)]
+            ln_f: nn.Module = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        else:
+            top, ln_f = list(encoder.blocks)[cfg.n_layer - n_top :], encoder.ln_f
+        self.blocks = nn.ModuleList(copy.deepcopy(b) for b in top)
+        self.ln_f = copy.deepcopy(ln_f) if spec.kind != "pooled" else None
+        self.head: RegressionHead | DebyeHead
+        if isinstance(spec.head, RegressionHeadConfig):
+            self.head = RegressionHead(cfg.d_model, spec.head.n_targets, spec.head.dropout)
+        else:
+            h = spec.head
+            self.head = DebyeHead(cfg.d_model, h.theta_scale, h.theta_min, h.dropout)
+        self.register_buffer("target_scale", torch.ones(spec.n_targets))
+        temps = torch.tensor(spec.temperatures, dtype=torch.float32)
+        self.register_buffer("temperatures", temps, persistent=False)
+        self.requires_grad_(True)  # copies of a frozen shared encoder arrive frozen
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Head output: standardised ``(B, m)`` (regression) or theta ``(B,)`` in K (Debye).
+
+        Args:
+            x: features from :func:`trunk_features`; mask: ``(B, T)`` (None for pooled).
+        """
+        if self.spec.kind != "pooled":
+            if mask is None:
+                raise ConfigError("token features need their (B, T) mask")
+            if self.embed is not None:
+                pos = torch.arange(x.shape[1], device=x.device)  # (T,)
+                x = self.drop(self.embed["tok"](x) + self.embed["pos"](pos))  # (B, T, C)
+            key_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+            for block in self.blocks:
+                x = block(x, key_mask)  # (B, T, C)
+            if self.ln_f is not None:  # always set for token features
+                x = self.ln_f(x)  # (B, T, C)
+            x = _pool(x, mask, self.spec.pooling)  # (B, C)
+        return self.head(x)
+
+    def to_targets(self, out: Tensor, n_atoms: Tensor | None) -> Tensor:
+        """Head output -> predictions ``(B, m)`` in target units.
+
+        Args:
+            out: from :meth:`forward`.
+            n_atoms: ``(B,)`` atoms per cell for Debye heat capacities (None = per atom).
+        """
+        if isinstance(self.head, RegressionHead):
+            return self.head.destandardise(out.float())  # (B, m)
+        theta = out.float()  # (B,)
+        if self.spec.debye_output == "theta":
+            return theta[:, None]  # (B, 1)
+        n = torch.ones_like(theta) if n_atoms is None else n_atoms.to(theta)
+        return heat_capacity(theta, self.temperatures.to(theta), n)  # (B, m)
+
+    def set_target_stats(self, y: Tensor) -> None:
+        """Loss scale (and regression standardisation) from training targets ``(n, m)``."""
+        finite = torch.isfinite(y)
+        counts = finite.sum(0).clamp_min(1)  # (m,)
+        mean = torch.where(finite, y, 0.0).sum(0) / counts  # (m,)
+        var = torch.where(finite, (y - mean) ** 2, 0.0).sum(0) / (counts - 1).clamp_min(1)
+        scale = var.sqrt()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if isinstance(self.head, RegressionHead):
+            self.head.set_target_stats(y)
+            self.target_scale.copy_(self.head.target_std)
+        elif self.spec.debye_output == "heat_capacity" and not self.spec.standardise_debye_loss:
+            self.target_scale.fill_(1.0)
+        else:
+            self.target_scale.copy_(scale.to(self.target_scale))
+
+    def refit_target_stats(self, y: Tensor) -> None:
+        """New target statistics that leave the current predictions unchanged (warm starts).
+
+        A regression head's last layer is rescaled so that ``destandardise`` of its
+        output is the same function as before the statistics changed.
+        """
+        if not isinstance(self.head, RegressionHead):
+            self.set_target_stats(y)
+            return
+        old_mean = self.head.target_mean.clone()
+        old_std = self.head.target_std.clone()
+        self.set_target_stats(y)
+        new_mean, new_std = self.head.target_mean, self.head.target_std
+        last = self.head.net[-1]
+        if not isinstance(last, nn.Linear):
+            raise ConfigError("regression head must end in a Linear layer")
+        with torch.no_grad():
+            ratio = old_std / new_std  # (m,)
+            last.weight.mul_(ratio[:, None])
+            last.bias.copy_(last.bias * ratio + (old_mean - new_mean) / new_std)
+
+
+def masked_loss(pred: Tensor, y: Tensor, scale: Tensor, kind: Literal["l1", "mse"]) -> Tensor:
+    """Mean L1/squared error of ``(pred - y) / scale`` over finite ``y`` (all ``(B, m)``)."""
+    finite = torch.isfinite(y)
+    diff = (pred - torch.where(finite, y, pred.detach())) / scale  # (B, m), 0 where missing
+    per = diff.abs() if kind == "l1" else diff**2
+    return (per * finite).sum() / finite.sum().clamp_min(1)
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of some rows with their labels.
+
+    ``x``: ``(n, T)`` ids, ``(n, T, C)`` states or ``(n, C)`` pooled vectors;
+    ``mask``: ``(n, T)`` bool or None; ``y``: ``(n, m)`` targets (NaN = missing);
+    ``n_atoms``: ``(n,)`` or None.
+    """
+
+    x: Tensor
+    mask: Tensor | None
+    y: Tensor
+    n_atoms: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def batch(
+        self, index: Tensor, device: torch.device
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """Rows ``index`` on ``device``, token dimension trimmed to the longest row."""
+        x = self.x[index]
+        mask = None if self.mask is None else self.mask[index]
+        if mask is not None:
+            length = int(mask.sum(1).max())
+            x, mask = x[:, :length], mask[:, :length].to(device)
+        atoms = None if self.n_atoms is None else self.n_atoms[index].to(device)
+        return x.to(device), mask, self.y[index].to(device), atoms
+
+
+class MemberFitReport(BaseModel):
+    """How one member's training went."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs_run: int
+    best_epoch: int
+    stopped_early: bool
+    train_loss: float  # last epoch, on the loss scale
+    val_loss: float | None  # best epoch
+    history: list[tuple[float, float | None]]  # (train, val) per epoch
+
+
+def _param_groups(member: MemberNet, config: FinetuneConfig) -> list[dict[str, object]]:
+    """AdamW groups: head at lr_head; blocks decaying by layer_decay from the top down."""
+    groups: list[dict[str, object]] = []
+
+    def add(module: nn.Module | None, lr: float) -> None:
+        if module is None:
+            return
+        decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+        plain = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+        groups.append({"params": decay, "lr": lr, "weight_decay": config.weight_decay})
+        groups.append({"params": plain, "lr": lr, "weight_decay": 0.0})
+
+    add(member.head, config.lr_head)
+    add(member.ln_f, config.lr_encoder)
+    n = len(member.blocks)
+    for i, block in enumerate(member.blocks):
+        add(block, config.lr_encoder * config.layer_decay ** (n - 1 - i))
+    add(member.embed, config.lr_encoder * config.layer_decay**n)
+    return [g for g in groups if g["params"]]
+
+
+def train_member(
+    member: MemberNet,
+    train: FeatureSet,
+    val: FeatureSet | None,
+    config: FinetuneConfig,
+    *,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
+) -> MemberFitReport:
+    """Train a member in place with AdamW, warm-up + cosine, early stopping on ``val``.
+
+    Args:
+        member: the model top to train (moved to ``device``).
+        train: training features and targets; val: validation rows (None = no early stopping).
+        config: hyperparameters; epochs: passes to run at most; seed: shuffling/dropout seed.
+        device: where to train (bf16 autocast on CUDA, fp32 on CPU).
+        on_epoch: called with ``(epoch, train_loss, val_loss)`` after every epoch.
+
+    Returns:
+        The report; the member holds the weights of the best validation epoch.
+    """
+    if len(train) == 0:
+        raise ConfigError("no training rows")
+    member.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(_param_groups(member, config))
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(config.warmup_fraction * total)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    autocast = device.type == "cuda"
+    best: tuple[float, int, dict[str, Tensor]] | None = None
+    history: list[tuple[float, float | None]] = []
+    stale = 0
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        member.train()
+        order = torch.randperm(len(train), generator=gen)
+        total_loss = 0.0
+        for start in range(0, len(train), config.batch_size):
+            x, mask, y, atoms = train.batch(order[start : start + config.batch_size], device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = member(x, mask)
+            pred = member.to_targets(out, atoms)
+            loss = masked_loss(pred, y.to(pred), member.target_scale, config.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(member.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(y)
+        train_loss = total_loss / len(train)
+        val_loss = (
+            evaluate_loss(member, val, config, device) if val is not None and len(val) else None
+        )
+        history.append((train_loss, val_loss))
+        if on_epoch is not None:
+            on_epoch(epoch, train_loss, val_loss)
+        if val_loss is None:
+            continue
+        if best is None or val_loss < best[0]:
+            state = {k: v.detach().clone() for k, v in member.state_dict().items()}
+            best, stale = (val_loss, epoch, state), 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    if best is not None:
+        member.load_state_dict(best[2])
+    member.eval()
+    return MemberFitReport(
+        epochs_run=epoch,
+        best_epoch=best[1] if best is not None else epoch,
+        stopped_early=epoch < epochs,
+        train_loss=history[-1][0],
+        val_loss=best[0] if best is not None else None,
+        history=history,
+    )
+
+
+@torch.no_grad()
+def predict_member(
+    member: MemberNet, data: FeatureSet, config: FinetuneConfig, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Predictions ``(n, m)`` in target units and raw head outputs (theta ``(n,)`` for Debye)."""
+    member.eval().to(device)
+    preds, raws = [], []
+    for start in range(0, len(data), config.eval_batch_size):
+        index = torch.arange(start, min(len(data), start + config.eval_batch_size))
+        x, mask, _, atoms = data.batch(index, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = member(x, mask)
+        preds.append(member.to_targets(out, atoms).float().cpu())
+        raws.append(out.float().cpu())
+    return torch.cat(preds), torch.cat(raws)
+
+
+def evaluate_loss(
+    member: MemberNet, data: FeatureSet | None, config: FinetuneConfig, device: torch.device
+) -> float | None:
+    """The training loss on ``data`` (eval mode), or None when there is nothing to score."""
+    if data is None or len(data) == 0 or not bool(torch.isfinite(data.y).any()):
+        return None
+    pred, _ = predict_member(member, data, config, device)
+    return float(masked_loss(pred, data.y.to(pred), member.target_scale.cpu(), config.loss))
