@@ -46,6 +46,7 @@ class PoolConfig(_Section):
     structure_column: str = "cif"  # "cif" (encoded with SCOPE) or a column of SCOPE strings
     structure_format: Literal["cif", "scope"] = "cif"
     max_candidates: int | None = Field(default=None, ge=2)  # seeded subsample of the pool
+    include_ids: list[str] | None = None  # keep only these candidates (e.g. a hand-picked DFT set)
     exclude_ids: list[str] = Field(default_factory=list)
     variant: Literal["cloud", "native"] = "cloud"  # SCOPE variant the surrogate reads
     symprec: float = Field(default=0.1, gt=0)  # spglib tolerance, Angstrom

@@ -61,6 +61,12 @@ def load_pool(config: PoolConfig, targets: tuple[str, ...], *, seed: int = 0) ->
     else:
         assert config.file is not None  # the config validator guarantees one source
         pool = _from_file(config, targets)
+    if config.include_ids is not None:
+        wanted = set(config.include_ids)
+        missing = wanted - set(pool.ids)
+        if missing:
+            raise ConfigError(f"pool.include_ids not in the pool: {sorted(missing)[:5]}")
+        pool = _subset(pool, [i for i, cid in enumerate(pool.ids) if cid in wanted])
     if config.exclude_ids:
         drop = set(config.exclude_ids)
         pool = _subset(pool, [i for i, cid in enumerate(pool.ids) if cid not in drop])
@@ -110,8 +116,6 @@ def _from_dataset(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
 
 
 def _from_file(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
-    from cloud_model.corpus import encode_structures
-
     assert config.file is not None
     path = config.file
     if not path.is_file():
@@ -131,6 +135,8 @@ def _from_file(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
         encoded: list[str | None] = [t.strip() or None for t in texts]
         errors = {i: "empty SCOPE string" for i, t in enumerate(encoded) if t is None}
     else:
+        from cloud_model.corpus import encode_structures
+
         result = encode_structures(texts, variant=config.variant, symprec=config.symprec)
         encoded, errors = list(result.strings), dict(result.errors)
     pool = Pool(ids=[], scopes=[], units={t: "" for t in targets if t in columns})

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cloud_model.errors import ConfigError
+from loop.config import CampaignConfig, load_config, parse_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CAMPAIGNS = [p for p in CONFIGS if not p.name.startswith(("pretrain", "finetune", "bench"))]
+
+
+def test_there_are_example_campaigns() -> None:
+    names = {p.name for p in CAMPAIGNS}
+    assert {"perovskite_water_splitting.yaml", "http_lab.yaml", "low_debye_temperature.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CAMPAIGNS, ids=lambda p: p.name)
+def test_every_example_campaign_loads(path: Path) -> None:
+    config = load_config(path)
+    assert isinstance(config, CampaignConfig)
+    spec = config.objective_spec()
+    assert spec.targets[0] == config.objective.target
+    # round trip through JSON (the store keeps the config as JSON)
+    assert CampaignConfig.model_validate_json(config.model_dump_json()) == config
+
+
+def _base() -> dict:
+    return yaml.safe_load(Path(CAMPAIGNS[0]).read_text())
+
+
+def test_errors_name_the_field_path(tmp_path: Path) -> None:
+    data = _base()
+    data["acquisition"]["bach_size"] = 4
+    data["budget"]["experiments"] = 0
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, source="my.yaml")
+    text = str(err.value)
+    assert "my.yaml: acquisition.bach_size: Extra inputs are not permitted" in text
+    assert "budget.experiments" in text
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["adapter"].update(kind="teleporter"), "adapter"),
+        (lambda d: d["objective"].update(sense="window"), "window is required"),
+        (lambda d: d["constraints"].append({"target": "x"}), "needs a lower or an upper bound"),
+        (lambda d: d["pool"].update(file="x.csv"), "exactly one of pool.dataset or pool.file"),
+        (lambda d: d.update(schema_version=99), "schema_version"),
+        (lambda d: d["acquisition"].update(kind="magic"), "acquisition.kind"),
+    ],
+)
+def test_bad_configs_fail_clearly(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    data = _base()
+    mutate(data)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(scalar)
