@@ -5,11 +5,12 @@ with one actor hosting a :class:`simulators.lab.SimulatedLab` (capacity 256, zer
 latency, no noise) runs every job to completion. The driver feeds jobs the way a
 campaign loop does: it keeps at most ``--window`` jobs outstanding and submits a
 new one for each job that ends. A sampler thread records the resident memory of
-the driver and of the actor process every 20 ms.
+the driver and of the actor process every 50 ms.
 
 Reported per run: jobs/s, the ratio to the same jobs run in-process without Ray
-(measured in the same run: the Ray overhead), peak RSS of the driver and the
-actor, and the RSS at 1k/5k/10k finished jobs (memory flat in the number of jobs).
+(measured in the same run: the Ray overhead), peak RSS and USS (unique set
+size: RSS less shared pages such as Ray's object store) of the driver and the
+actor, and both at 1k/5k/10k finished jobs (memory flat in the number of jobs).
 
     nice -n 10 python benchmarks/dispatch_load.py --out benchmarks/results/dispatch_load.json
 """
@@ -53,20 +54,25 @@ def make_request(i: int, n_candidates: int) -> ExperimentRequest:
 class RssSampler:
     """Samples the resident set size of some processes every ``period_s`` seconds."""
 
-    def __init__(self, pids: dict[str, int], period_s: float = 0.02) -> None:
+    def __init__(self, pids: dict[str, int], period_s: float = 0.05) -> None:
         import psutil  # vendored by ray; importable once ray is imported
 
         self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self._period = period_s
-        self.peak = dict.fromkeys(pids, 0.0)
+        self.peak: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def read(self) -> dict[str, float]:
-        """Current RSS in MiB per process; updates the peaks."""
-        now = {name: proc.memory_info().rss / MiB for name, proc in self._procs.items()}
-        for name, rss in now.items():
-            self.peak[name] = max(self.peak[name], rss)
+        """Current RSS and USS (memory unique to the process: RSS less the pages it
+        shares, such as Ray's object store) in MiB per process; updates the peaks."""
+        now: dict[str, float] = {}
+        for name, proc in self._procs.items():
+            info = proc.memory_full_info()
+            now[name] = info.rss / MiB
+            now[f"{name}_uss"] = info.uss / MiB
+        for name, value in now.items():
+            self.peak[name] = max(self.peak.get(name, 0.0), value)
         return now
 
     def _run(self) -> None:
@@ -140,8 +146,8 @@ def run_once(n_jobs: int, args: argparse.Namespace, checkpoints: tuple[int, ...]
         "seconds": round(elapsed, 3),
         "jobs_per_s": round(n_jobs / elapsed, 1),
         "events": {kind.value: c for kind, c in counts.items() if c},
-        "peak_rss_mib": {name: round(v, 1) for name, v in sampler.peak.items()},
-        "rss_mib_at_finished_jobs": {
+        "peak_memory_mib": {name: round(v, 1) for name, v in sampler.peak.items()},
+        "memory_mib_at_finished_jobs": {
             k: {name: round(v, 1) for name, v in rss.items()} for k, rss in at_checkpoint.items()
         },
     }
@@ -165,15 +171,16 @@ def main() -> None:
     lab_per_job = lab_bytes_per_job(2000, args.candidates, args.capacity)
     runs = []
     for n in args.jobs:
-        checkpoints = tuple(k for k in (1000, 5000, 10000) if k <= n)
+        checkpoints = tuple(k for k in (1000, 5000, *range(10000, n + 1, 10000)) if k <= n)
         result = run_once(n, args, checkpoints)
         result["ratio_to_in_process"] = round(result["jobs_per_s"] / baseline, 4)
         runs.append(result)
+        peak = result["peak_memory_mib"]
         print(
             f"{n:>6} jobs: {result['jobs_per_s']:>8.1f} jobs/s "
             f"({result['ratio_to_in_process']:.3f} x in-process {baseline:.0f} jobs/s), "
-            f"peak RSS driver {result['peak_rss_mib']['driver']:.0f} MiB, "
-            f"actor {result['peak_rss_mib']['actor']:.0f} MiB"
+            f"peak RSS/USS driver {peak['driver']:.0f}/{peak['driver_uss']:.0f} MiB, "
+            f"actor {peak['actor']:.0f}/{peak['actor_uss']:.0f} MiB"
         )
     print(f"SimulatedLab keeps {lab_per_job:.0f} B per job (its job table, in the actor)")
     report = {
