@@ -1,0 +1,284 @@
+"""``cloudlab bench``: strategies x seeds on simulated loops, with the field's metrics.
+
+A benchmark config names a base campaign and the strategies to compare; each
+strategy is a set of overrides deep-merged into the base (``surrogate``,
+``acquisition``...). Every (strategy, batch size, seed) run is an ordinary campaign
+directory under ``<out>/runs/`` run with ``dispatch.mode: inline`` (the simulated
+lab on a virtual clock: no waiting), so runs can be inspected with
+``cloudlab status|report``. Runs execute in parallel as Ray tasks; a run whose
+``result.json`` exists is not recomputed, so an interrupted benchmark resumes.
+Metrics (see :mod:`loop.metrics`) are computed against the pool's hidden values.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cloud_model.errors import ConfigError
+from loop import metrics as M
+from loop.config import CampaignConfig, format_validation_error, load_config, parse_config
+
+logger = logging.getLogger(__name__)
+
+
+class BenchConfig(BaseModel):
+    """A benchmark: a base campaign, strategies as overrides, seeds and batch sizes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    campaign: Path  # base campaign YAML, relative to this file
+    overrides: dict[str, Any] = Field(default_factory=dict)  # applied to every run
+    strategies: dict[str, dict[str, Any]] = Field(min_length=1)  # name -> overrides
+    seeds: int = Field(default=20, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [8])
+    top_fractions: list[float] = Field(default_factory=lambda: [0.01, 0.05])
+    af_levels: list[float] = Field(default_factory=lambda: [0.5, 0.9])
+    parallel: int = Field(default=2, ge=1)  # runs at once (Ray tasks)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_bench(path: str | Path) -> tuple[BenchConfig, dict[str, Any]]:
+    """Read a benchmark YAML and its base campaign (as a dict, validated).
+
+    Raises:
+        ConfigError: naming the file and field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"benchmark config {path} not found")
+    try:
+        bench = BenchConfig.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+    base_path = bench.campaign if bench.campaign.is_absolute() else path.parent / bench.campaign
+    base = load_config(base_path).model_dump(mode="json")
+    base = _merge(base, bench.overrides)
+    for name, extra in bench.strategies.items():
+        parse_config(_run_dict(base, name, extra, 8, 0), source=f"{path}: strategy {name}")
+    return bench, base
+
+
+def _run_dict(base: dict[str, Any], strategy: str, extra: dict[str, Any], q: int, seed: int) -> dict[str, Any]:
+    data = _merge(base, extra)
+    data["name"] = f"{strategy}-q{q}-s{seed}"
+    data["seed"] = seed
+    data["acquisition"] = {**data.get("acquisition", {}), "batch_size": q}
+    data["dispatch"] = {**data.get("dispatch", {}), "mode": "inline", "concurrency": q, "wait_for": "all"}
+    data.setdefault("adapter", {})["seed"] = seed
+    return data
+
+
+def run_one(config_json: str, directory: str) -> dict[str, Any]:
+    """Run (or resume) one campaign and return its measured ids and timings."""
+    import torch
+
+    from loop.campaign import Campaign
+
+    torch.set_num_threads(1)
+    out = Path(directory)
+    done = out / "result.json"
+    if done.exists():
+        return dict(json.loads(done.read_text()))
+    config = CampaignConfig.model_validate_json(config_json)
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = Campaign(config, out).run()
+    from loop.store import CampaignStore
+
+    with CampaignStore(out, create=False) as store:
+        measured = [m.candidate_id for m in store.measurements()]
+        jobs = [j.candidate_id for j in store.jobs()]
+    record = {
+        "name": config.name,
+        "measured_ids": measured,
+        "submitted_ids": jobs,
+        "stop_reason": result.stop_reason,
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+        "timings": {
+            "fit": result.timings.fit,
+            "score": result.timings.score,
+            "acquisition": result.timings.acquisition,
+            "dispatch": result.timings.dispatch,
+        },
+    }
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(done)
+    return record
+
+
+def run_bench(
+    path: str | Path, out: str | Path, *, seeds: int | None = None, on_done: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Run every (strategy, batch size, seed) and write results JSON, Markdown and plots.
+
+    Args:
+        path: benchmark YAML.
+        out: output directory (runs under ``out/runs``; results ``out/<name>.json``).
+        seeds: override the config's number of seeds (CI smoke runs use 2).
+        on_done: called with each finished run's name (progress).
+    """
+    import ray
+
+    from adapters.ray_runtime import ensure_ray
+    from loop.objective import top_fraction_ids
+    from loop.pool import load_pool
+
+    bench, base = load_bench(path)
+    n_seeds = seeds or bench.seeds
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    base_config = parse_config(base)
+    pool = load_pool(base_config.pool, base_config.targets, seed=base_config.seed)  # warms the cache
+    ensure_ray()
+    remote = ray.remote(num_cpus=1)(run_one)
+    jobs: dict[Any, tuple[str, int, int]] = {}
+    queue = [
+        (name, q, seed)
+        for q in bench.batch_sizes
+        for seed in range(n_seeds)
+        for name in bench.strategies
+    ]
+    records: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    t_start = time.perf_counter()
+    while queue or jobs:
+        while queue and len(jobs) < bench.parallel:
+            name, q, seed = queue.pop(0)
+            data = _run_dict(base, name, bench.strategies[name], q, seed)
+            config = parse_config(data)
+            ref = remote.remote(config.model_dump_json(), str(out / "runs" / config.name))
+            jobs[ref] = (name, q, seed)
+        ready, _ = ray.wait(list(jobs), num_returns=1)
+        for ref in ready:
+            name, q, seed = jobs.pop(ref)
+            records.setdefault((name, q), []).append(ray.get(ref))
+            if on_done is not None:
+                on_done(f"{name}-q{q}-s{seed}")
+    wall = time.perf_counter() - t_start
+
+    truth = np.array(
+        [[pool.truth.get(c, {}).get(t, math.nan) for t in base_config.targets] for c in pool.ids]
+    )
+    import torch
+
+    spec = base_config.objective_spec()
+    truth_t = torch.as_tensor(truth)
+    tops = {f: top_fraction_ids(pool.ids, truth_t, spec, f) for f in bench.top_fractions}
+    decile = top_fraction_ids(pool.ids, truth_t, spec, 0.10)
+    budget = base_config.budget.experiments
+    summary: dict[str, Any] = {
+        "benchmark": bench.name,
+        "pool": len(pool),
+        "objective": spec.describe(),
+        "budget": budget,
+        "seeds": n_seeds,
+        "wall_s": wall,
+        "top_sizes": {str(f): len(t) for f, t in tops.items()},
+        "strategies": {},
+    }
+    for (name, q), recs in sorted(records.items()):
+        entry: dict[str, Any] = {"batch_size": q, "runs": len(recs)}
+        for frac, top in tops.items():
+            curves = [M.found_curve(r["submitted_ids"], top) for r in recs]
+            entry[f"top{frac:g}"] = M.band(curves, budget)
+            ef = [M.enrichment_factor(c, len(pool)) for c in curves]
+            entry[f"ef{frac:g}"] = M.band(ef, budget)
+            for p in bench.af_levels:
+                ns = [M.experiments_to_reach(c, p) for c in curves]
+                reached = [n for n in ns if n is not None]
+                entry[f"n_to_{p:g}_of_top{frac:g}"] = float(np.median(reached)) if len(reached) * 2 > len(ns) else None
+                entry[f"af_{p:g}_top{frac:g}"] = (
+                    math.ceil(p * len(pool)) / entry[f"n_to_{p:g}_of_top{frac:g}"]
+                    if entry[f"n_to_{p:g}_of_top{frac:g}"]
+                    else None
+                )
+            anys = [M.any_found_at(r["submitted_ids"], top) for r in recs]
+            entry[f"any_alm_top{frac:g}"] = float(np.median([a if a else budget + 1 for a in anys]))
+            entry[f"any_alm_random_top{frac:g}"] = M.random_any_median(len(pool), len(top))
+        de = [M.found_curve(r["submitted_ids"], decile) for r in recs]
+        entry["de_alm"] = M.band(de, budget)
+        entry["time_s"] = {
+            k: float(np.mean([r["timings"][k] for r in recs])) for k in ("fit", "score", "acquisition", "dispatch")
+        }
+        entry["wall_s_mean"] = float(np.mean([r["wall_s"] for r in recs]))
+        entry["cpu_s_mean"] = float(np.mean([r["cpu_s"] for r in recs]))
+        summary["strategies"][f"{name}-q{q}"] = entry
+    (out / f"{bench.name}.json").write_text(json.dumps(summary, indent=1))
+    (out / f"{bench.name}.md").write_text(markdown_table(summary, bench))
+    plot_bench(summary, out / f"{bench.name}.png")
+    return summary
+
+
+def markdown_table(summary: dict[str, Any], bench: BenchConfig) -> str:
+    frac = bench.top_fractions[0]
+    lines = [
+        f"### {summary['benchmark']}: {summary['objective']}",
+        "",
+        f"Pool {summary['pool']}, budget {summary['budget']}, {summary['seeds']} seeds, "
+        f"top {frac:.0%} = {summary['top_sizes'][str(frac)]} candidates; wall {summary['wall_s']:.0f} s.",
+        "",
+        "| strategy | Top% at budget (median [5-95]) | EF at budget | n to 50 % | AF(50 %) | AF(90 %) | anyALM (random) | s/run fit+score / acq |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in summary["strategies"].items():
+        top = e[f"top{frac:g}"]
+        ef = e[f"ef{frac:g}"]["median"][-1] if e[f"ef{frac:g}"]["median"] else float("nan")
+        af5 = e[f"af_0.5_top{frac:g}"]
+        af9 = e[f"af_0.9_top{frac:g}"]
+        n50 = e[f"n_to_0.5_of_top{frac:g}"]
+        t = e["time_s"]
+        lines.append(
+            f"| {name} | {top['median'][-1]:.2f} [{top['p05'][-1]:.2f}-{top['p95'][-1]:.2f}] | {ef:.1f} | "
+            f"{'-' if n50 is None else f'{n50:.0f}'} | {'-' if af5 is None else f'{af5:.1f}'} | "
+            f"{'-' if af9 is None else f'{af9:.1f}'} | {e[f'any_alm_top{frac:g}']:.0f} "
+            f"({e[f'any_alm_random_top{frac:g}']}) | {t['fit'] + t['score']:.1f} / {t['acquisition']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_bench(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fracs = [k[3:] for k in next(iter(summary["strategies"].values())) if k.startswith("top")]
+    fig, axes = plt.subplots(1, len(fracs) + 1, figsize=(5 * (len(fracs) + 1), 4))
+    for name, e in summary["strategies"].items():
+        for ax, frac in zip(axes, fracs, strict=False):
+            b = e[f"top{frac}"]
+            xs = np.arange(1, len(b["median"]) + 1)
+            (line,) = ax.plot(xs, b["median"], label=name)
+            ax.fill_between(xs, b["p05"], b["p95"], alpha=0.15, color=line.get_color())
+            ax.set_title(f"top {float(frac):.0%} found")
+            ax.set_xlabel("experiments")
+        ef = e[f"ef{fracs[0]}"]
+        axes[-1].plot(np.arange(1, len(ef["median"]) + 1), ef["median"], label=name)
+    xs = np.arange(1, summary["budget"] + 1)
+    axes[0].plot(xs, np.minimum(xs / summary["pool"], 1), "k--", label="random (analytic)")
+    axes[-1].axhline(1.0, color="k", ls="--")
+    axes[-1].set_title(f"enrichment factor, top {float(fracs[0]):.0%}")
+    axes[-1].set_xlabel("experiments")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
