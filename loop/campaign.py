@@ -209,7 +209,7 @@ class Campaign:
             ]
         order = sorted(rows)
         idx = torch.tensor(order, dtype=torch.long)
-        y = torch.tensor([rows[i] for i in order], dtype=torch.float64).reshape(len(order), -1)
+        y = torch.tensor([rows[i] for i in order], dtype=torch.float64).reshape(len(order), len(self.config.targets))
         return idx, y
 
     def best(self) -> tuple[float | None, str | None]:
