@@ -37,7 +37,7 @@ from torch import Tensor
 
 from cloud_model.calibration import CalibrationReport, calibration_report, fit_variance_scale
 from cloud_model.checkpoint import file_sha256, load_module_weights, save_module_weights
-from cloud_model.ensemble_runtime import FeatureCache, fit_members
+from cloud_model.ensemble_runtime import EpochCallback, FeatureCache, fit_members
 from cloud_model.errors import CheckpointError, ConfigError
 from cloud_model.finetune import (
     FeatureSet,
@@ -260,6 +260,7 @@ class CloudEnsemble:
         epochs: int | None = None,
         n_atoms: Tensor | None = None,
         validation: tuple[Sequence[str], Tensor, Tensor | None] | None = None,
+        on_epoch: EpochCallback | None = None,
     ) -> FitReport:
         """Fine-tune every member on labelled strings.
 
@@ -272,6 +273,7 @@ class CloudEnsemble:
             n_atoms: ``(n,)`` atoms per cell (Debye heat capacity per mole of cells).
             validation: ``(scopes, y, n_atoms)`` held-out rows; when None and
                 ``config.val_fraction > 0``, that fraction of the rows is held out.
+            on_epoch: progress callback ``(member, epoch, train_loss, val_loss)``.
 
         Returns:
             A :class:`FitReport`; with a validation split it includes its calibration.
@@ -312,6 +314,7 @@ class CloudEnsemble:
             device=self.device,
             parallel=self.config.parallel,
             gpus_per_member=self.config.gpus_per_member,
+            on_epoch=on_epoch,
         )
         self.fitted = True
         self.variance_scale = 1.0
@@ -381,10 +384,14 @@ class CloudEnsemble:
         return preds
 
     def predict_theta(self, scopes: Sequence[str]) -> Tensor:
-        """Debye temperatures ``(K, n)`` in K (Debye heads only)."""
+        """Debye temperatures ``(K, n)`` in K (Debye heads only), spread scaled like :meth:`predict`."""
         if isinstance(self.spec.head, RegressionHeadConfig):
             raise ConfigError("predict_theta needs a Debye head; this ensemble regresses")
-        return self._predict_features(self._feature_set(list(scopes), None, None), raw=True)
+        theta = self._predict_features(self._feature_set(list(scopes), None, None), raw=True)
+        if self.variance_scale != 1.0:  # the same widening as predict() applies to Cv
+            mean = theta.mean(0, keepdim=True)
+            theta = mean + self.variance_scale * (theta - mean)
+        return theta
 
     # ----------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> EnsembleCard:

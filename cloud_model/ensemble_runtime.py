@@ -10,6 +10,7 @@ tensor dicts and come back the same way.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -31,6 +32,8 @@ from cloud_model.finetune import (
 logger = logging.getLogger(__name__)
 
 ParallelMode = Literal["in_process", "ray"]
+# (member index, epoch, training loss, validation loss or None)
+EpochCallback = Callable[[int, int, float, float | None], None]
 
 
 class FeatureCache:
@@ -121,6 +124,7 @@ def fit_members(
     device: torch.device,
     parallel: Literal["auto", "ray", "in_process"] = "auto",
     gpus_per_member: float = 1.0,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[ParallelMode, list[MemberFitReport]]:
     """Train member k on ``trains[k]`` (seed ``config.seed + k``), in place.
 
@@ -131,16 +135,29 @@ def fit_members(
         device: device for in-process training.
         parallel: ``"ray"`` (actors), ``"in_process"``, or ``"auto"`` (Ray when CUDA exists).
         gpus_per_member: GPU share of each actor when CUDA exists.
+        on_epoch: called as ``(member, epoch, train_loss, val_loss)`` after each epoch
+            of in-process training (Ray actors report only when they finish).
 
     Returns:
         The mode used and one report per member.
     """
     mode = _choose_mode(len(members), parallel)
     if mode == "in_process":
-        reports = [
-            train_member(m, t, val, config, epochs=epochs, seed=config.seed + k, device=device)
-            for k, (m, t) in enumerate(zip(members, trains, strict=True))
-        ]
+        reports = []
+        for k, (member, train) in enumerate(zip(members, trains, strict=True)):
+            hook = None if on_epoch is None else functools.partial(on_epoch, k)
+            reports.append(
+                train_member(
+                    member,
+                    train,
+                    val,
+                    config,
+                    epochs=epochs,
+                    seed=config.seed + k,
+                    device=device,
+                    on_epoch=hook,
+                )
+            )
         return mode, reports
     return mode, _fit_with_ray(members, trains, val, config, epochs, gpus_per_member)
 

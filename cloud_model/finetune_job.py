@@ -27,6 +27,7 @@ from torch import Tensor
 
 from cloud_model.calibration import CalibrationReport, calibration_report
 from cloud_model.ensemble import CloudEnsemble, EnsembleConfig, FitReport
+from cloud_model.ensemble_runtime import EpochCallback
 from cloud_model.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -309,13 +310,14 @@ def target_metrics(pred: Tensor, truth: Tensor) -> TargetMetrics:
 
 
 def run_finetune_job(
-    job: FinetuneJob, out: str | Path | None = None
+    job: FinetuneJob, out: str | Path | None = None, *, on_epoch: EpochCallback | None = None
 ) -> tuple[CloudEnsemble, JobReport]:
     """Load data, split, fine-tune (early stopping on validation), score the test split.
 
     Args:
         job: the job description.
         out: directory for the trained model (``CloudEnsemble.save``) and ``report.json``.
+        on_epoch: progress callback ``(member, epoch, train_loss, val_loss)``.
 
     Returns:
         The trained ensemble and the report.
@@ -340,7 +342,9 @@ def run_finetune_job(
         checkpoint, job.n_members, job.head, len(data.target_names), config
     )
     validation = (val.scopes, val.y, val.n_atoms) if len(val.scopes) else None
-    fit = ensemble.fit(train.scopes, train.y, n_atoms=train.n_atoms, validation=validation)
+    fit = ensemble.fit(
+        train.scopes, train.y, n_atoms=train.n_atoms, validation=validation, on_epoch=on_epoch
+    )
     report = JobReport(
         n_train=len(train.scopes),
         n_val=len(val.scopes),
@@ -414,3 +418,45 @@ def write_csv(path: str | Path, rows: list[dict[str, object]]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def prediction_input(
+    spec: str | Path,
+    *,
+    truth: tuple[str, ...] = (),
+    variant: Literal["cloud", "native"] = "cloud",
+    symprec: float = 0.1,
+    processes: int = 1,
+) -> LabelledData:
+    """Structures to score: an existing CSV file, else a registry dataset name.
+
+    Args:
+        spec: a CSV path (SCOPE column ``cloud``/``scope`` or CIF column ``cif``) or a dataset.
+        truth: target columns to copy beside the predictions where the input has them.
+        variant, symprec, processes: SCOPE encoding of CIF inputs (use the training values).
+    """
+    options: dict[str, Any] = {"variant": variant, "symprec": symprec, "processes": processes}
+    path = Path(spec)
+    if path.suffix == ".csv" and not path.is_file():
+        raise DataError(f"{path}: input CSV not found")
+    if path.is_file():
+        with path.open(newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+        targets = tuple(t for t in truth if t in header)
+        return load_labelled(DataSource(csv=path, targets=targets, **options))
+    from cloud_model.datasets import get_spec
+
+    available = get_spec(str(spec)).targets
+    targets = tuple(t for t in truth if t in available)
+    return load_labelled(DataSource(dataset=str(spec), targets=targets, **options))
+
+
+def read_job(directory: str | Path) -> FinetuneJob | None:
+    """The job that trained the model in ``directory`` (its ``job.json``), if recorded."""
+    path = Path(directory) / "job.json"
+    if not path.is_file():
+        return None
+    try:
+        return FinetuneJob.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid job record: {exc}") from exc

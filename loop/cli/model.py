@@ -89,6 +89,113 @@ def pretrain_command(
         )
 
 
+# ---------------------------------------------------------------- finetune / predict
+def finetune_command(
+    config: Path = typer.Argument(
+        ...,
+        exists=True,
+        dir_okay=False,
+        help="Fine-tuning YAML, e.g. configs/finetune_cloud_cv_debye.yaml.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Directory for the trained model and report.json."),
+) -> None:
+    """Fine-tune a CLOUD model (or a K-member ensemble) on labelled data; scores the test split."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from cloud_model.finetune_job import FinetuneJob, run_finetune_job
+
+    job = FinetuneJob.from_yaml(config)
+    total = job.n_members * job.model.epochs
+    columns = (
+        TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    )  # fmt: skip
+    with Progress(*columns) as progress:
+        task = progress.add_task("finetune", total=total, info="loading data")
+        done = {"n": 0}
+
+        def on_epoch(member: int, epoch: int, train_loss: float, val_loss: float | None) -> None:
+            done["n"] += 1
+            val = "" if val_loss is None else f"  val {val_loss:.4f}"
+            info = f"member {member + 1}/{job.n_members} epoch {epoch}  train {train_loss:.4f}{val}"
+            progress.update(task, completed=done["n"], info=info)
+
+        _, report = run_finetune_job(job, out, on_epoch=on_epoch)
+        progress.update(task, completed=total, info="done")
+    table = Table(
+        title=f"test split ({report.n_test} rows; trained on {report.n_train}, val {report.n_val})"
+    )
+    for name in ("target", "MAE", "RMSE", "MAE/MAD", "R^2"):
+        table.add_column(name)
+    for name, m in report.test.items():
+        table.add_row(name, f"{m.mae:.4g}", f"{m.rmse:.4g}", f"{m.mae_over_mad:.4f}", f"{m.r2:.4f}")
+    Console().print(table)
+    if report.test_calibration is not None:
+        c = report.test_calibration
+        typer.echo(
+            f"ensemble calibration: NLL {c.nll:.3f}, 90% coverage {c.coverage_90:.3f}, "
+            f"miscalibration area {c.miscalibration_area:.3f}"
+        )
+    typer.echo(f"model written to {out} ({report.seconds:.0f} s)")
+
+
+def predict_command(
+    model: Path = typer.Option(
+        ...,
+        "--model",
+        exists=True,
+        file_okay=False,
+        help="A directory written by `cloudlab finetune`.",
+    ),
+    input_: str = typer.Option(
+        ...,
+        "--input",
+        help="A registry dataset name or a CSV file (SCOPE `cloud` or `cif` column).",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="CSV to write: id, split, scope, <target>_mean/_std."
+    ),
+    variant: str | None = typer.Option(
+        None,
+        "--variant",
+        help="SCOPE variant for CIF inputs (default: the one the model was trained with).",
+    ),
+    symprec: float | None = typer.Option(
+        None, "--symprec", help="spglib tolerance in Angstrom for CIF inputs."
+    ),
+) -> None:
+    """Predict with a fine-tuned model or ensemble: mean and ensemble std per target."""
+    from cloud_model.ensemble import CloudEnsemble
+    from cloud_model.errors import ConfigError
+    from cloud_model.finetune_job import (
+        output_names,
+        predict_rows,
+        prediction_input,
+        read_job,
+        write_csv,
+    )
+
+    ensemble = CloudEnsemble.load(model)
+    job = read_job(model)
+    chosen_variant = variant or (job.data.variant if job is not None else "cloud")
+    if chosen_variant not in ("cloud", "native"):
+        raise ConfigError(f"--variant must be 'cloud' or 'native', got {chosen_variant!r}")
+    truth = job.data.targets if job is not None else output_names(ensemble)
+    data = prediction_input(
+        input_,
+        truth=truth,
+        variant="native" if chosen_variant == "native" else "cloud",
+        symprec=symprec if symprec is not None else (job.data.symprec if job is not None else 0.1),
+    )
+    rows = predict_rows(ensemble, data)
+    write_csv(out, rows)
+    typer.echo(f"{len(rows)} predictions ({ensemble.n_members} members) written to {out}")
+
+
 def register(app: typer.Typer) -> None:
     """Attach the model commands to the root app."""
     app.command("pretrain")(pretrain_command)
+    app.command("finetune")(finetune_command)
+    app.command("predict")(predict_command)

@@ -174,3 +174,31 @@ def test_example_configs_load() -> None:
     for path in paths:
         job = FinetuneJob.from_yaml(path)
         assert job.data.targets
+
+
+def test_cli_finetune_then_predict(cv_csv: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"data: {{csv: {cv_csv}, targets: [cv], split_column: part, limit: 120}}\n"
+        "checkpoint: null\nhead: debye\nn_members: 2\nval_fraction: 0.2\n"
+        "model: {model_size: tiny, n_trainable_blocks: 0, epochs: 2, device: cpu,"
+        " debye_output: heat_capacity, temperatures: [300.0]}\n"
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["finetune", str(config), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m" / "report.json").is_file() and (tmp_path / "m" / "job.json").is_file()
+    out = tmp_path / "preds.csv"
+    result = runner.invoke(
+        app, ["predict", "--model", str(tmp_path / "m"), "--input", str(cv_csv), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 260
+    assert set(rows[0]) >= {"id", "cv_300K_mean", "cv_300K_std", "theta_mean", "theta_std", "cv"}
+    assert all(float(r["theta_mean"]) > 0 and float(r["cv_300K_std"]) >= 0 for r in rows)
