@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import time
 from typing import Any, Protocol
 
 import torch
@@ -128,9 +129,12 @@ class EnsembleSurrogate(Surrogate):
             warm_start=self.warm_start and self._fitted_once,
         )
         self._fitted_once = True
+        t0 = time.perf_counter()
         preds = self.ensemble.predict(self.scopes).to(torch.float64)  # S x N x m
+        self.last_score_seconds = time.perf_counter() - t0
         self._model = LookupEnsembleModel(preds)
         metrics = {k: float(v) for k, v in _as_dict(report).items() if isinstance(v, int | float)}
+        metrics["score_seconds"] = self.last_score_seconds
         return metrics
 
     def model(self) -> LookupEnsembleModel:
