@@ -434,7 +434,7 @@ class Campaign:
                 if concurrency - n_open >= min(cfg.acquisition.batch_size, cfg.budget.experiments - n_jobs):
                     n_new = self._submit_batch(executor, n_free)
                     if n_new == 0 and n_open == 0:
-                        return "pool exhausted" if self._pool_left() == 0 else "nothing left to decide"
+                        return self._why_stuck()
                     if n_new:
                         continue
             if n_open == 0:
@@ -467,6 +467,18 @@ class Campaign:
         for key, c in zip(keys, chosen, strict=True):
             executor.submit(self._request(c.candidate_id), key)
         return len(chosen)
+
+    def _why_stuck(self) -> str:
+        """Why no new decision can be made although budget is left."""
+        if self._pool_left() == 0:
+            return "pool exhausted"
+        failed = [j for j in self.store.jobs() if j.state in (JobState.FAILED.value, JobState.LOST.value)]
+        if self.store.n_measurements() < 2 and failed:
+            return (
+                f"{len(failed)} jobs failed and fewer than 2 succeeded, so the surrogate cannot learn; "
+                f"last failure: {failed[-1].message}"
+            )
+        return "nothing left to decide"
 
     def _pool_left(self) -> int:
         assert self.pool is not None

@@ -152,3 +152,52 @@ def test_kill_9_and_resume_gives_the_uninterrupted_result(cv_pool: Path, tmp_pat
     # the persistent lab ran each experiment once
     with CampaignStore(out, create=False) as store:
         assert store.get_meta("stop_reason") == "experiment budget reached"
+
+
+def test_campaign_through_the_http_lab(cv_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same campaign against a real lab server on loopback (bearer auth, persisted jobs)."""
+    from simulators.config import SimulatedLabConfig
+    from simulators.ground_truth import GroundTruth
+    from tests.simulators.lab_server import TOKEN, TOKEN_ENV, start_server
+
+    rows = list(csv.DictReader(cv_pool.open()))
+    truth = GroundTruth.from_rows(((r["id"], {"cv": float(r["cv"])}) for r in rows), {"cv": "J/(mol K)"})
+    lab = SimulatedLabConfig(seed=1, capacity=4, noise={"sigma": 2.0}, failure={"probability": 0.15})
+    server = start_server(tmp_path, truth, lab, state_dir=tmp_path / "lab-state")
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    try:
+        data = _config(cv_pool, budget={"experiments": 12})
+        data["adapter"] = {"kind": "http", "base_url": server.url, "token_env": TOKEN_ENV, "capacity": 4}
+        data["dispatch"] = {"mode": "inline", "wait_for": "all", "poll_interval_s": 0.05}
+        result = Campaign(parse_config(data), tmp_path / "run").run()
+    finally:
+        server.stop()
+    jobs, values, counts = _outcome(tmp_path / "run")
+    assert len(set(jobs)) == 12
+    assert result.n_measured == counts["SUCCEEDED"] == len(values) >= 8
+    truth_cv = {r["id"]: float(r["cv"]) for r in rows}
+    assert all(abs(values[c] - truth_cv[c]) < 10 for c in values)
+
+
+def test_wrong_token_is_a_clear_error(cv_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from simulators.config import SimulatedLabConfig
+    from simulators.ground_truth import GroundTruth
+    from tests.simulators.lab_server import TOKEN_ENV, start_server
+
+    rows = list(csv.DictReader(cv_pool.open()))
+    truth = GroundTruth.from_rows(((r["id"], {"cv": float(r["cv"])}) for r in rows), {"cv": "J/(mol K)"})
+    server = start_server(tmp_path, truth, SimulatedLabConfig(capacity=4))
+    monkeypatch.setenv(TOKEN_ENV, "not-the-token")
+    try:
+        data = _config(cv_pool)
+        data["adapter"] = {"kind": "http", "base_url": server.url, "token_env": TOKEN_ENV}
+        data["dispatch"] = {"mode": "inline", "wait_for": "all", "poll_interval_s": 0.05}
+        result = Campaign(parse_config(data), tmp_path / "run").run()
+    finally:
+        server.stop()
+    # every submission is refused with an auth error: recorded as failures, then the campaign stops
+    with CampaignStore(tmp_path / "run", create=False) as store:
+        messages = {j.message for j in store.jobs()}
+    assert result.n_measured == 0
+    assert any(TOKEN_ENV in (m or "") for m in messages), messages
+    assert "failed" in result.stop_reason
