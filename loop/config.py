@@ -126,13 +126,13 @@ class BudgetConfig(_Section):
 class GpawAdapterConfig(_Section):
     kind: Literal["gpaw"] = "gpaw"
     settings: dict[str, Any] = Field(default_factory=dict)  # adapters.dft.GpawSettings fields
-    work_dir: Path | None = None  # default: <campaign dir>/gpaw
+    work_dir: Path | None = None  # job directories; default: <campaign dir>/gpaw
 
 
 class ChgnetAdapterConfig(_Section):
     kind: Literal["chgnet"] = "chgnet"
-    settings: dict[str, Any] = Field(default_factory=dict)  # adapters.mlip settings fields
-    work_dir: Path | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)  # adapters.mlip.ChgnetSettings fields
+    work_dir: Path | None = None  # job directories; default: <campaign dir>/chgnet
 
 
 AdapterConfig = Annotated[

@@ -200,14 +200,14 @@ def adapter_spec(config: CampaignConfig, pool: Pool, directory: Path) -> Adapter
             },
         )
     if isinstance(adapter, GpawAdapterConfig):
+        work_dir = str(adapter.work_dir or directory / "gpaw")
         return AdapterSpec(
-            factory="adapters.dft:GpawAdapter",
-            kwargs={"settings": adapter.settings, "work_dir": str(adapter.work_dir or directory / "gpaw")},
+            factory="adapters.dft:GpawAdapter", kwargs={"settings": {"work_dir": work_dir, **adapter.settings}}
         )
     if isinstance(adapter, ChgnetAdapterConfig):
+        work_dir = str(adapter.work_dir or directory / "chgnet")
         return AdapterSpec(
-            factory="adapters.mlip:ChgnetAdapter",
-            kwargs={"settings": adapter.settings, "work_dir": str(adapter.work_dir or directory / "chgnet")},
+            factory="adapters.mlip:ChgnetAdapter", kwargs={"settings": {"work_dir": work_dir, **adapter.settings}}
         )
     return AdapterSpec(factory="adapters.http_lab:HttpLabAdapter", kwargs={"config": adapter.model_dump(mode="json")})
 

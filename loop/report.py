@@ -173,9 +173,44 @@ def write_report(directory: str | Path) -> Path:
                 f"90 % interval coverage {cover:.0%}",
                 "",
             ]
+        if config.surrogate.head == "debye" and ids:
+            lines += _debye_curves(config, ids, y, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _debye_curves(config: object, ids: list[str], y: torch.Tensor, out: Path) -> list[str]:
+    """Cv(T) of the best measured candidates from their Debye temperatures (per mole of atoms)."""
+    import matplotlib.pyplot as plt
+
+    from cloud_model.debye import heat_capacity
+    from loop.config import CampaignConfig
+
+    assert isinstance(config, CampaignConfig)
+    spec = config.objective_spec()
+    score = spec.score(y)
+    order = [int(i) for i in torch.argsort(score, descending=True)[:5] if torch.isfinite(score[int(i)])]
+    if not order:
+        return []
+    temps = torch.linspace(5.0, 1000.0, 200, dtype=torch.float64)
+    theta = y[order, 0]  # K
+    cv = heat_capacity(theta, temps, torch.ones_like(theta))  # (k, T) J/(mol-atom K)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = ["## Heat capacity of the best candidates (Debye model, per mole of atoms)", ""]
+    rows += ["| candidate | theta_D (K) | Cv(300 K) J/(mol K) |", "|---|---|---|"]
+    at300 = heat_capacity(theta, torch.tensor([300.0], dtype=torch.float64), torch.ones_like(theta))[:, 0]
+    for k, i in enumerate(order):
+        ax.plot(temps, cv[k], label=f"{ids[i]} ({float(theta[k]):.0f} K)")
+        rows.append(f"| {ids[i]} | {float(theta[k]):.0f} | {float(at300[k]):.2f} |")
+    ax.axhline(3 * 8.314462618, color="k", ls="--", lw=1, label="3R (Dulong-Petit)")
+    ax.set_xlabel("T (K)")
+    ax.set_ylabel("Cv (J/(mol-atom K))")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "debye_cv.png", dpi=120)
+    plt.close(fig)
+    return [*rows, "", "![Cv(T)](debye_cv.png)", ""]
 
 
 def _found_curve(config: object, ids: list[str]) -> dict[str, list[float]] | None:
