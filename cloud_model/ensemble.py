@@ -356,8 +356,14 @@ class CloudEnsemble:
 
     # ----------------------------------------------------------------- inference
     def _predict_features(self, data: FeatureSet, *, raw: bool = False) -> Tensor:
+        order = None
+        if data.mask is not None and len(data) > self.config.eval_batch_size:
+            # score in order of length so that batches carry little padding, then unsort
+            order = torch.argsort(data.mask.sum(1), stable=True)
+            data = _subset(data, order)
         outs = [predict_member(m, data, self.config, self.device)[int(raw)] for m in self.members]
-        return torch.stack(outs)  # (K, n, m) or (K, n)
+        out = torch.stack(outs)  # (K, n, m) or (K, n)
+        return out if order is None else out[:, torch.argsort(order)]
 
     def predict(self, scopes: Sequence[str], *, n_atoms: Tensor | None = None) -> Tensor:
         """Per-member predictions in target units.

@@ -180,3 +180,13 @@ def test_members_train_on_gpu_actors(cv_rows, ray_session) -> None:
     report = ens.fit(scopes[:80], _two_targets(cv, n_atoms)[:80])
     assert report.mode == "ray"
     assert ens.predict(scopes[:20]).shape == (2, 20, 2)
+
+
+def test_length_sorted_scoring_returns_rows_in_input_order(cv_rows) -> None:
+    scopes, cv, n_atoms = cv_rows
+    ens = CloudEnsemble.create(None, 2, "regression", 2, _config(eval_batch_size=8))
+    ens.fit(scopes[:40], _two_targets(cv, n_atoms)[:40], epochs=1)
+    pool = scopes[40:100]
+    together = ens.predict(pool)  # 60 rows > eval_batch_size: scored in length order
+    one_by_one = torch.cat([ens.predict([s]) for s in pool], dim=1)
+    assert torch.allclose(together, one_by_one, rtol=1e-4, atol=1e-4)
