@@ -184,6 +184,37 @@ def encode_structures(
     return out
 
 
+STRUCTURE_FILE_PATTERNS = ("*.cif", "*.vasp", "POSCAR*", "CONTCAR*", "*.poscar")
+
+
+def read_structure_file(path: str | Path) -> Structure:
+    """Read a CIF, POSCAR/CONTCAR or other pymatgen-readable structure file.
+
+    Raises:
+        DataError: the file is missing, unreadable or not a structure file pymatgen can parse.
+    """
+    import warnings
+
+    from pymatgen.core import Structure
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Structure.from_file(path)
+    except Exception as exc:  # pymatgen raises many types (ValueError, KeyError, IndexError...) on bad files
+        raise DataError(f"{path}: cannot read a structure ({type(exc).__name__}: {exc})".strip()) from exc
+
+
+def structure_files(directory: str | Path) -> list[Path]:
+    """Structure files directly in ``directory`` (see :data:`STRUCTURE_FILE_PATTERNS`), sorted by name."""
+    directory = Path(directory)
+    found = {p for pattern in STRUCTURE_FILE_PATTERNS for p in directory.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
 def scope_cache_dir(cache_dir: str | Path | None = None) -> Path:
     """``cache_dir`` or ``$CLOUDLAB_CACHE_DIR/scope`` (default ``~/.cache/cloudlab/scope``)."""
     if cache_dir is not None:
