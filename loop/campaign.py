@@ -158,6 +158,19 @@ class Campaign:
                 )
         self.pool = pool
         self._index = {cid: i for i, cid in enumerate(pool.ids)}
+        self._prior_scopes: list[str] = []
+        self._prior_y = torch.zeros(0, len(self.config.targets), dtype=torch.float64)
+        if self.config.prior is not None:
+            prior = load_pool(self.config.prior, self.config.targets, seed=self.config.seed)
+            in_pool = set(self._index)
+            rows = [(s, prior.truth.get(c, {})) for c, s in zip(prior.ids, prior.scopes, strict=True)]
+            rows = [(s, t) for (s, t), c in zip(rows, prior.ids, strict=True) if t and c not in in_pool]
+            self._prior_scopes = [s for s, _ in rows]
+            self._prior_y = torch.tensor(
+                [[t.get(name, float("nan")) for name in self.config.targets] for _, t in rows],
+                dtype=torch.float64,
+            ).reshape(len(rows), len(self.config.targets))
+            logger.info("%d labelled prior records join every fit", len(rows))
         return pool
 
     def _build_surrogate(self, pool: Pool) -> Surrogate:
@@ -167,7 +180,9 @@ class Campaign:
         if sc.kind == "gp":
             from loop.features import composition_features
 
-            feats = torch.as_tensor(composition_features(pool.scopes), dtype=torch.float64)
+            feats = torch.as_tensor(
+                composition_features(pool.scopes + self._prior_scopes), dtype=torch.float64
+            )
             return GPSurrogate(feats, seed=self.config.seed)
         from cloud_model.checkpoint import default_checkpoint
         from cloud_model.ensemble import CloudEnsemble
@@ -189,7 +204,9 @@ class Campaign:
             ensemble = CloudEnsemble.create(
                 checkpoint, sc.n_members, sc.head, len(self.config.targets), ens_config
             )
-        surrogate = EnsembleSurrogate(ensemble, pool.scopes, warm_start=self.config.finetune.warm_start)
+        surrogate = EnsembleSurrogate(
+            ensemble, pool.scopes + self._prior_scopes, warm_start=self.config.finetune.warm_start
+        )
         if latest is not None and self._model_version is not None:
             surrogate._fitted_once = True
             surrogate._model = None  # predictions recomputed lazily in _ensure_scored
@@ -228,7 +245,7 @@ class Campaign:
     def _maybe_refit(self, measured_idx: Tensor, measured_y: Tensor) -> None:
         assert self.surrogate is not None
         n = int(measured_idx.numel())
-        if isinstance(self.surrogate, RandomSurrogate) or n < 2:
+        if isinstance(self.surrogate, RandomSurrogate) or n + len(self._prior_scopes) < 2:
             return
         due = self._model_version is None or n - self._n_fit >= self.config.finetune.every_n_results
         if not due:
@@ -237,8 +254,12 @@ class Campaign:
             return
         t0 = time.perf_counter()
         torch.manual_seed(self.config.seed * 100_003 + n)
-        keep = ~torch.isnan(measured_y).all(-1)
-        metrics = self.surrogate.fit(measured_idx[keep], measured_y[keep])
+        assert self.pool is not None
+        n_prior = len(self._prior_scopes)
+        train_idx = torch.cat([measured_idx, torch.arange(len(self.pool), len(self.pool) + n_prior)])
+        train_y = torch.cat([measured_y, self._prior_y])
+        keep = ~torch.isnan(train_y).all(-1)
+        metrics = self.surrogate.fit(train_idx[keep], train_y[keep])
         scoring = metrics.get("score_seconds", 0.0)  # the ensemble re-scores the pool in fit()
         self.timings.fit += time.perf_counter() - t0 - scoring
         self.timings.score += scoring
@@ -290,7 +311,8 @@ class Campaign:
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + decision_no)
         n_initial = self.config.initial_design.n_random + len(self.config.initial_design.ids)
         measured_idx, measured_y = self._measured()
-        if len(jobs) < n_initial or measured_idx.numel() < 2 or isinstance(self.surrogate, RandomSurrogate):
+        n_known = measured_idx.numel() + len(self._prior_scopes)
+        if len(jobs) < n_initial or n_known < 2 or isinstance(self.surrogate, RandomSurrogate):
             given = [
                 self._index[c]
                 for c in self.config.initial_design.ids

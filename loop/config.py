@@ -169,6 +169,9 @@ class CampaignConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     pool: PoolConfig
+    # labelled data the surrogate trains on from the start (e.g. materials published before a
+    # cut-off year); never selectable, never counted as experiments
+    prior: PoolConfig | None = None
     objective: ObjectiveConfig
     constraints: list[ConstraintConfig] = Field(default_factory=list)
     surrogate: SurrogateConfig = SurrogateConfig()

@@ -201,3 +201,23 @@ def test_wrong_token_is_a_clear_error(cv_pool: Path, tmp_path: Path, monkeypatch
     assert result.n_measured == 0
     assert any(TOKEN_ENV in (m or "") for m in messages), messages
     assert "failed" in result.stop_reason
+
+
+def test_prior_data_trains_the_surrogate_from_the_first_decision(cv_pool: Path, tmp_path: Path) -> None:
+    """A time-split style campaign: labelled prior records are learned from, never selected."""
+    rows = list(csv.DictReader(cv_pool.open()))
+    prior_path, pool_path = tmp_path / "prior.csv", tmp_path / "pool.csv"
+    for path, part in ((prior_path, rows[:60]), (pool_path, rows[60:])):
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["id", "scope", "cv"])
+            w.writeheader()
+            w.writerows(part)
+    data = _config(pool_path, initial_design={"n_random": 0}, budget={"experiments": 8})
+    data["prior"] = {**data["pool"], "file": str(prior_path)}
+    Campaign(parse_config(data), tmp_path / "run").run()
+    with CampaignStore(tmp_path / "run", create=False) as store:
+        decisions = store.decisions()
+        jobs = [j.candidate_id for j in store.jobs()]
+    assert decisions[0]["acquisition"] == "qlogei"  # no random start needed
+    assert decisions[0]["model_version"] == 1
+    assert not {r["id"] for r in rows[:60]} & set(jobs)  # prior records are never proposed
