@@ -18,6 +18,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -88,11 +89,12 @@ def main() -> None:
     pool = [r.scope or "" for r in load_dataset("cloud_pretrain_10k").records][: args.pool]
     peak = matmul_rate()
     results = []
-    for label, n_top, members in [
+    cuts: list[tuple[str, int | Literal["all"], int]] = [
         ("full model, K=1", "all", 1),
         ("top block, K=5", 1, 5),
         ("head only, K=5", 0, 5),
-    ]:
+    ]
+    for label, n_top, members in cuts:
         config = EnsembleConfig(
             n_trainable_blocks=n_top,
             device="cpu",

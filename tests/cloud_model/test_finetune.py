@@ -154,6 +154,20 @@ def test_registry_and_random_splits_are_disjoint() -> None:
     assert data.n_atoms is not None and data.n_atoms.shape == (1512,)
 
 
+def test_csv_with_cif_column_is_encoded(tmp_path: Path) -> None:
+    records = load_dataset("perov_5", ["val"]).records[:6]
+    path = tmp_path / "cifs.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["material_id", "cif", "heat_ref"])
+        writer.writerows([r.id, r.cif, r.targets["heat_ref"]] for r in records)
+        writer.writerow(["broken", "not a cif", "0.0"])
+    data = load_labelled(DataSource(csv=path, targets=("heat_ref",)))
+    assert len(data.scopes) == 6 and data.invalid[0][0] == "broken"
+    assert all(s.count(" | ") == 2 for s in data.scopes)
+    assert data.y.shape == (6, 1)
+
+
 def test_layer_wise_learning_rate_decay() -> None:
     ens = CloudEnsemble.create(None, 1, "regression", 1, _tiny(layer_decay=0.5))
     config = FinetuneConfig(lr_head=1e-3, lr_encoder=1e-4, layer_decay=0.5)
