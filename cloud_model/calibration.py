@@ -33,6 +33,7 @@ __all__ = [
     "ensemble_mean_std",
     "fit_variance_scale",
     "gaussian_nll",
+    "gaussian_report",
     "miscalibration_area",
 ]
 
@@ -170,7 +171,14 @@ def calibration_report(
         A :class:`CalibrationReport` over every finite (candidate, target) pair.
     """
     mean, std = ensemble_mean_std(predictions)
-    std = std * variance_scale
+    return gaussian_report(mean, std, target, variance_scale=variance_scale)
+
+
+def gaussian_report(
+    mean: Tensor, std: Tensor, target: Tensor, *, variance_scale: float = 1.0
+) -> CalibrationReport:
+    """:func:`calibration_report` for Gaussian predictions given by ``mean``/``std`` ``(n, m)``."""
+    std = std.double() * variance_scale
     mu, sigma, y = _flatten(mean, std, target)
     err = y - mu
     return CalibrationReport(

@@ -16,6 +16,7 @@ from cloud_model.calibration import (
     ensemble_mean_std,
     fit_variance_scale,
     gaussian_nll,
+    gaussian_report,
     miscalibration_area,
 )
 
@@ -53,6 +54,8 @@ def test_calibrated_gaussian_scores_as_expected() -> None:
     assert gaussian_nll(mean, std, target) == pytest.approx(expected_nll, abs=0.02)
     assert fit_variance_scale(mean, std, target) == pytest.approx(1.0, abs=0.01)
     report = calibration_report(_members(mean, std), target)
+    direct = gaussian_report(mean, std, target)
+    assert report.nll == pytest.approx(direct.nll) and report.mae == pytest.approx(direct.mae)
     assert report.n == 2 * N
     assert report.coverage_90 == pytest.approx(0.9, abs=tol)
     assert report.mae == pytest.approx(float((std * math.sqrt(2 / math.pi)).mean()), rel=0.02)
