@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +47,7 @@ from adapters.base import (
     ResultNotReadyError,
 )
 from adapters.local_jobs import JobSpec, SubprocessJobRunner, job_id_for_key
+from cloud_model.errors import ConfigError
 
 __all__ = ["GPAW_TARGET_UNITS", "GpawAdapter", "GpawJobResult", "GpawSettings", "default_work_dir"]
 
@@ -98,11 +100,12 @@ class GpawSettings(BaseModel):
     primitive_cell: bool = Field(
         default=True, description="compute the primitive cell of the submitted structure"
     )
-    relax_references: bool = Field(
-        default=False,
-        description="relax elemental references (cell + positions; molecules: positions). Off by "
-        "default: cell relaxation needs >~500 eV (Pulay stress); ASE's experimental lattices "
-        "cost a few meV/atom",
+    relax_references: Literal["none", "volume", "full"] = Field(
+        default="volume",
+        description="elemental references: 'volume' fits a Birch-Murnaghan E(V) to 5 isotropic "
+        "scalings (+-6 %) and recomputes at the minimum (energy only, so no Pulay-stress bias) "
+        "and relaxes molecules' bonds; 'full' relaxes cell + positions (needs >~500 eV: Pulay "
+        "stress); 'none' keeps ASE's experimental lattices (errors ~10-30 meV/atom for 4d/5d)",
     )
     reference_cifs: dict[str, str] = Field(
         default_factory=dict, description="element -> CIF override"
@@ -135,7 +138,7 @@ class GpawSettings(BaseModel):
             "max_scf_iterations", "relax_references", "reference_cifs",
         )  # fmt: skip
         out: dict[str, Any] = {k: getattr(self, k) for k in keys}
-        if self.relax_references:
+        if self.relax_references != "none":
             out.update(
                 optimizer=self.optimizer, fmax=self.fmax_ev_per_a, steps=self.max_relax_steps
             )
@@ -178,13 +181,19 @@ class GpawAdapter(LabAdapter):
     """DFT with GPAW in supervised subprocesses; see the module docstring.
 
     Args:
-        settings: defaults for every job (requests may override physics fields).
+        settings: defaults for every job, as settings or their JSON dict (requests may override physics fields).
     """
 
     name = "gpaw"
 
-    def __init__(self, settings: GpawSettings | None = None) -> None:
-        self.settings = settings or GpawSettings()
+    def __init__(self, settings: GpawSettings | Mapping[str, Any] | None = None) -> None:
+        if settings is None or isinstance(settings, GpawSettings):
+            self.settings = settings or GpawSettings()
+        else:  # a JSON dict, e.g. from a campaign config crossing into a Ray actor
+            try:
+                self.settings = GpawSettings.model_validate(dict(settings))
+            except ValidationError as exc:
+                raise ConfigError(f"invalid {self.name} adapter settings: {exc}") from exc
         self.capacity = self.settings.max_parallel
         self.runner = SubprocessJobRunner(
             self.settings.work_dir, max_parallel=self.settings.max_parallel

@@ -143,6 +143,37 @@ def calculate(
     )
 
 
+def equilibrium_volume(
+    atoms: Atoms, settings: GpawSettings, *, txt: Path, strain: float = 0.06, points: int = 5
+) -> float:
+    """The volume minimising E(V) over isotropic scalings (Birch-Murnaghan fit), A^3 per cell.
+
+    Energies only, at a fixed cutoff: unlike a stress-driven cell relaxation this is
+    free of Pulay stress. Falls back to the lowest sampled volume if the fit's minimum
+    lies outside the sampled range.
+    """
+    from ase.eos import EquationOfState
+
+    v_start = float(atoms.get_volume())
+    volumes, energies = [], []
+    for factor in np.linspace(1.0 - strain, 1.0 + strain, points):
+        trial = atoms.copy()
+        trial.set_cell(atoms.cell * factor ** (1.0 / 3.0), scale_atoms=True)
+        energies.append(calculate(trial, settings, txt=txt).energy)
+        volumes.append(v_start * factor)
+    try:
+        v0, _, _ = EquationOfState(volumes, energies, eos="birchmurnaghan").fit()
+    except (ValueError, RuntimeError) as exc:
+        logger.warning("E(V) fit failed (%s); using the lowest sampled point", exc)
+        v0 = volumes[int(np.argmin(energies))]
+    if not min(volumes) <= v0 <= max(volumes):
+        logger.warning(
+            "E(V) minimum %.2f A^3 outside the sampled range; using the lowest point", v0
+        )
+        v0 = volumes[int(np.argmin(energies))]
+    return float(v0)
+
+
 def compute_reference(
     element: str, settings: GpawSettings, key: str, log_dir: Path
 ) -> ReferenceEnergy:
@@ -152,12 +183,18 @@ def compute_reference(
     atoms = ref.atoms.copy()
     if settings.spin != "off" and not molecule and element in INITIAL_MAGNETIC_MOMENTS:
         atoms.set_initial_magnetic_moments([INITIAL_MAGNETIC_MOMENTS[element]] * len(atoms))
+    txt = log_dir / f"{element}-{key}.txt"
+    start = time.perf_counter()
+    mode = settings.relax_references
+    if mode == "volume" and not molecule:
+        v0 = equilibrium_volume(atoms, settings, txt=txt)
+        atoms.set_cell(atoms.cell * (v0 / atoms.get_volume()) ** (1.0 / 3.0), scale_atoms=True)
     outcome = calculate(
         atoms,
         settings,
-        txt=log_dir / f"{element}-{key}.txt",
+        txt=txt,
         molecule=molecule,
-        relax=settings.relax_references,
+        relax=mode == "full" or (mode == "volume" and molecule),
         relax_cell=True,
     )
     gpaw_version, _ = gpaw_versions()
@@ -165,13 +202,13 @@ def compute_reference(
         element=element,
         energy_per_atom=outcome.energy / len(atoms),
         kind=ref.kind,
-        description=ref.description,
+        description=f"{ref.description}; relaxation: {mode}",
         settings_hash=key,
         n_atoms=len(atoms),
         volume_per_atom=float(atoms.get_volume()) / len(atoms),
-        relaxed=settings.relax_references,
+        relaxed=mode != "none",
         code=f"gpaw {gpaw_version}",
-        wall_s=outcome.wall_s,
+        wall_s=time.perf_counter() - start,
     )
 
 
