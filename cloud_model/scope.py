@@ -8,17 +8,18 @@ A SCOPE string has three parts joined by ``" | "``:
 2. the occupied Wyckoff orbits;
 3. the composition: element symbol + atomic fraction rounded to 2 decimals
    (``numpy.round``), elements in order of increasing Pauling electronegativity
-   (ties, and elements without one such as He, by atomic number, after all others).
+   (ties by atomic number; elements without one, such as He, last; a dummy ``X`` first).
 
 Two variants share parts 1 and 3 and differ in part 2:
 
 ``cloud`` (the published CLOUD grammar)
     Wyckoff symbols (conventional-cell multiplicity + letter, from the
     ``cloud_wyckoff_multiplicities`` table), each listed once, in site order.
-    The published strings come from files whose sites are sorted by
-    electronegativity; here "site order" is made canonical: sites sorted by
-    (element electronegativity rank, Wyckoff letter), so the string does not
-    depend on the order of the input sites. Example (rock salt, any cell):
+    The published strings follow the site order of their source files, which is
+    arbitrary (``1b 3d 1a`` and ``1a 1b 3c`` both occur for cubic perovskites);
+    here "site order" is made canonical: sites sorted by (element
+    electronegativity rank, Wyckoff letter), so the string does not depend on
+    the order of the input sites. Example (rock salt, any cell):
     ``1 6 a O D D ... 0 | 4a 4b | Na 0.5 Cl 0.5``.
 
 ``native`` (ours, coordinate-free and lossless about orbit occupation)
@@ -71,7 +72,7 @@ spglib.error.OLD_ERROR_HANDLING = False
 Variant = Literal["cloud", "native"]
 VARIANTS: tuple[Variant, ...] = ("cloud", "native")
 # bump whenever an encoder change can change any output string (part of corpus cache keys)
-ENCODER_VERSION = "1"
+ENCODER_VERSION = "2"
 MIN_DISTANCE = 0.5  # Angstrom: closer atoms are "overlapping" and rejected
 PART_SEPARATOR = " | "
 CORRECTED_GENERATORS: dict[int, str] = {39: "03aODDbOOOjODO0"}
@@ -118,11 +119,14 @@ def letter_rank(letter: str) -> int:
 
 @lru_cache(maxsize=256)
 def element_rank(symbol: str) -> tuple[float, int]:
-    """Sort key of an element in part 3: (Pauling electronegativity or +inf, atomic number)."""
+    """Sort key of an element in part 3: (Pauling electronegativity or +inf, atomic number).
+
+    The dummy element ``X`` comes first (electronegativity 0, as in the published strings).
+    """
     from pymatgen.core.periodic_table import Element
 
     if symbol == "X":
-        return (math.inf, 0)
+        return (0.0, 0)
     element = Element(symbol)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pymatgen warns for elements without an electronegativity
@@ -195,26 +199,31 @@ _IMAGES = np.array(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"
 
 
 def _check_overlaps(cell: CellArrays, min_distance: float = MIN_DISTANCE) -> None:
-    """Raise :class:`SymmetryError` if two atoms (any periodic images) are closer than ``min_distance``."""
+    """Raise :class:`SymmetryError` if two atoms (or an atom and its own image) are closer than ``min_distance``.
+
+    Images in the 27 neighbouring cells are compared (exact for reduced, not too skewed cells);
+    rows are processed in blocks so that memory stays O(64 N) for large cells.
+    """
     n = len(cell.symbols)
-    lengths = np.linalg.norm(cell.lattice, axis=1)
-    if np.any(lengths < min_distance):
+    self_images = np.linalg.norm(_IMAGES[_IMAGES.any(axis=1)] @ cell.lattice, axis=1)  # (26,)
+    if self_images.min() < min_distance:
         raise SymmetryError(
-            f"overlapping atoms: a lattice vector is only {lengths.min():.3f} A long (< {min_distance} A)"
+            f"overlapping atoms: a lattice translation is only {self_images.min():.3f} A long (< {min_distance} A)"
         )
-    if n < 2:
-        return
-    diff = cell.frac_coords[:, None, :] - cell.frac_coords[None, :, :]  # (N, N, 3)
-    diff -= np.round(diff)
-    cart = (diff[:, :, None, :] + _IMAGES[None, None, :, :]) @ cell.lattice  # (N, N, 27, 3)
-    dist = np.sqrt(np.einsum("ijkl,ijkl->ijk", cart, cart)).min(axis=2)  # (N, N)
-    dist[np.arange(n), np.arange(n)] = np.inf
-    i, j = np.unravel_index(int(np.argmin(dist)), dist.shape)
-    if dist[i, j] < min_distance:
-        raise SymmetryError(
-            f"overlapping atoms: sites {min(i, j)} ({cell.symbols[i]}) and {max(i, j)} ({cell.symbols[j]}) "
-            f"are {dist[i, j]:.3f} A apart (< {min_distance} A)"
-        )
+    for lo in range(0, n, 64):
+        block = cell.frac_coords[lo : lo + 64]
+        diff = block[:, None, :] - cell.frac_coords[None, :, :]  # (b, N, 3)
+        diff -= np.round(diff)
+        cart = (diff[:, :, None, :] + _IMAGES[None, None, :, :]) @ cell.lattice  # (b, N, 27, 3)
+        dist = np.sqrt(np.einsum("ijkl,ijkl->ijk", cart, cart)).min(axis=2)  # (b, N)
+        dist[np.arange(len(block)), np.arange(lo, lo + len(block))] = np.inf  # an atom and itself
+        i, j = np.unravel_index(int(np.argmin(dist)), dist.shape)
+        if dist[i, j] < min_distance:
+            a, b = sorted((lo + int(i), int(j)))
+            raise SymmetryError(
+                f"overlapping atoms: sites {a} ({cell.symbols[a]}) and {b} ({cell.symbols[b]}) "
+                f"are {dist[i, j]:.3f} A apart (< {min_distance} A)"
+            )
 
 
 def symmetry_dataset(cell: CellArrays, *, symprec: float, angle_tolerance: float) -> Any:
