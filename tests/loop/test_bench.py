@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from loop import metrics as M
+from loop.bench import load_bench, run_bench
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("bench_*.yaml"))
+
+
+def test_metrics_have_known_values() -> None:
+    ids = ["a", "x", "b", "y", "z", "c"]
+    top = {"a", "b", "c", "d"}
+    curve = M.found_curve(ids, top)
+    assert curve.tolist() == [0.25, 0.25, 0.5, 0.5, 0.5, 0.75]
+    assert M.experiments_to_reach(curve, 0.5) == 3
+    assert M.experiments_to_reach(curve, 1.0) is None
+    # pool of 100: random finds n/100 of the top set after n draws
+    assert M.enrichment_factor(curve, 100)[0] == pytest.approx(25.0)
+    assert M.acceleration_factor(curve, 0.5, 100) == pytest.approx(50 / 3)
+    assert M.any_found_at(ids, top) == 1 and M.any_found_at(["x"], top) is None
+    # P(no top among n draws) for N=100, K=4 falls to 1/2 at n = 16
+    p_miss = lambda n: math.comb(96, n) / math.comb(100, n)  # noqa: E731
+    n_half = M.random_any_median(100, 4)
+    assert p_miss(n_half) <= 0.5 < p_miss(n_half - 1)
+    b = M.band([np.array([0.0, 1.0]), np.array([0.5])], 3)
+    assert b["median"] == [0.25, 0.75, 0.75]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_benchmark_configs_load(path: Path) -> None:
+    bench, base = load_bench(path)
+    assert "random" in bench.strategies and base["budget"]["experiments"] > 0
+
+
+def test_bench_runs_resumes_and_reports(ray_session: None, data_dir: Path, tmp_path: Path) -> None:
+    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:100]
+    pool = tmp_path / "pool.csv"
+    with pool.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "scope", "cv"])
+        w.writerows([f"cv-{i}", r["cloud"], r["cv"]] for i, r in enumerate(rows))
+    campaign = {
+        "name": "base",
+        "pool": {"file": str(pool), "id_column": "id", "structure_column": "scope", "structure_format": "scope"},
+        "objective": {"target": "cv", "sense": "maximize"},
+        "surrogate": {
+            "kind": "cloud_ensemble",
+            "checkpoint": None,
+            "n_members": 2,
+            "ensemble": {"n_trainable_blocks": 0, "model_size": "tiny", "epochs": 10, "warm_start_epochs": 5},
+        },
+        "initial_design": {"n_random": 4},
+        "budget": {"experiments": 12},
+        "adapter": {"kind": "simulated", "capacity": 4, "noise": {"sigma": 1.0}},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(campaign))
+    bench = {
+        "name": "smoke",
+        "campaign": "base.yaml",
+        "seeds": 2,
+        "batch_sizes": [4],
+        "parallel": 2,
+        "strategies": {"random": {"surrogate": {"kind": "random"}, "acquisition": {"kind": "random"}}, "cloud": {}},
+    }
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
+    done: list[str] = []
+    summary = run_bench(tmp_path / "bench.yaml", tmp_path / "out", on_done=done.append)
+    assert sorted(done) == ["cloud-q4-s0", "cloud-q4-s1", "random-q4-s0", "random-q4-s1"]
+    assert set(summary["strategies"]) == {"random-q4", "cloud-q4"}
+    entry = summary["strategies"]["cloud-q4"]
+    assert len(entry["top0.05"]["median"]) == 12
+    assert entry["time_s"]["fit"] > 0
+    assert summary["strategies"]["random-q4"]["time_s"]["fit"] == 0
+    saved = json.loads((tmp_path / "out" / "smoke.json").read_text())
+    assert saved["pool"] == 100
+    assert (tmp_path / "out" / "smoke.png").stat().st_size > 1000
+    assert "| cloud-q4 |" in (tmp_path / "out" / "smoke.md").read_text()
+    # every run is an ordinary campaign directory, and a second call recomputes nothing
+    first = (tmp_path / "out" / "runs" / "cloud-q4-s0" / "result.json").stat().st_mtime
+    run_bench(tmp_path / "bench.yaml", tmp_path / "out")
+    assert (tmp_path / "out" / "runs" / "cloud-q4-s0" / "result.json").stat().st_mtime == first
+    assert (tmp_path / "out" / "runs" / "cloud-q4-s0" / "campaign.sqlite").exists()
