@@ -164,7 +164,7 @@ def encode_structures(
     """
     items = [_to_item(obj) for obj in cifs_or_structures]
     n_proc = default_processes() if processes is None else max(1, int(processes))
-    n_proc = min(n_proc, max(1, len(items)))
+    n_proc = 1 if len(items) < 8 * n_proc else n_proc  # a pool costs more than it saves on a few items
     if n_proc > 1:
         scope_tables(), letter_group(1)  # load once here so forked workers inherit them
     if n_proc == 1:

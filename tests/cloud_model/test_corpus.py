@@ -40,15 +40,15 @@ def test_parallel_results_match_serial_in_input_order() -> None:
 
 
 def test_failures_are_reported_per_item() -> None:
-    good = _cifs("perov_5", 2)
+    good = _cifs("perov_5", 16)
     overlapping = Structure(Lattice.cubic(4), ["Na", "Cl"], [[0, 0, 0], [0.05, 0, 0]])
     molecule = Molecule(["H", "H"], [[0, 0, 0], [0, 0, 0.74]])
-    items = [good[0], "data_broken\n_cell_length_a 1\n", overlapping, molecule, good[1]]
-    for processes in (1, 2):
-        result = encode_structures(items, processes=processes)  # type: ignore[arg-type]
-        assert result.strings[0] is not None and result.strings[4] is not None
+    items = [good[0], "data_broken\n_cell_length_a 1\n", overlapping, molecule, *good[1:]]
+    for processes in (1, 2):  # 19 items: the pool is used with 2 processes
+        result = encode_structures(items, processes=processes, chunksize=3)  # type: ignore[arg-type]
+        assert result.strings[0] is not None and all(s is not None for s in result.strings[4:])
         assert result.strings[1:4] == [None, None, None]
-        assert set(result.errors) == {1, 2, 3} and result.n_ok == 2
+        assert set(result.errors) == {1, 2, 3} and result.n_ok == 16
         assert "CIF" in result.errors[1]
         assert "overlapping atoms" in result.errors[2]
         assert "non-periodic" in result.errors[3]

@@ -219,6 +219,18 @@ def test_tables_cover_all_groups() -> None:
         assert sorted(group.letters) == sorted(tables.multiplicities[number]), number
 
 
+@pytest.mark.parametrize("number", [39, 62, pytest.param(221, marks=pytest.mark.slow)])
+def test_shipped_normaliser_table_is_reproducible(number: int) -> None:
+    import json
+
+    from cloud_model.wyckoff import NORMALISER_FILE
+    from cloud_model.wyckoff_build import build_group
+
+    shipped = json.loads(NORMALISER_FILE.read_text())["groups"][str(number)]
+    rebuilt = build_group(number, scope_tables().multiplicities[number])
+    assert rebuilt == shipped
+
+
 # Shmueli's codes used by space group 39: rotation part of the generator letters, translation digits
 _ROTATIONS = {"a": np.eye(3), "b": np.diag([-1, -1, 1]), "c": np.diag([-1, 1, -1]), "j": np.diag([1, -1, 1])}
 _TRANSLATIONS = {"O": 0.0, "B": 0.25, "C": 1 / 3, "D": 0.5, "E": 2 / 3, "F": 0.75}
