@@ -22,7 +22,7 @@ import torch
 
 from cloud_model.calibration import fit_variance_scale, gaussian_report
 from cloud_model.ensemble import CloudEnsemble, EnsembleConfig
-from cloud_model.finetune_job import DataSource, load_labelled, split_rows
+from cloud_model.finetune_data import DataSource, load_labelled, split_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from cloud_model.ensemble import CloudEnsemble, EnsembleConfig
-from cloud_model.finetune_job import DataSource, load_labelled, target_metrics
+from cloud_model.finetune_data import DataSource, load_labelled
+from cloud_model.finetune_job import target_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -169,13 +169,8 @@ def predict_command(
     """Predict with a fine-tuned model or ensemble: mean and ensemble std per target."""
     from cloud_model.ensemble import CloudEnsemble
     from cloud_model.errors import ConfigError
-    from cloud_model.finetune_job import (
-        output_names,
-        predict_rows,
-        prediction_input,
-        read_job,
-        write_csv,
-    )
+    from cloud_model.finetune_data import prediction_input
+    from cloud_model.finetune_job import output_names, predict_rows, read_job, write_csv
 
     ensemble = CloudEnsemble.load(model)
     job = read_job(model)

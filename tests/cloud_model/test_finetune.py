@@ -13,15 +13,8 @@ import torch
 from cloud_model.datasets import load_dataset
 from cloud_model.ensemble import CloudEnsemble, EnsembleConfig
 from cloud_model.finetune import FinetuneConfig, _param_groups, masked_loss
-from cloud_model.finetune_job import (
-    DataSource,
-    FinetuneJob,
-    load_labelled,
-    predict_rows,
-    run_finetune_job,
-    split_rows,
-    write_csv,
-)
+from cloud_model.finetune_data import DataSource, load_labelled, split_rows
+from cloud_model.finetune_job import FinetuneJob, predict_rows, run_finetune_job, write_csv
 from cloud_model.heads import RegressionHead
 from cloud_model.model import Block
 
