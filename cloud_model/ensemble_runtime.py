@@ -76,7 +76,9 @@ class FeatureCache:
             ``(n, C)`` and None for pooled features, else rows padded to the longest
             (``(n, T, C)`` or ``(n, T)``) and the ``(n, T)`` bool mask of real tokens.
         """
-        missing = [s for s in dict.fromkeys(scopes) if s not in self._rows]
+        unique = list(dict.fromkeys(scopes))
+        found = {s: self._rows[s] for s in unique if s in self._rows}  # before any eviction
+        missing = [s for s in unique if s not in found]
         fresh: dict[str, Tensor] = {}
         if missing:
             fresh = dict(zip(missing, encode(missing), strict=True))
@@ -87,7 +89,7 @@ class FeatureCache:
                 if len(self._rows) >= self.max_entries:
                     del self._rows[next(iter(self._rows))]
                 self._rows[scope] = row
-        rows = [fresh[s] if s in fresh else self._rows[s] for s in scopes]
+        rows = [fresh[s] if s in fresh else found[s] for s in scopes]
         if kind == "pooled":
             if not rows:
                 return torch.empty(0, 0), None

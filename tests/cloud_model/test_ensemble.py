@@ -190,3 +190,23 @@ def test_length_sorted_scoring_returns_rows_in_input_order(cv_rows) -> None:
     together = ens.predict(pool)  # 60 rows > eval_batch_size: scored in length order
     one_by_one = torch.cat([ens.predict([s]) for s in pool], dim=1)
     assert torch.allclose(together, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+def test_feature_cache_is_bounded_first_in_first_out() -> None:
+    from cloud_model.ensemble_runtime import FeatureCache
+
+    cache = FeatureCache(max_entries=3)
+    seen: list[str] = []
+
+    def encode(strings: list[str]) -> list[torch.Tensor]:
+        seen.extend(strings)
+        return [torch.full((len(s), 2), float(len(s))) for s in strings]
+
+    x, mask = cache.gather(["a", "bb", "a", "ccc"], encode, "hidden")
+    assert seen == ["a", "bb", "ccc"]  # duplicates encoded once
+    assert x.shape == (4, 3, 2) and mask is not None and mask.sum(1).tolist() == [1, 2, 1, 3]
+    assert torch.equal(x[0], x[2])
+    cache.gather(["dddd"], encode, "hidden")  # evicts "a", the oldest
+    assert len(cache) == 3 and "a" not in cache and "bb" in cache
+    cache.gather(["bb", "a"], encode, "hidden")
+    assert seen[-1] == "a" and cache.n_computed == 5
