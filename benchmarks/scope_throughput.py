@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import time
 import warnings
@@ -53,9 +54,13 @@ class DatasetThroughput(BaseModel):
     encoder_s: float
     encoder_per_s: float
     ratio_encoder_over_floor: float
+    encoder_cpu_s: float
     parallel_s: dict[str, float]
     parallel_per_s: dict[str, float]
     speedup: dict[str, float]
+    parallel_cpu_s: dict[str, float]
+    parallel_cpu_over_serial_cpu: dict[str, float]
+    parallel_cpu_share: dict[str, float]
     failures: int
     all_floor_s: list[float]
     all_encoder_s: list[float]
@@ -87,15 +92,22 @@ def floor_pass(cifs: list[str], symprec: float) -> float:
             warnings.simplefilter("ignore")
             s = Structure.from_str(cif, fmt="cif")
         cell = (s.lattice.matrix, s.frac_coords, [sp.Z for sp in s.species])
-        spglib.get_symmetry_dataset(cell, symprec=symprec, angle_tolerance=5.0)
+        spglib.get_symmetry_dataset(cell, symprec=symprec, angle_tolerance=5.0)  # type: ignore[arg-type]
     return time.perf_counter() - start
 
 
-def encoder_pass(cifs: list[str], variant: str, symprec: float, processes: int) -> tuple[float, int]:
-    """Seconds to encode every CIF, and the number of failures."""
-    start = time.perf_counter()
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (pool workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def encoder_pass(cifs: list[str], variant: str, symprec: float, processes: int) -> tuple[float, int, float]:
+    """Wall seconds to encode every CIF, the number of failures, and the CPU seconds spent."""
+    cpu, start = _cpu_seconds(), time.perf_counter()
     result = encode_structures(cifs, variant=variant, symprec=symprec, processes=processes)  # type: ignore[arg-type]
-    return time.perf_counter() - start, len(result.errors)
+    return time.perf_counter() - start, len(result.errors), _cpu_seconds() - cpu
 
 
 def machine_info() -> dict[str, str | int | float]:
@@ -129,21 +141,29 @@ def run_dataset(name: str, n: int, repeats: int, processes: list[int], variant: 
     cifs_ok = [c for c in cifs if c is not None]
     floor_pass(cifs_ok[:20], symprec)  # warm imports and caches
     encoder_pass(cifs_ok[:20], variant, symprec, 1)
-    floors, encoders, failures = [], [], 0
+    floors, encoders, cpus, failures = [], [], [], 0
     for _ in range(repeats):
         floors.append(floor_pass(cifs_ok, symprec))
-        seconds, failures = encoder_pass(cifs_ok, variant, symprec, 1)
+        seconds, failures, cpu = encoder_pass(cifs_ok, variant, symprec, 1)
         encoders.append(seconds)
-    floor_s, enc_s = statistics.median(floors), statistics.median(encoders)
+        cpus.append(cpu)
+    floor_s, enc_s, enc_cpu = statistics.median(floors), statistics.median(encoders), statistics.median(cpus)
     parallel: dict[str, float] = {}
+    parallel_cpu: dict[str, float] = {}
     for k in processes:
-        parallel[str(k)] = statistics.median(encoder_pass(cifs_ok, variant, symprec, k)[0] for _ in range(repeats))
+        runs = [encoder_pass(cifs_ok, variant, symprec, k) for _ in range(repeats)]
+        parallel[str(k)] = statistics.median(r[0] for r in runs)
+        parallel_cpu[str(k)] = statistics.median(r[2] for r in runs)
     count = len(cifs_ok)
     return DatasetThroughput(
         dataset=name, n_structures=count, floor_s=floor_s, floor_per_s=count / floor_s, encoder_s=enc_s,
         encoder_per_s=count / enc_s, ratio_encoder_over_floor=floor_s / enc_s, parallel_s=parallel,
         parallel_per_s={k: count / v for k, v in parallel.items()},
-        speedup={k: enc_s / v for k, v in parallel.items()}, failures=failures,
+        speedup={k: enc_s / v for k, v in parallel.items()}, failures=failures, encoder_cpu_s=enc_cpu,
+        parallel_cpu_s=parallel_cpu,
+        parallel_cpu_over_serial_cpu={k: v / enc_cpu for k, v in parallel_cpu.items()},
+        # CPU seconds received per wall second, per process: 1.0 = the workers never waited for a core
+        parallel_cpu_share={k: parallel_cpu[k] / parallel[k] / int(k) for k in parallel},
         all_floor_s=floors, all_encoder_s=encoders,
     )
 
@@ -164,7 +184,8 @@ def main() -> None:
     for name in args.datasets:
         r = run_dataset(name, args.n, args.repeats, args.processes, args.variant, args.symprec)
         results.append(r)
-        speedups = ", ".join(f"{k} proc: {v:.2f}x ({r.parallel_per_s[k]:.0f}/s)" for k, v in r.speedup.items())
+        speedups = ", ".join(f"{k} proc: {v:.2f}x ({r.parallel_per_s[k]:.0f}/s, CPU x{r.parallel_cpu_over_serial_cpu[k]:.2f}, "
+                             f"core share {r.parallel_cpu_share[k]:.2f})" for k, v in r.speedup.items())
         print(f"{name}: n={r.n_structures} floor {r.floor_per_s:.0f}/s, encoder {r.encoder_per_s:.0f}/s, "
               f"ratio {r.ratio_encoder_over_floor:.3f} (target >= 0.75); speed-up {speedups}; "
               f"failures {r.failures}")
