@@ -181,7 +181,9 @@ class GpawAdapter(LabAdapter):
     """DFT with GPAW in supervised subprocesses; see the module docstring.
 
     Args:
-        settings: defaults for every job, as settings or their JSON dict (requests may override physics fields).
+        settings: defaults for every job, as settings or their JSON dict. A request's
+            ``parameters`` may override any field but ``work_dir``, ``max_parallel`` and
+            ``setup_path`` (e.g. ``{"relax": true, "cutoff_ev": 500}``).
     """
 
     name = "gpaw"

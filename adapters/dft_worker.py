@@ -156,10 +156,10 @@ def equilibrium_volume(
 
     v_start = float(atoms.get_volume())
     volumes, energies = [], []
-    for factor in np.linspace(1.0 - strain, 1.0 + strain, points):
+    for i, factor in enumerate(np.linspace(1.0 - strain, 1.0 + strain, points)):
         trial = atoms.copy()
         trial.set_cell(atoms.cell * factor ** (1.0 / 3.0), scale_atoms=True)
-        energies.append(calculate(trial, settings, txt=txt).energy)
+        energies.append(calculate(trial, settings, txt=txt.with_suffix(f".eos{i}.txt")).energy)
         volumes.append(v_start * factor)
     try:
         v0, _, _ = EquationOfState(volumes, energies, eos="birchmurnaghan").fit()

@@ -148,7 +148,9 @@ class ChgnetAdapter(LabAdapter):
     """CHGNet on a worker thread of this process; see the module docstring.
 
     Args:
-        settings: defaults for every job, as settings or their JSON dict (requests may override the relaxation fields).
+        settings: defaults for every job, as settings or their JSON dict. A request's
+            ``parameters`` may override any field but ``work_dir``, ``model_version`` and
+            ``threads`` (e.g. ``{"relax": true}``).
     """
 
     name = "chgnet"
@@ -401,9 +403,12 @@ class ChgnetAdapter(LabAdapter):
     ) -> tuple[Any, int]:
         from chgnet.model import StructOptimizer
 
-        optimizer = StructOptimizer(
-            model=self.model(), optimizer_class=settings.optimizer, use_device="cpu"
-        )
+        optimizer = self._optimizers.get(settings.optimizer)
+        if optimizer is None:
+            model = self.model()
+            with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints the device it uses
+                optimizer = StructOptimizer(model=model, optimizer_class=settings.optimizer)
+            self._optimizers[settings.optimizer] = optimizer
         out = optimizer.relax(
             structure,
             fmax=settings.fmax_ev_per_a,
