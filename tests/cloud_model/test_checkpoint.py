@@ -15,6 +15,7 @@ from cloud_model.checkpoint import (
     DataSummary,
     ModelCard,
     canonical_state,
+    default_checkpoint,
     file_sha256,
     load_checkpoint,
     load_encoder,
@@ -198,3 +199,33 @@ def test_corrupt_or_mismatched_checkpoints_raise_checkpoint_error(
 
     with pytest.raises(CheckpointError, match="443 tokens but the model embeds 444"):
         save_checkpoint(tmp_path / "bad", _mlm(0, vocab=444), tokenizer, _card())
+
+
+def test_shipped_small_checkpoint_loads_and_fills_masked_tokens(
+    tokenizer: ScopeTokenizer, data_dir: Path
+) -> None:
+    from cloud_model.datasets import load_dataset
+    from cloud_model.heads import IGNORE_INDEX
+    from cloud_model.mlm import generator, mask_tokens
+
+    path = default_checkpoint()
+    assert (path / WEIGHTS_FILE).stat().st_size <= 25_000_000
+    model, loaded_tokenizer, card = load_checkpoint(path)
+    assert isinstance(model, CloudForMaskedLM) and card.size == "small"
+    assert card.command.startswith("cloudlab pretrain configs/pretrain_small.yaml")
+    assert card.data.n_train is not None and card.data.n_train > 40_000
+    assert set(card.metrics) >= {"validation_mlm_loss", "validation_masked_accuracy"}
+    # the benchmark's test strings were kept out of pretraining; fill 15 % of their tokens
+    strings = [r.scope for r in load_dataset("cloud_cv", ["test"]).records if r.scope][:128]
+    batch = loaded_tokenizer.batch_encode(strings)
+    special = torch.arange(5)  # [PAD] [UNK] [CLS] [SEP] [MASK]
+    inputs, labels = mask_tokens(
+        batch.ids, batch.mask, special_ids=special, mask_id=loaded_tokenizer.mask_id,
+        replacement_ids=torch.arange(5, loaded_tokenizer.vocab_size), rng=generator(0, "shipped"),
+    )  # fmt: skip
+    with torch.no_grad():
+        logits, loss = model(inputs, batch.mask, labels)
+    picked = labels != IGNORE_INDEX
+    accuracy = float((logits.argmax(-1)[picked] == labels[picked]).float().mean())
+    assert loss is not None and float(loss) < 1.0  # untrained: ln(443) = 6.1 nats; shipped: 0.67
+    assert accuracy > 0.7  # shipped: 0.83
