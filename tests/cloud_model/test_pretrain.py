@@ -250,3 +250,25 @@ def test_ray_train_two_cpu_workers(
     assert result.validation[-1]["loss"] < math.log(tokenizer.vocab_size) - 0.5
     _, _, card = load_checkpoint(tmp_path)
     assert card.hyperparameters["train"]["num_workers"] == 2
+
+
+@pytest.mark.slow
+def test_corpus_encodes_cif_datasets_and_drops_excluded_splits(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloud_model.corpus import encode_dataset
+
+    monkeypatch.setenv("CLOUDLAB_CACHE_DIR", str(tmp_path))  # encode for real, not from a cache
+    options = {
+        "cif_datasets": ["mp_20_pilot"],
+        "scope_datasets": [],
+        "exclude_splits": {"mp_20_pilot": ["test"]},
+    }
+    corpus = build_corpus(PretrainConfig.model_validate({"data": options}).data)
+    encoded = encode_dataset("mp_20_pilot")  # now read from the cache just written
+    test_ids = {r.id for r in load_dataset("mp_20_pilot", ["test"]).records}
+    kept = {s for rid, s in encoded.items() if rid not in test_ids}
+    assert corpus.sources == {"mp_20_pilot": sum(rid not in test_ids for rid in encoded)}
+    assert 1900 <= corpus.sources["mp_20_pilot"] <= 2000  # train + val rows, a few may fail
+    assert set(corpus.train) | set(corpus.validation) == kept
+    assert all(s.count(" | ") == 2 for s in corpus.train)
