@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -155,10 +157,7 @@ def main() -> None:
             png = args.out.with_name("aflow_debye_cv_curves.png")
             report["cv_curves"] = plot_curves(ensemble, source.variant, source.symprec, png)
             report["plot"] = str(png.relative_to(RESULTS.parent.parent))
-    report["command"] = (
-        f"nice -n 10 python benchmarks/aflow_debye.py --epochs {args.epochs} "
-        f"--n-trainable-blocks {args.n_trainable_blocks} --variant {args.variant}"
-    )
+    report["command"] = "nice -n 10 python " + shlex.join(sys.argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -123,10 +125,7 @@ def main() -> None:
             "seconds": time.perf_counter() - start,
         }
         print(head, json.dumps(report[head]))
-    report["command"] = (
-        f"nice -n 10 python benchmarks/cloud_cv_debye.py --checkpoint {args.checkpoint} "
-        f"--epochs {args.epochs} --members {args.members} --n-trainable-blocks {args.n_trainable_blocks}"
-    )
+    report["command"] = "nice -n 10 python " + shlex.join(sys.argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

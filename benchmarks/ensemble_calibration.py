@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -107,11 +109,7 @@ def main() -> None:
         "threads": args.threads,
         "settings": base,
         "results": results,
-        "command": (
-            f"nice -n 10 python benchmarks/ensemble_calibration.py --members {args.members} "
-            f"--n-trainable-blocks {args.n_trainable_blocks} --epochs {args.epochs}"
-            + (" --bootstrap" if args.bootstrap else "")
-        ),
+        "command": "nice -n 10 python " + shlex.join(sys.argv),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

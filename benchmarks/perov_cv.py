@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -110,10 +112,7 @@ def main() -> None:
             }
             print(key, json.dumps(results[key]))
     report["results"] = results
-    report["command"] = (
-        f"nice -n 10 python benchmarks/perov_cv.py --folds {args.folds} --epochs {args.epochs} "
-        f"--n-trainable-blocks {args.n_trainable_blocks}"
-    )
+    report["command"] = "nice -n 10 python " + shlex.join(sys.argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

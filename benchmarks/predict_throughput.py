@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -132,7 +134,7 @@ def main() -> None:
         "mean_tokens": float(lengths.double().mean()),
         "matmul_gflops_fp32_2048": peak / 1e9,
         "results": results,
-        "command": f"nice -n 10 python benchmarks/predict_throughput.py --threads {args.threads}",
+        "command": "nice -n 10 python " + shlex.join(sys.argv),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
