@@ -86,7 +86,6 @@ def load_pool(config: PoolConfig, targets: tuple[str, ...], *, seed: int = 0) ->
 
 def _from_dataset(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
     from cloud_model.corpus import encode_dataset
-
     from cloud_model.datasets import get_spec, load_dataset
 
     assert config.dataset is not None
