@@ -183,7 +183,9 @@ class Campaign:
             feats = torch.as_tensor(
                 composition_features(pool.scopes + self._prior_scopes), dtype=torch.float64
             )
-            return GPSurrogate(feats, seed=self.config.seed)
+            return GPSurrogate(
+                feats, seed=self.config.seed, max_train=sc.gp_max_train, n_pool=len(pool)
+            )
         from cloud_model.checkpoint import default_checkpoint
         from cloud_model.ensemble import CloudEnsemble
 

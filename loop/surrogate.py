@@ -161,16 +161,43 @@ class GPSurrogate(Surrogate):
     Args:
         features: ``N x d`` pool features (e.g. :func:`loop.features.composition_features`).
         n_samples: how many posterior draws :meth:`samples` returns (independent per candidate).
-        seed: seed of those draws.
+        seed: seed of those draws and of the prior subsample.
+        max_train: at most this many training rows (an exact GP costs O(n^3) per fit step):
+            rows below ``n_pool`` (the campaign's own measurements) are always kept, and
+            a seeded random subset of the others (prior data) fills the rest.
+        n_pool: feature rows ``[0, n_pool)`` are the pool; rows beyond are prior data.
     """
 
     name = "gp"
 
-    def __init__(self, features: Tensor, *, n_samples: int = 64, seed: int = 0) -> None:
+    def __init__(
+        self,
+        features: Tensor,
+        *,
+        n_samples: int = 64,
+        seed: int = 0,
+        max_train: int = 1000,
+        n_pool: int | None = None,
+    ) -> None:
         self.features = features.to(torch.float64)
         self.n_samples = n_samples
         self.seed = seed
+        self.max_train = max_train
+        self.n_pool = len(features) if n_pool is None else n_pool
         self._model: IndexedModel | None = None
+
+    def _subsample(self, train_idx: Tensor, train_y: Tensor) -> tuple[Tensor, Tensor]:
+        """Own measurements first, then a seeded random share of the prior rows."""
+        if len(train_idx) <= self.max_train:
+            return train_idx, train_y
+        own = (train_idx < self.n_pool).nonzero().flatten()
+        prior = (train_idx >= self.n_pool).nonzero().flatten()
+        room = max(self.max_train - len(own), 0)
+        gen = torch.Generator().manual_seed(self.seed)
+        prior = prior[torch.randperm(len(prior), generator=gen)[:room]]
+        keep = torch.cat([own, prior])
+        logger.info("GP trains on %d of %d rows (max_train)", len(keep), len(train_idx))
+        return train_idx[keep], train_y[keep]
 
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
         from botorch.fit import fit_gpytorch_mll
@@ -178,7 +205,8 @@ class GPSurrogate(Surrogate):
         from botorch.models.transforms import Normalize, Standardize
         from gpytorch.mlls import ExactMarginalLogLikelihood
 
-        X = self.features[train_idx.long()]
+        train_idx, train_y = self._subsample(train_idx.long(), train_y)
+        X = self.features[train_idx]
         Y = train_y.to(torch.float64)
         gp = SingleTaskGP(
             X,

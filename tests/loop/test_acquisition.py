@@ -134,3 +134,19 @@ def test_objective_window_and_top_fraction() -> None:
     y2 = torch.tensor([[-1.0, 0.0], [0.5, 2.0], [0.1, 2.5], [2.0, 2.0]], dtype=torch.float64)
     assert torch.isinf(spec2.score(y2)[0])  # the lowest heat is infeasible
     assert top_fraction_ids(["a", "b", "c", "d"], y2, spec2, 0.5) == {"c", "b"}
+
+
+def test_gp_keeps_its_own_measurements_and_subsamples_prior_rows() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(300, 2, generator=gen, dtype=torch.float64)  # rows 0-99 pool, 100-299 prior
+    y = (x[:, :1] - x[:, 1:]) ** 2
+    own = torch.tensor([3, 17, 42])
+    train_idx = torch.cat([own, torch.arange(100, 300)])
+    gp = GPSurrogate(x, seed=0, max_train=50, n_pool=100)
+    kept, kept_y = gp._subsample(train_idx, y[train_idx])
+    assert len(kept) == 50 and set(own.tolist()) <= set(kept.tolist())
+    assert (kept >= 100).sum() == 47 and len(set(kept.tolist())) == 50
+    assert torch.equal(kept_y, y[kept])
+    again, _ = GPSurrogate(x, seed=0, max_train=50, n_pool=100)._subsample(train_idx, y[train_idx])
+    assert torch.equal(kept, again)  # seeded
+    assert GPSurrogate(x, max_train=500, n_pool=100)._subsample(train_idx, y)[0] is train_idx
