@@ -14,9 +14,16 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloud_model.errors import ConfigError, DataError
 from loop.config import PoolConfig
+
+if TYPE_CHECKING:
+    from cloud_model.datasets import CrystalRecord
+
+# a hand-picked pool (pool.include_ids) up to this size is encoded on its own, not the whole dataset
+SMALL_POOL = 500
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +92,6 @@ def load_pool(config: PoolConfig, targets: tuple[str, ...], *, seed: int = 0) ->
 
 
 def _from_dataset(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
-    from cloud_model.corpus import encode_dataset
     from cloud_model.datasets import get_spec, load_dataset
 
     assert config.dataset is not None
@@ -96,7 +102,7 @@ def _from_dataset(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
             f"dataset {spec.name!r} has no target(s) {unknown}; it has {sorted(spec.targets)}"
         )
     loaded = load_dataset(spec.name, config.splits)
-    scopes = encode_dataset(spec.name, variant=config.variant, symprec=config.symprec)
+    scopes = _scopes_for(spec.name, loaded.records, config)
     pool = Pool(ids=[], scopes=[], units={t: spec.targets[t].unit for t in targets})
     pool.invalid.extend(loaded.invalid)
     for rec in loaded.records:
@@ -112,6 +118,21 @@ def _from_dataset(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
         if values:
             pool.truth[rec.id] = values
     return pool
+
+
+def _scopes_for(name: str, records: list[CrystalRecord], config: PoolConfig) -> dict[str, str]:
+    """SCOPE strings by record id: the whole dataset (cached), or only a hand-picked few."""
+    from cloud_model.corpus import encode_dataset, encode_structures
+
+    few = config.include_ids is not None and len(config.include_ids) <= SMALL_POOL
+    if not few or any(r.cif is None for r in records):
+        return encode_dataset(name, variant=config.variant, symprec=config.symprec)
+    wanted = set(config.include_ids or ())
+    chosen = [r for r in records if r.id in wanted]
+    result = encode_structures(
+        [r.cif or "" for r in chosen], variant=config.variant, symprec=config.symprec
+    )
+    return {r.id: s for r, s in zip(chosen, result.strings, strict=True) if s is not None}
 
 
 def _from_file(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
