@@ -99,7 +99,7 @@ class SurrogateConfig(_Section):
     n_members: int = Field(default=5, ge=1)  # K of the deep ensemble
     head: Literal["regression", "debye"] = "regression"
     # gp: training rows kept (own measurements first, then a random share of prior data)
-    gp_max_train: int = Field(default=1000, ge=2)
+    gp_max_train: int = Field(default=500, ge=2)
     ensemble: EnsembleConfig = Field(
         default_factory=lambda: EnsembleConfig(n_trainable_blocks=0, epochs=60, warm_start_epochs=30)
     )
