@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cloud_model.errors import CloudlabError
 from loop.campaign import Campaign
 from loop.config import parse_config
 from loop.store import CampaignStore
@@ -100,7 +101,7 @@ def test_campaign_finds_high_heat_capacity_and_fails_cleanly(cv_pool: Path, tmp_
 def test_same_directory_refuses_a_different_config(cv_pool: Path, tmp_path: Path) -> None:
     from cloud_model.errors import ConfigError
 
-    Campaign(parse_config(_config(cv_pool)), tmp_path)
+    Campaign(parse_config(_config(cv_pool)), tmp_path).prepare()  # the pool is stored
     with pytest.raises(ConfigError, match="different config"):
         Campaign(parse_config(_config(cv_pool, seed=4)), tmp_path)
 
@@ -221,3 +222,38 @@ def test_prior_data_trains_the_surrogate_from_the_first_decision(cv_pool: Path, 
     assert decisions[0]["acquisition"] == "qlogei"  # no random start needed
     assert decisions[0]["model_version"] == 1
     assert not {r["id"] for r in rows[:60]} & set(jobs)  # prior records are never proposed
+
+
+def test_thirty_percent_failures_and_bad_pool_rows_do_not_stop_a_campaign(
+    cv_pool: Path, tmp_path: Path
+) -> None:
+    rows = list(csv.DictReader(cv_pool.open()))
+    rows += [{"id": "bad-empty", "scope": "", "cv": "10"}, {"id": "bad-blank", "scope": "  ", "cv": "11"}]
+    pool = tmp_path / "pool_with_bad_rows.csv"
+    with pool.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["id", "scope", "cv"])
+        writer.writeheader()
+        writer.writerows(rows)
+    lab = {"failure": {"probability": 0.3}}
+    config = parse_config(_config(pool, adapter=lab, budget={"experiments": 32}))
+    result = Campaign(config, tmp_path / "run").run()
+    jobs, values, counts = _outcome(tmp_path / "run")
+    assert len(jobs) == 32 and len(set(jobs)) == 32
+    assert counts["FAILED"] >= 4 and counts["SUCCEEDED"] == len(values) == result.n_measured
+    assert not {"bad-empty", "bad-blank"} & set(jobs)  # invalid rows left out, never proposed
+    assert result.stop_reason == "experiment budget reached"
+    with CampaignStore(tmp_path / "run", create=False) as store:
+        reasons = [j.message for j in store.jobs(states=["FAILED"])]
+    assert all(reasons)  # every failure recorded with its reason
+
+
+def test_an_unknown_dataset_name_fails_before_anything_starts(tmp_path: Path) -> None:
+    data = yaml.safe_load((REPO / "configs" / "perovskite_water_splitting.yaml").read_text())
+    data["pool"]["dataset"] = "perov_6"
+    config = parse_config(data)
+    with pytest.raises(CloudlabError, match="perov_6"):
+        Campaign(config, tmp_path / "run").run()
+    # nothing had started, so the corrected config may use the same directory
+    data["pool"]["dataset"] = "perov_5"
+    fixed = Campaign(parse_config(data), tmp_path / "run")
+    assert fixed.store.get_meta("config_sha256") == parse_config(data).fingerprint()
