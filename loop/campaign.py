@@ -107,7 +107,7 @@ class Campaign:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.store = CampaignStore(self.directory)
         stored = self.store.get_meta("config_sha256")
-        if stored is not None and self.store.n_candidates() == 0 and not self.store.jobs():
+        if stored is not None and self.store.n_candidates() == 0 and not self.store.job_counts():
             stored = None  # a campaign that never got past loading its pool: the new config replaces it
         if stored is None:
             self.store.set_meta("config", json.dumps(config.model_dump(mode="json")))

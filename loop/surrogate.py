@@ -176,7 +176,7 @@ class GPSurrogate(Surrogate):
         *,
         n_samples: int = 64,
         seed: int = 0,
-        max_train: int = 1000,
+        max_train: int = 500,
         n_pool: int | None = None,
     ) -> None:
         self.features = features.to(torch.float64)

@@ -20,7 +20,7 @@ def test_a_hand_picked_pool_encodes_only_its_candidates(
     config = PoolConfig.model_validate({"dataset": "mp_20_pilot", "splits": ["val"], "include_ids": ids})
     pool = load_pool(config, ("formation_energy_per_atom",))
     assert sorted(pool.ids) == sorted(ids)
-    assert not list(tmp_path.rglob("*.json"))  # the 1,000-row split was not encoded and cached
+    assert not list(tmp_path.rglob("*.json"))  # the split was not encoded and cached as a whole
     for rec in records:
         expected = encode_scope(rec.structure(), symprec=0.1, variant="cloud")
         assert pool.scopes[pool.ids.index(rec.id)] == expected
