@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--n-trainable-blocks", type=int, default=0)
     parser.add_argument("--variants", default="cloud,native")
-    parser.add_argument("--pooling", default="mean", choices=["cls", "mean"])
+    parser.add_argument("--pooling", default=None, choices=["cls", "mean"], help="default: the encoder's own (cls)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "perov_cv.json")
     args = parser.parse_args()
