@@ -126,6 +126,35 @@ def test_gp_surrogate_learns_a_smooth_function() -> None:
     assert len({p.index for p in picks} & top10) >= 2
 
 
+
+def test_gp_shortlist_from_draws_keeps_the_exact_choice() -> None:
+    """The GP's pre-screen scores candidates on independent draws; the batch it then
+    optimises exactly should be the one the exhaustive optimisation finds."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(1500, 2, generator=gen, dtype=torch.float64)
+    y = (torch.sin(4 * x[:, 0]) * torch.cos(3 * x[:, 1])).unsqueeze(-1)
+    gp = GPSurrogate(x, seed=0)
+    gp.fit(torch.arange(40), y[:40])
+    spec = ObjectiveSpec(targets=("y",), primary=0, sense="maximize")
+
+    def picks(shortlist: int) -> set[int]:
+        chosen = select_batch(
+            kind="qlogei",
+            surrogate=gp,
+            spec=spec,
+            q=4,
+            available=torch.arange(40, 1500),
+            pending=torch.tensor([], dtype=torch.long),
+            measured_idx=torch.arange(40),
+            measured_y=y[:40],
+            generator=torch.Generator().manual_seed(0),
+            shortlist=shortlist,
+        )
+        return {p.index for p in chosen}
+
+    exact, screened = picks(100_000), picks(100)
+    assert len(exact & screened) >= 3
+
 def test_objective_window_and_top_fraction() -> None:
     spec = ObjectiveSpec(targets=("gap",), primary=0, sense="window", window=(1.5, 3.0))
     y = torch.tensor([[1.0], [2.0], [3.5], [2.9]], dtype=torch.float64)
