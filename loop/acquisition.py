@@ -32,8 +32,8 @@ from botorch.acquisition import (
 )
 from botorch.acquisition.acquisition import AcquisitionFunction
 from botorch.acquisition.objective import ConstrainedMCObjective, GenericMCObjective
-from botorch.optim.optimize import optimize_acqf_discrete
 from botorch.models.model import Model
+from botorch.optim.optimize import optimize_acqf_discrete
 from botorch.posteriors import Posterior
 from botorch.sampling.base import MCSampler
 from torch import Tensor
@@ -104,7 +104,9 @@ def select_batch(
 
     model = surrogate.model()
     if model is None:
-        raise ValueError(f"acquisition {kind!r} needs a model; the {surrogate.name} surrogate has none")
+        raise ValueError(
+            f"acquisition {kind!r} needs a model; the {surrogate.name} surrogate has none"
+        )
     sampler = (
         EnsembleMemberSampler(int(model.predictions.shape[0]))
         if isinstance(model, LookupEnsembleModel)
@@ -118,7 +120,15 @@ def select_batch(
             # pre-screen by the candidate's own value (no pending): pending-aware batch values
             # never exceed a candidate's standalone improvement for EI-type criteria
             alone = _standalone_values(
-                kind, surrogate, model, spec, available, measured_idx, measured_y, beta, max_batch_size
+                kind,
+                surrogate,
+                model,
+                spec,
+                available,
+                measured_idx,
+                measured_y,
+                beta,
+                max_batch_size,
             )
             choices = choices[torch.topk(alone, shortlist).indices]
         cand, values = optimize_acqf_discrete(

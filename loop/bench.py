@@ -52,7 +52,11 @@ class BenchConfig(BaseModel):
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = (
+            _merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict)
+            else copy.deepcopy(v)
+        )
     return out
 
 
@@ -77,12 +81,19 @@ def load_bench(path: str | Path) -> tuple[BenchConfig, dict[str, Any]]:
     return bench, base
 
 
-def _run_dict(base: dict[str, Any], strategy: str, extra: dict[str, Any], q: int, seed: int) -> dict[str, Any]:
+def _run_dict(
+    base: dict[str, Any], strategy: str, extra: dict[str, Any], q: int, seed: int
+) -> dict[str, Any]:
     data = _merge(base, extra)
     data["name"] = f"{strategy}-q{q}-s{seed}"
     data["seed"] = seed
     data["acquisition"] = {**data.get("acquisition", {}), "batch_size": q}
-    data["dispatch"] = {**data.get("dispatch", {}), "mode": "inline", "concurrency": q, "wait_for": "all"}
+    data["dispatch"] = {
+        **data.get("dispatch", {}),
+        "mode": "inline",
+        "concurrency": q,
+        "wait_for": "all",
+    }
     data.setdefault("adapter", {})["seed"] = seed
     return data
 
@@ -127,7 +138,11 @@ def run_one(config_json: str, directory: str) -> dict[str, Any]:
 
 
 def run_bench(
-    path: str | Path, out: str | Path, *, seeds: int | None = None, on_done: Callable[[str], None] | None = None
+    path: str | Path,
+    out: str | Path,
+    *,
+    seeds: int | None = None,
+    on_done: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every (strategy, batch size, seed) and write results JSON, Markdown and plots.
 
@@ -148,7 +163,9 @@ def run_bench(
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     base_config = parse_config(base)
-    pool = load_pool(base_config.pool, base_config.targets, seed=base_config.seed)  # warms the cache
+    pool = load_pool(
+        base_config.pool, base_config.targets, seed=base_config.seed
+    )  # warms the cache
     ensure_ray()
     remote = ray.remote(num_cpus=1)(run_one)
     jobs: dict[Any, tuple[str, int, int]] = {}
@@ -205,7 +222,9 @@ def run_bench(
             for p in bench.af_levels:
                 ns = [M.experiments_to_reach(c, p) for c in curves]
                 reached = [n for n in ns if n is not None]
-                entry[f"n_to_{p:g}_of_top{frac:g}"] = float(np.median(reached)) if len(reached) * 2 > len(ns) else None
+                entry[f"n_to_{p:g}_of_top{frac:g}"] = (
+                    float(np.median(reached)) if len(reached) * 2 > len(ns) else None
+                )
                 entry[f"af_{p:g}_top{frac:g}"] = (
                     math.ceil(p * len(pool)) / entry[f"n_to_{p:g}_of_top{frac:g}"]
                     if entry[f"n_to_{p:g}_of_top{frac:g}"]
@@ -217,7 +236,8 @@ def run_bench(
         de = [M.found_curve(r["submitted_ids"], decile) for r in recs]
         entry["de_alm"] = M.band(de, budget)
         entry["time_s"] = {
-            k: float(np.mean([r["timings"][k] for r in recs])) for k in ("fit", "score", "acquisition", "dispatch")
+            k: float(np.mean([r["timings"][k] for r in recs]))
+            for k in ("fit", "score", "acquisition", "dispatch")
         }
         entry["wall_s_mean"] = float(np.mean([r["wall_s"] for r in recs]))
         entry["cpu_s_mean"] = float(np.mean([r["cpu_s"] for r in recs]))

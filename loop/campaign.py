@@ -108,7 +108,9 @@ class Campaign:
         self.store = CampaignStore(self.directory)
         stored = self.store.get_meta("config_sha256")
         if stored is not None and self.store.n_candidates() == 0 and not self.store.job_counts():
-            stored = None  # a campaign that never got past loading its pool: the new config replaces it
+            stored = (
+                None  # a campaign that never got past loading its pool: the new config replaces it
+            )
         if stored is None:
             self.store.set_meta("config", json.dumps(config.model_dump(mode="json")))
             self.store.set_meta("config_sha256", config.fingerprint())
@@ -165,8 +167,12 @@ class Campaign:
         if self.config.prior is not None:
             prior = load_pool(self.config.prior, self.config.targets, seed=self.config.seed)
             in_pool = set(self._index)
-            rows = [(s, prior.truth.get(c, {})) for c, s in zip(prior.ids, prior.scopes, strict=True)]
-            rows = [(s, t) for (s, t), c in zip(rows, prior.ids, strict=True) if t and c not in in_pool]
+            rows = [
+                (s, prior.truth.get(c, {})) for c, s in zip(prior.ids, prior.scopes, strict=True)
+            ]
+            rows = [
+                (s, t) for (s, t), c in zip(rows, prior.ids, strict=True) if t and c not in in_pool
+            ]
             self._prior_scopes = [s for s, _ in rows]
             self._prior_y = torch.tensor(
                 [[t.get(name, float("nan")) for name in self.config.targets] for _, t in rows],
@@ -230,7 +236,9 @@ class Campaign:
             ]
         order = sorted(rows)
         idx = torch.tensor(order, dtype=torch.long)
-        y = torch.tensor([rows[i] for i in order], dtype=torch.float64).reshape(len(order), len(self.config.targets))
+        y = torch.tensor([rows[i] for i in order], dtype=torch.float64).reshape(
+            len(order), len(self.config.targets)
+        )
         return idx, y
 
     def best(self) -> tuple[float | None, str | None]:
@@ -260,7 +268,9 @@ class Campaign:
         torch.manual_seed(self.config.seed * 100_003 + n)
         assert self.pool is not None
         n_prior = len(self._prior_scopes)
-        train_idx = torch.cat([measured_idx, torch.arange(len(self.pool), len(self.pool) + n_prior)])
+        train_idx = torch.cat(
+            [measured_idx, torch.arange(len(self.pool), len(self.pool) + n_prior)]
+        )
         train_y = torch.cat([measured_y, self._prior_y])
         keep = ~torch.isnan(train_y).all(-1)
         metrics = self.surrogate.fit(train_idx[keep], train_y[keep])
@@ -305,7 +315,11 @@ class Campaign:
         assert self.pool is not None and self.surrogate is not None
         jobs = self.store.jobs()
         taken = {self._index[j.candidate_id] for j in jobs if j.candidate_id in self._index}
-        pending = [self._index[j.candidate_id] for j in jobs if not j.is_terminal and j.candidate_id in self._index]
+        pending = [
+            self._index[j.candidate_id]
+            for j in jobs
+            if not j.is_terminal and j.candidate_id in self._index
+        ]
         available = torch.tensor(
             [i for i in range(len(self.pool)) if i not in taken], dtype=torch.long
         )
@@ -323,7 +337,11 @@ class Campaign:
                 if c in self._index and self._index[c] not in taken
             ]
             if isinstance(self.surrogate, RandomSurrogate) or len(jobs) < n_initial:
-                k = n_free if isinstance(self.surrogate, RandomSurrogate) else min(n_free, n_initial - len(jobs))
+                k = (
+                    n_free
+                    if isinstance(self.surrogate, RandomSurrogate)
+                    else min(n_free, n_initial - len(jobs))
+                )
                 chosen = given[:k]
                 rest = available[~torch.isin(available, torch.tensor(chosen, dtype=torch.long))]
                 order = torch.randperm(rest.numel(), generator=gen)[: k - len(chosen)]
@@ -386,7 +404,9 @@ class Campaign:
             reason = event.message or event.kind.value.lower()
             if event.kind == EventKind.TIMED_OUT:
                 reason = f"timed out: {reason}"
-            self.store.update_job(key, _EVENT_STATE[event.kind], handle=event.handle, message=reason)
+            self.store.update_job(
+                key, _EVENT_STATE[event.kind], handle=event.handle, message=reason
+            )
             logger.info("job %s ended %s: %s", key, event.kind.value, reason)
 
     # ------------------------------------------------------------------ the loop
@@ -418,7 +438,9 @@ class Campaign:
         return CampaignResult(
             n_submitted=sum(counts.values()),
             n_measured=self.store.n_measurements(),
-            n_failed=sum(counts.get(s.value, 0) for s in (JobState.FAILED, JobState.LOST, JobState.CANCELLED)),
+            n_failed=sum(
+                counts.get(s.value, 0) for s in (JobState.FAILED, JobState.LOST, JobState.CANCELLED)
+            ),
             best_value=best_value,
             best_id=best_id,
             stop_reason=stop_reason,
@@ -429,7 +451,9 @@ class Campaign:
         """Re-attach to every job the store says is not finished."""
         for job in self.store.open_jobs():
             if job.handle is None or job.state == CREATED:
-                executor.submit(self._request(job.candidate_id), job.key)  # same key: never a 2nd run
+                executor.submit(
+                    self._request(job.candidate_id), job.key
+                )  # same key: never a 2nd run
             else:
                 executor.track(job.handle)
         reconciled = len(self.store.open_jobs())
@@ -444,20 +468,34 @@ class Campaign:
         while True:
             counts = self.store.job_counts()
             n_jobs = sum(counts.values())
-            n_open = sum(counts.get(s, 0) for s in (CREATED, JobState.QUEUED.value, JobState.RUNNING.value))
-            n_failed = sum(counts.get(s.value, 0) for s in (JobState.FAILED, JobState.LOST, JobState.CANCELLED))
+            n_open = sum(
+                counts.get(s, 0) for s in (CREATED, JobState.QUEUED.value, JobState.RUNNING.value)
+            )
+            n_failed = sum(
+                counts.get(s.value, 0) for s in (JobState.FAILED, JobState.LOST, JobState.CANCELLED)
+            )
             best_value, best_id = self.best()
             if on_progress is not None:
                 on_progress(
-                    Progress(n_jobs, self.store.n_measurements(), n_failed, n_open, cfg.budget.experiments,
-                             best_value, best_id, self._model_version)
+                    Progress(
+                        n_jobs,
+                        self.store.n_measurements(),
+                        n_failed,
+                        n_open,
+                        cfg.budget.experiments,
+                        best_value,
+                        best_id,
+                        self._model_version,
+                    )
                 )
             reason = self._stop_reason(n_jobs, n_failed, started)
             can_submit = reason is None
             wait_all = cfg.dispatch.wait_for == "all" and n_open > 0
             n_free = min(concurrency - n_open, cfg.budget.experiments - n_jobs)
             if can_submit and n_free > 0 and not wait_all:
-                if concurrency - n_open >= min(cfg.acquisition.batch_size, cfg.budget.experiments - n_jobs):
+                if concurrency - n_open >= min(
+                    cfg.acquisition.batch_size, cfg.budget.experiments - n_jobs
+                ):
                     n_new = self._submit_batch(executor, n_free)
                     if n_new == 0 and n_open == 0:
                         return self._why_stuck()
@@ -498,7 +536,9 @@ class Campaign:
         """Why no new decision can be made although budget is left."""
         if self._pool_left() == 0:
             return "pool exhausted"
-        failed = [j for j in self.store.jobs() if j.state in (JobState.FAILED.value, JobState.LOST.value)]
+        failed = [
+            j for j in self.store.jobs() if j.state in (JobState.FAILED.value, JobState.LOST.value)
+        ]
         if self.store.n_measurements() < 2 and failed:
             return (
                 f"{len(failed)} jobs failed and fewer than 2 succeeded, so the surrogate cannot learn; "
@@ -516,13 +556,19 @@ class Campaign:
             return "experiment budget reached"
         if self._pool_left() <= 0:
             return "pool exhausted"
-        if cfg.budget.wall_time_s is not None and time.monotonic() - started > cfg.budget.wall_time_s:
+        if (
+            cfg.budget.wall_time_s is not None
+            and time.monotonic() - started > cfg.budget.wall_time_s
+        ):
             return "wall-time budget reached"
         if cfg.budget.cost is not None:
             spent = sum(m.cost for m in self.store.measurements())
             if spent >= cfg.budget.cost:
                 return "cost budget reached"
-        if cfg.stop.no_improvement_rounds is not None and self._best_streak >= cfg.stop.no_improvement_rounds:
+        if (
+            cfg.stop.no_improvement_rounds is not None
+            and self._best_streak >= cfg.stop.no_improvement_rounds
+        ):
             return f"no improvement in {self._best_streak} decisions"
         if n_jobs >= 10 and n_failed / n_jobs >= cfg.stop.max_failure_fraction:
             return f"{n_failed} of {n_jobs} jobs failed"

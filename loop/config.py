@@ -70,7 +70,9 @@ class ConstraintConfig(_Section):
         if self.lower is None and self.upper is None:
             raise ValueError(f"constraint on {self.target!r} needs a lower or an upper bound")
         if self.lower is not None and self.upper is not None and self.lower > self.upper:
-            raise ValueError(f"constraint on {self.target!r}: lower {self.lower} > upper {self.upper}")
+            raise ValueError(
+                f"constraint on {self.target!r}: lower {self.lower} > upper {self.upper}"
+            )
         return self
 
 
@@ -101,7 +103,9 @@ class SurrogateConfig(_Section):
     # gp: training rows kept (own measurements first, then a random share of prior data)
     gp_max_train: int = Field(default=500, ge=2)
     ensemble: EnsembleConfig = Field(
-        default_factory=lambda: EnsembleConfig(n_trainable_blocks=0, epochs=60, warm_start_epochs=30)
+        default_factory=lambda: EnsembleConfig(
+            n_trainable_blocks=0, epochs=60, warm_start_epochs=30
+        )
     )
 
 

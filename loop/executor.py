@@ -68,7 +68,12 @@ class InlineExecutor:
     """
 
     def __init__(
-        self, adapter: LabAdapter, *, clock: Any = None, poll_interval_s: float = 0.5, max_retries: int = 3
+        self,
+        adapter: LabAdapter,
+        *,
+        clock: Any = None,
+        poll_interval_s: float = 0.5,
+        max_retries: int = 3,
     ) -> None:
         self.adapter = adapter
         self.clock = clock
@@ -84,7 +89,9 @@ class InlineExecutor:
                 break
             except TransientAdapterError as exc:
                 if attempt == self.max_retries:
-                    self._events.append(self._failed(idempotency_key, request.candidate_id, str(exc)))
+                    self._events.append(
+                        self._failed(idempotency_key, request.candidate_id, str(exc))
+                    )
                     return
             except PermanentAdapterError as exc:
                 self._events.append(
@@ -172,7 +179,9 @@ class InlineExecutor:
         return out
 
     @staticmethod
-    def _failed(key: str, candidate_id: str, message: str, *, permanent: bool = False) -> DispatchEvent:
+    def _failed(
+        key: str, candidate_id: str, message: str, *, permanent: bool = False
+    ) -> DispatchEvent:
         return DispatchEvent(
             kind=EventKind.FAILED,
             idempotency_key=key,
@@ -202,14 +211,19 @@ def adapter_spec(config: CampaignConfig, pool: Pool, directory: Path) -> Adapter
     if isinstance(adapter, GpawAdapterConfig):
         work_dir = str(adapter.work_dir or directory / "gpaw")
         return AdapterSpec(
-            factory="adapters.dft:GpawAdapter", kwargs={"settings": {"work_dir": work_dir, **adapter.settings}}
+            factory="adapters.dft:GpawAdapter",
+            kwargs={"settings": {"work_dir": work_dir, **adapter.settings}},
         )
     if isinstance(adapter, ChgnetAdapterConfig):
         work_dir = str(adapter.work_dir or directory / "chgnet")
         return AdapterSpec(
-            factory="adapters.mlip:ChgnetAdapter", kwargs={"settings": {"work_dir": work_dir, **adapter.settings}}
+            factory="adapters.mlip:ChgnetAdapter",
+            kwargs={"settings": {"work_dir": work_dir, **adapter.settings}},
         )
-    return AdapterSpec(factory="adapters.http_lab:HttpLabAdapter", kwargs={"config": adapter.model_dump(mode="json")})
+    return AdapterSpec(
+        factory="adapters.http_lab:HttpLabAdapter",
+        kwargs={"config": adapter.model_dump(mode="json")},
+    )
 
 
 def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Executor:
@@ -224,7 +238,9 @@ def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Execu
             return InlineExecutor(lab, clock=clock, max_retries=config.dispatch.max_retries)
         built = adapter_spec(config, pool, directory).build()
         return InlineExecutor(
-            built, poll_interval_s=max(config.dispatch.poll_interval_s, 0.05), max_retries=config.dispatch.max_retries
+            built,
+            poll_interval_s=max(config.dispatch.poll_interval_s, 0.05),
+            max_retries=config.dispatch.max_retries,
         )
     dispatch = config.dispatch.model_dump(exclude={"mode", "wait_for"})
     from adapters.dispatch import DispatchConfig

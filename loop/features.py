@@ -34,7 +34,9 @@ def composition_from_scope(scope: str) -> dict[str, float]:
         try:
             comp[symbol] = comp.get(symbol, 0.0) + float(amount)
         except ValueError as exc:
-            raise DataError(f"SCOPE string {scope!r}: amount {amount!r} of {symbol} is not a number") from exc
+            raise DataError(
+                f"SCOPE string {scope!r}: amount {amount!r} of {symbol} is not a number"
+            ) from exc
     total = sum(comp.values())
     if total <= 0:
         raise DataError(f"SCOPE string {scope!r}: composition sums to zero")

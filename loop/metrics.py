@@ -67,7 +67,11 @@ def random_any_median(pool_size: int, k: int) -> int:
     """The ``n`` at which random selection has found a top candidate with probability 1/2."""
     log_miss = 0.0  # log P(no top candidate in the first n draws)
     for n in range(1, pool_size - k + 2):
-        log_miss += math.log((pool_size - k - n + 1) / (pool_size - n + 1)) if pool_size - k - n + 1 > 0 else -math.inf
+        log_miss += (
+            math.log((pool_size - k - n + 1) / (pool_size - n + 1))
+            if pool_size - k - n + 1 > 0
+            else -math.inf
+        )
         if log_miss <= math.log(0.5):
             return n
     return pool_size - k + 1
@@ -78,7 +82,10 @@ def band(curves: Sequence[NDArray[np.float64]], length: int) -> dict[str, list[f
     if not curves:
         return {"median": [], "p05": [], "p95": []}
     stacked = np.stack(
-        [np.concatenate([c, np.full(max(0, length - len(c)), c[-1] if len(c) else 0.0)])[:length] for c in curves]
+        [
+            np.concatenate([c, np.full(max(0, length - len(c)), c[-1] if len(c) else 0.0)])[:length]
+            for c in curves
+        ]
     )
     return {
         "median": np.median(stacked, 0).tolist(),

@@ -81,11 +81,15 @@ class ObjectiveSpec:
     def score(self, y: Tensor) -> Tensor:
         """Objective where feasible, -inf elsewhere: the quantity best-so-far tracks."""
         value = self.objective(y)
-        return torch.where(self.feasible(y) & ~torch.isnan(value), value, torch.full_like(value, -torch.inf))
+        return torch.where(
+            self.feasible(y) & ~torch.isnan(value), value, torch.full_like(value, -torch.inf)
+        )
 
     def describe(self) -> str:
         t = self.targets[self.primary]
-        head = f"{self.sense} {t}" + (f" in [{self.window[0]}, {self.window[1]}]" if self.window else "")
+        head = f"{self.sense} {t}" + (
+            f" in [{self.window[0]}, {self.window[1]}]" if self.window else ""
+        )
         parts = [head]
         for b in self.constraints:
             lo = "-inf" if b.lower is None else f"{b.lower:g}"
@@ -112,7 +116,9 @@ class _UpperBound:
         return Y[..., self.target] - self.bound
 
 
-def top_fraction_ids(ids: Sequence[str], truth: Tensor, spec: ObjectiveSpec, fraction: float) -> set[str]:
+def top_fraction_ids(
+    ids: Sequence[str], truth: Tensor, spec: ObjectiveSpec, fraction: float
+) -> set[str]:
     """The ids of the pool's top ``fraction`` by score (feasible candidates only).
 
     Args:

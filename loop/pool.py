@@ -114,7 +114,9 @@ def _from_dataset(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
         pool.scopes.append(scope)
         if rec.cif is not None:
             pool.cifs[rec.id] = rec.cif
-        values = {t: rec.targets[t] for t in targets if not math.isnan(rec.targets.get(t, math.nan))}
+        values = {
+            t: rec.targets[t] for t in targets if not math.isnan(rec.targets.get(t, math.nan))
+        }
         if values:
             pool.truth[rec.id] = values
     return pool

@@ -117,7 +117,9 @@ def write_report(directory: str | Path) -> Path:
         decisions = store.decisions()
     if ids:
         score = spec.score(y)
-        best = torch.cummax(torch.where(torch.isfinite(score), score, torch.full_like(score, -1e300)), 0).values
+        best = torch.cummax(
+            torch.where(torch.isfinite(score), score, torch.full_like(score, -1e300)), 0
+        ).values
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = list(range(1, len(ids) + 1))
         ok = best > -1e299
@@ -190,7 +192,9 @@ def _debye_curves(config: object, ids: list[str], y: torch.Tensor, out: Path) ->
     assert isinstance(config, CampaignConfig)
     spec = config.objective_spec()
     score = spec.score(y)
-    order = [int(i) for i in torch.argsort(score, descending=True)[:5] if torch.isfinite(score[int(i)])]
+    order = [
+        int(i) for i in torch.argsort(score, descending=True)[:5] if torch.isfinite(score[int(i)])
+    ]
     if not order:
         return []
     temps = torch.linspace(5.0, 1000.0, 200, dtype=torch.float64)
@@ -199,7 +203,9 @@ def _debye_curves(config: object, ids: list[str], y: torch.Tensor, out: Path) ->
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = ["## Heat capacity of the best candidates (Debye model, per mole of atoms)", ""]
     rows += ["| candidate | theta_D (K) | Cv(300 K) J/(mol K) |", "|---|---|---|"]
-    at300 = heat_capacity(theta, torch.tensor([300.0], dtype=torch.float64), torch.ones_like(theta))[:, 0]
+    at300 = heat_capacity(
+        theta, torch.tensor([300.0], dtype=torch.float64), torch.ones_like(theta)
+    )[:, 0]
     for k, i in enumerate(order):
         ax.plot(temps, cv[k], label=f"{ids[i]} ({float(theta[k]):.0f} K)")
         rows.append(f"| {ids[i]} | {float(theta[k]):.0f} | {float(at300[k]):.2f} |")

@@ -118,7 +118,9 @@ class CampaignStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"campaign store {self.path} is not a valid SQLite file: {exc}") from exc
+            raise StoreError(
+                f"campaign store {self.path} is not a valid SQLite file: {exc}"
+            ) from exc
         version = self.get_meta("schema_version")
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
@@ -173,7 +175,10 @@ class CampaignStore:
 
     def candidates(self) -> list[tuple[str, str]]:
         """The pool as (id, scope) pairs in index order."""
-        return [(str(r[0]), str(r[1])) for r in self._db.execute("SELECT id, scope FROM candidates ORDER BY idx")]
+        return [
+            (str(r[0]), str(r[1]))
+            for r in self._db.execute("SELECT id, scope FROM candidates ORDER BY idx")
+        ]
 
     def n_candidates(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0])
@@ -201,10 +206,14 @@ class CampaignStore:
             taken = [
                 c.candidate_id
                 for c in chosen
-                if db.execute("SELECT 1 FROM jobs WHERE candidate_id = ?", (c.candidate_id,)).fetchone()
+                if db.execute(
+                    "SELECT 1 FROM jobs WHERE candidate_id = ?", (c.candidate_id,)
+                ).fetchone()
             ]
             if taken:
-                raise StoreError(f"candidates already have jobs, refusing to measure twice: {taken[:5]}")
+                raise StoreError(
+                    f"candidates already have jobs, refusing to measure twice: {taken[:5]}"
+                )
             cur = db.execute(
                 "INSERT INTO decisions(model_version, acquisition, chosen, n_pending, seconds, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -248,7 +257,9 @@ class CampaignStore:
                 logger.debug("job %s already terminal (%s); ignoring %s", key, row[0], state)
                 return
             if handle is not None:
-                db.execute("UPDATE jobs SET handle = ? WHERE key = ?", (handle.model_dump_json(), key))
+                db.execute(
+                    "UPDATE jobs SET handle = ? WHERE key = ?", (handle.model_dump_json(), key)
+                )
             db.execute(
                 "UPDATE jobs SET state = ?, message = COALESCE(?, message), updated_at = ? WHERE key = ?",
                 (state.value, message, now, key),
@@ -306,7 +317,10 @@ class CampaignStore:
         return self.jobs(states=[CREATED, JobState.QUEUED.value, JobState.RUNNING.value])
 
     def job_counts(self) -> dict[str, int]:
-        return {str(s): int(n) for s, n in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+        return {
+            str(s): int(n)
+            for s, n in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        }
 
     def measurements(self) -> list[Measurement]:
         """Every measurement, in the order it was recorded."""
@@ -322,7 +336,9 @@ class CampaignStore:
         """(state, time) transitions of one job, oldest first."""
         return [
             (str(r[0]), str(r[1]))
-            for r in self._db.execute("SELECT state, at FROM job_events WHERE key = ? ORDER BY id", (key,))
+            for r in self._db.execute(
+                "SELECT state, at FROM job_events WHERE key = ? ORDER BY id", (key,)
+            )
         ]
 
     # ---- models and decisions ------------------------------------------------------------
@@ -330,7 +346,9 @@ class CampaignStore:
         self, *, path: str | None, sha256: str | None, n_train: int, metrics: dict[str, float]
     ) -> int:
         with self.transaction() as db:
-            version = int(db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM model_versions").fetchone()[0])
+            version = int(
+                db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM model_versions").fetchone()[0]
+            )
             db.execute(
                 "INSERT INTO model_versions(version, path, sha256, n_train, metrics, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (version, path, sha256, n_train, json.dumps(metrics), _now()),

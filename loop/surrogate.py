@@ -40,7 +40,9 @@ class LookupEnsembleModel(EnsembleModel):
     def __init__(self, predictions: Tensor) -> None:
         super().__init__()
         if predictions.dim() != 3:
-            raise ValueError(f"predictions must be members x candidates x targets, got {tuple(predictions.shape)}")
+            raise ValueError(
+                f"predictions must be members x candidates x targets, got {tuple(predictions.shape)}"
+            )
         self._num_outputs = int(predictions.shape[-1])
         self.predictions: Tensor
         self.register_buffer("predictions", predictions)
@@ -115,7 +117,9 @@ class EnsembleSurrogate(Surrogate):
 
     name = "cloud_ensemble"
 
-    def __init__(self, ensemble: EnsemblePredictor, scopes: list[str], *, warm_start: bool = True) -> None:
+    def __init__(
+        self, ensemble: EnsemblePredictor, scopes: list[str], *, warm_start: bool = True
+    ) -> None:
         self.ensemble = ensemble
         self.scopes = scopes
         self.warm_start = warm_start
@@ -218,7 +222,9 @@ class GPSurrogate(Surrogate):
         try:
             fit_gpytorch_mll(mll)
         except Exception as exc:  # botorch raises several types; the GP stays usable at its prior
-            logger.warning("GP hyperparameter fit failed (%s); using the initial hyperparameters", exc)
+            logger.warning(
+                "GP hyperparameter fit failed (%s); using the initial hyperparameters", exc
+            )
         gp.eval()
         self._model = IndexedModel(gp, self.features)
         return {"n_train": float(len(train_idx))}

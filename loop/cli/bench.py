@@ -13,8 +13,12 @@ def register(app: typer.Typer) -> None:
 
 def bench(
     config: Path = typer.Argument(..., help="Benchmark YAML (configs/bench_*.yaml)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output dir (default benchmarks/results/<name>)."),
-    seeds: int | None = typer.Option(None, help="Override the number of seeds (e.g. 2 for a smoke run)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output dir (default benchmarks/results/<name>)."
+    ),
+    seeds: int | None = typer.Option(
+        None, help="Override the number of seeds (e.g. 2 for a smoke run)."
+    ),
 ) -> None:
     """Run every strategy x batch size x seed; write JSON, a Markdown table and plots."""
     from rich.console import Console
@@ -27,7 +31,11 @@ def bench(
     directory = out or Path("benchmarks/results") / spec.name
     console = Console(stderr=True)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
     ) as bar:
         task = bar.add_task(f"bench {spec.name}", total=n_runs)
         summary = run_bench(config, directory, seeds=seeds, on_done=lambda name: bar.advance(task))

@@ -20,8 +20,12 @@ def _default_out(config_path: Path) -> Path:
 
 def run(
     config: Path = typer.Argument(..., help="Campaign YAML (see configs/)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Campaign directory (default runs/<config name>)."),
-    report_after: bool = typer.Option(True, "--report/--no-report", help="Write the report when done."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Campaign directory (default runs/<config name>)."
+    ),
+    report_after: bool = typer.Option(
+        True, "--report/--no-report", help="Write the report when done."
+    ),
 ) -> None:
     """Run a campaign (or continue the one already in --out with the same config)."""
     from loop.campaign import Campaign
@@ -60,7 +64,9 @@ def _drive(campaign: object, directory: Path, report_after: bool) -> None:
         TextColumn("{task.fields[info]}"),
         console=console,
     ) as bar:
-        task = bar.add_task("experiments", total=campaign.config.budget.experiments, info="preparing pool")
+        task = bar.add_task(
+            "experiments", total=campaign.config.budget.experiments, info="preparing pool"
+        )
 
         def show(p: LoopProgress) -> None:
             best = "-" if p.best_value is None else f"{p.best_value:.4g} ({p.best_id})"

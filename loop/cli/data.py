@@ -18,8 +18,9 @@ from cloud_model.errors import DataError
 if TYPE_CHECKING:
     from cloud_model.datasets import DatasetFile, DatasetSpec
 
-data_app = typer.Typer(help="Registered datasets: list them, show one, fetch and verify files.",
-                       no_args_is_help=True)
+data_app = typer.Typer(
+    help="Registered datasets: list them, show one, fetch and verify files.", no_args_is_help=True
+)
 
 
 def _console() -> Console:
@@ -31,7 +32,9 @@ def _console() -> Console:
 def _where(spec: DatasetSpec) -> str:
     sources = [loc.source for loc in datasets.locate(spec.name)]
     kinds = sorted(set(sources), key=["mirror", "cache", "missing"].index)
-    return " + ".join(f"{k} {sources.count(k)}/{len(sources)}" if len(kinds) > 1 else k for k in kinds)
+    return " + ".join(
+        f"{k} {sources.count(k)}/{len(sources)}" if len(kinds) > 1 else k for k in kinds
+    )
 
 
 def _rows(spec: DatasetSpec) -> str:
@@ -58,12 +61,16 @@ def list_datasets() -> None:
         table.add_column(column)
     for spec in datasets.REGISTRY.values():
         targets = ", ".join(f"{n} ({t.unit})" for n, t in spec.targets.items()) or "-"
-        table.add_row(spec.name, spec.kind, ",".join(spec.splits), _rows(spec), targets, _where(spec))
+        table.add_row(
+            spec.name, spec.kind, ",".join(spec.splits), _rows(spec), targets, _where(spec)
+        )
     console = _console()
     console.print(table)
     mirror = datasets.mirror_dir()
-    console.print(f"mirror: {mirror if mirror is not None else f'({datasets.DATA_DIR_ENV} unset)'}; "
-                  f"cache: {datasets.cache_dir()}")
+    console.print(
+        f"mirror: {mirror if mirror is not None else f'({datasets.DATA_DIR_ENV} unset)'}; "
+        f"cache: {datasets.cache_dir()}"
+    )
 
 
 @data_app.command("info")
@@ -72,10 +79,15 @@ def info(name: str = typer.Argument(..., help="Registered dataset name.")) -> No
     spec = datasets.get_spec(name)
     console = _console()
     console.print(f"[bold]{spec.name}[/bold] ({spec.kind}): {spec.description}")
-    id_how = (f"column {spec.id_column!r}" + (f" prefixed {spec.id_prefix!r}" if spec.id_prefix else "")
-              if spec.id_column is not None else f"'{spec.name}:<split>:<row>'")
-    console.print(f"ids: {id_how}; structure column: {spec.structure_column}; "
-                  f"extra columns: {', '.join(spec.extra_columns) or '-'}")
+    id_how = (
+        f"column {spec.id_column!r}" + (f" prefixed {spec.id_prefix!r}" if spec.id_prefix else "")
+        if spec.id_column is not None
+        else f"'{spec.name}:<split>:<row>'"
+    )
+    console.print(
+        f"ids: {id_how}; structure column: {spec.structure_column}; "
+        f"extra columns: {', '.join(spec.extra_columns) or '-'}"
+    )
     if spec.targets:
         targets = Table(title="targets")
         for column in ("name", "column", "unit", "description"):
@@ -85,10 +97,16 @@ def info(name: str = typer.Argument(..., help="Registered dataset name.")) -> No
         console.print(targets)
     console.print("files:")
     for loc in datasets.locate(spec.name):
-        where = (f"{loc.source} {loc.path}" if loc.path is not None
-                 else f"missing (run `cloudlab data fetch {spec.name}`)")
-        console.print(f"  {loc.file.split}: {loc.file.relpath}\n    url: {datasets.file_url(loc.file)}\n"
-                      f"    sha256: {loc.file.sha256}\n    resolves to: {where}", highlight=False)
+        where = (
+            f"{loc.source} {loc.path}"
+            if loc.path is not None
+            else f"missing (run `cloudlab data fetch {spec.name}`)"
+        )
+        console.print(
+            f"  {loc.file.split}: {loc.file.relpath}\n    url: {datasets.file_url(loc.file)}\n"
+            f"    sha256: {loc.file.sha256}\n    resolves to: {where}",
+            highlight=False,
+        )
     console.print(f"licence: {spec.licence}")
     console.print(f"citation: {spec.citation}")
 
@@ -113,8 +131,14 @@ def fetch(
         raise typer.BadParameter("name at least one dataset, or pass --all")
     specs = [datasets.get_spec(n) for n in chosen]  # unknown names fail before any download
     console = _console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         tasks: dict[str, TaskID] = {}
 
         def on_progress(f: DatasetFile, done: int, total: int | None) -> None:
@@ -132,4 +156,3 @@ def fetch(
 def register(app: typer.Typer) -> None:
     """Attach the ``data`` command group to the root app."""
     app.add_typer(data_app, name="data")
-

@@ -38,10 +38,14 @@ def build_truth(dataset: str, targets: list[str], splits: list[str] | None = Non
     spec = get_spec(dataset)
     unknown = [t for t in targets if t not in spec.targets]
     if unknown:
-        raise ConfigError(f"dataset {dataset!r} has no target {unknown}; its targets: {sorted(spec.targets)}")
+        raise ConfigError(
+            f"dataset {dataset!r} has no target {unknown}; its targets: {sorted(spec.targets)}"
+        )
     records = load_dataset(dataset, splits or None).records
     units = {t: spec.targets[t].unit for t in targets}
-    return GroundTruth.from_rows(((r.id, r.targets) for r in records), units, source=f"{dataset}/{','.join(targets)}")
+    return GroundTruth.from_rows(
+        ((r.id, r.targets) for r in records), units, source=f"{dataset}/{','.join(targets)}"
+    )
 
 
 def build_config(path: Path | None, overrides: dict[str, Any]) -> SimulatedLabConfig:
@@ -86,24 +90,36 @@ def serve_command(
     split: list[str] = typer.Option([], "--split", help="splits to include (default: all)"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8765, "--port"),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help="persist jobs here (survives restarts)"),
-    config: Path | None = typer.Option(None, "--config", help="SimulatedLabConfig YAML; flags override it"),
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", help="persist jobs here (survives restarts)"
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="SimulatedLabConfig YAML; flags override it"
+    ),
     noise: float | None = typer.Option(None, "--noise", help="noise sd (or floor), target units"),
     noise_relative: float | None = typer.Option(
         None, "--noise-relative", help="heteroscedastic noise: sd += this * |value|"
     ),
-    failure_prob: float | None = typer.Option(None, "--failure-prob", help="probability an experiment fails"),
-    latency: float | None = typer.Option(None, "--latency", help="mean experiment duration, simulated s"),
+    failure_prob: float | None = typer.Option(
+        None, "--failure-prob", help="probability an experiment fails"
+    ),
+    latency: float | None = typer.Option(
+        None, "--latency", help="mean experiment duration, simulated s"
+    ),
     latency_distribution: str | None = typer.Option(
         None, "--latency-distribution", help="fixed | exponential | lognormal"
     ),
     time_acceleration: float | None = typer.Option(
         None, "--time-acceleration", help="simulated seconds per wall-clock second"
     ),
-    capacity: int | None = typer.Option(None, "--capacity", help="experiments run at once (robots)"),
+    capacity: int | None = typer.Option(
+        None, "--capacity", help="experiments run at once (robots)"
+    ),
     cost: float | None = typer.Option(None, "--cost", help="cost per experiment"),
     seed: int | None = typer.Option(None, "--seed"),
-    token_env: str = typer.Option(DEFAULT_TOKEN_ENV, "--token-env", help="env var holding the bearer token"),
+    token_env: str = typer.Option(
+        DEFAULT_TOKEN_ENV, "--token-env", help="env var holding the bearer token"
+    ),
     faults: str = typer.Option("", "--faults", envvar="CLOUDLAB_LAB_FAULTS", hidden=True),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
 ) -> None:
@@ -145,7 +161,9 @@ def serve_command(
 
 @lab_app.command("openapi")
 def openapi_command(
-    out: Path = typer.Option(Path("docs/openapi.json"), "--out", help="where to write the document"),
+    out: Path = typer.Option(
+        Path("docs/openapi.json"), "--out", help="where to write the document"
+    ),
 ) -> None:
     """Write the lab protocol's OpenAPI document generated from the server app."""
     from simulators.server import openapi_document

@@ -16,7 +16,9 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
-scope_app = typer.Typer(help="SCOPE strings: encode structure files or registered datasets.", no_args_is_help=True)
+scope_app = typer.Typer(
+    help="SCOPE strings: encode structure files or registered datasets.", no_args_is_help=True
+)
 
 
 def _console(stderr: bool = False) -> Console:
@@ -26,14 +28,17 @@ def _console(stderr: bool = False) -> Console:
     return console if console.is_terminal else Console(stderr=stderr, highlight=False, width=400)
 
 
-def _encode_paths(target: Path, variant: str, symprec: float, angle_tolerance: float,
-                  processes: int | None) -> tuple[dict[str, str], dict[str, str]]:
+def _encode_paths(
+    target: Path, variant: str, symprec: float, angle_tolerance: float, processes: int | None
+) -> tuple[dict[str, str], dict[str, str]]:
     from cloud_model.corpus import encode_structures, read_structure_file, structure_files
     from cloud_model.errors import DataError
 
     files = structure_files(target) if target.is_dir() else [target]
     if not files:
-        raise DataError(f"{target}: no structure files (*.cif, *.vasp, POSCAR*, CONTCAR*) in this directory")
+        raise DataError(
+            f"{target}: no structure files (*.cif, *.vasp, POSCAR*, CONTCAR*) in this directory"
+        )
     structures, names, errors = [], [], {}
     for path in files:
         name = path.name if target.is_dir() else str(path)
@@ -45,8 +50,13 @@ def _encode_paths(target: Path, variant: str, symprec: float, angle_tolerance: f
                 raise
             errors[name] = str(exc)
     with _console(stderr=True).status(f"encoding {len(structures)} structures..."):
-        result = encode_structures(structures, variant=variant, symprec=symprec,  # type: ignore[arg-type]
-                                   angle_tolerance=angle_tolerance, processes=processes)
+        result = encode_structures(
+            structures,
+            variant=variant,
+            symprec=symprec,  # type: ignore[arg-type]
+            angle_tolerance=angle_tolerance,
+            processes=processes,
+        )
     if not target.is_dir() and result.errors:
         from cloud_model.errors import SymmetryError
 
@@ -58,12 +68,22 @@ def _encode_paths(target: Path, variant: str, symprec: float, angle_tolerance: f
 
 @scope_app.command("encode")
 def encode(
-    target: str = typer.Argument(..., help="A CIF/POSCAR file, a directory of them, or a registered dataset name."),
-    variant: str = typer.Option("cloud", "--variant", help="'cloud' (published grammar) or 'native'."),
+    target: str = typer.Argument(
+        ..., help="A CIF/POSCAR file, a directory of them, or a registered dataset name."
+    ),
+    variant: str = typer.Option(
+        "cloud", "--variant", help="'cloud' (published grammar) or 'native'."
+    ),
     symprec: float = typer.Option(0.1, "--symprec", help="spglib distance tolerance, Angstrom."),
-    angle_tolerance: float = typer.Option(5.0, "--angle-tolerance", help="spglib angle tolerance, degrees."),
-    processes: int | None = typer.Option(None, "--processes", "-j", help="Worker processes (default: all CPUs)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Write a CSV (id, scope) instead of printing."),
+    angle_tolerance: float = typer.Option(
+        5.0, "--angle-tolerance", help="spglib angle tolerance, degrees."
+    ),
+    processes: int | None = typer.Option(
+        None, "--processes", "-j", help="Worker processes (default: all CPUs)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Write a CSV (id, scope) instead of printing."
+    ),
 ) -> None:
     """Encode structures as SCOPE strings and print them (or save them as CSV)."""
     from cloud_model.corpus import encode_dataset_full
@@ -78,9 +98,16 @@ def encode(
     elif "/" in target or path.suffix:
         raise DataError(f"{target}: no such file or directory")
     else:
-        with _console(stderr=True).status(f"encoding dataset {target} (cached after the first time)..."):
-            encoded = encode_dataset_full(target, variant=variant, symprec=symprec,  # type: ignore[arg-type]
-                                          angle_tolerance=angle_tolerance, processes=processes)
+        with _console(stderr=True).status(
+            f"encoding dataset {target} (cached after the first time)..."
+        ):
+            encoded = encode_dataset_full(
+                target,
+                variant=variant,
+                symprec=symprec,  # type: ignore[arg-type]
+                angle_tolerance=angle_tolerance,
+                processes=processes,
+            )
         strings, errors = encoded.strings, encoded.errors
         if encoded.cache_path is not None:
             where = "read from" if encoded.from_cache else "cached in"
@@ -98,7 +125,9 @@ def encode(
             console.print(f"[bold]{key}[/bold]\t{text}", soft_wrap=True)
     if errors:
         err = _console(stderr=True)
-        err.print(f"[yellow]{len(errors)} not encoded[/yellow] (first: {next(iter(errors.items()))})")
+        err.print(
+            f"[yellow]{len(errors)} not encoded[/yellow] (first: {next(iter(errors.items()))})"
+        )
 
 
 def register(app: typer.Typer) -> None:

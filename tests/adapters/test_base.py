@@ -17,7 +17,9 @@ from cloud_model.errors import CloudlabError
 
 
 def test_records_round_trip_through_json() -> None:
-    request = ExperimentRequest(candidate_id="mp-1", targets=("band_gap",), parameters={"relax": True})
+    request = ExperimentRequest(
+        candidate_id="mp-1", targets=("band_gap",), parameters={"relax": True}
+    )
     handle = JobHandle(adapter="sim", job_id="j1", idempotency_key="k1", candidate_id="mp-1")
     status = JobStatus(job_id="j1", state=JobState.FAILED, message="failed synthesis")
     measurement = Measurement(

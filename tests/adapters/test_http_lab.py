@@ -59,9 +59,16 @@ def server(tmp_path_factory: pytest.TempPathFactory, truth: GroundTruth) -> Iter
     running.stop()
 
 
-def _client(url: str, monkeypatch: pytest.MonkeyPatch, token: str = TOKEN, **overrides: object) -> HttpLabAdapter:
+def _client(
+    url: str, monkeypatch: pytest.MonkeyPatch, token: str = TOKEN, **overrides: object
+) -> HttpLabAdapter:
     monkeypatch.setenv(TOKEN_ENV, token)
-    settings = {"base_url": url, "token_env": TOKEN_ENV, "backoff_initial_s": 0.05, "max_attempts": 3}
+    settings = {
+        "base_url": url,
+        "token_env": TOKEN_ENV,
+        "backoff_initial_s": 0.05,
+        "max_attempts": 3,
+    }
     return HttpLabAdapter(HttpLabConfig.model_validate({**settings, **overrides}))
 
 
@@ -69,7 +76,9 @@ def _request(candidate: str, *targets: str) -> ExperimentRequest:
     return ExperimentRequest(candidate_id=candidate, targets=targets or ("heat_ref",))
 
 
-def _wait_terminal(client: HttpLabAdapter, handles: list[JobHandle], timeout_s: float = 30.0) -> list[JobState]:
+def _wait_terminal(
+    client: HttpLabAdapter, handles: list[JobHandle], timeout_s: float = 30.0
+) -> list[JobState]:
     deadline = time.monotonic() + timeout_s
     while True:
         states = [client.poll(h).state for h in handles]
@@ -78,12 +87,16 @@ def _wait_terminal(client: HttpLabAdapter, handles: list[JobHandle], timeout_s: 
         time.sleep(0.05)
 
 
-def test_happy_path_submit_poll_result(server: LabServer, truth: GroundTruth, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_happy_path_submit_poll_result(
+    server: LabServer, truth: GroundTruth, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with _client(server.url, monkeypatch) as client:
         assert client.health().capacity == 4
         cids = sorted(truth.values)[:8]
         handles = [client.submit(_request(c, "heat_ref", "dir_gap"), f"happy-{c}") for c in cids]
-        assert [h.candidate_id for h in handles] == cids and all(h.adapter == "http-lab" for h in handles)
+        assert [h.candidate_id for h in handles] == cids and all(
+            h.adapter == "http-lab" for h in handles
+        )
         assert _wait_terminal(client, handles) == [JobState.SUCCEEDED] * 8
         for cid, handle in zip(cids, handles, strict=True):
             measurement = client.result(handle)
@@ -92,7 +105,9 @@ def test_happy_path_submit_poll_result(server: LabServer, truth: GroundTruth, mo
                 value = measurement.values[target]
                 assert value.unit == "eV" and value.uncertainty == pytest.approx(0.05)
                 assert abs(value.value - truth.values[cid][target]) < 5 * 0.05
-        assert {j.job_id for j in client.list_jobs(JobState.SUCCEEDED)} >= {h.job_id for h in handles}
+        assert {j.job_id for j in client.list_jobs(JobState.SUCCEEDED)} >= {
+            h.job_id for h in handles
+        }
 
 
 def test_duplicate_submit_returns_the_same_job(
@@ -109,43 +124,65 @@ def test_duplicate_submit_returns_the_same_job(
     headers = {"Authorization": f"Bearer {TOKEN}"}
     again = httpx.post(f"{server.url}/v1/jobs", json=body, headers=headers)
     assert again.status_code == 200 and again.json()["job_id"] == first.job_id
-    fresh = httpx.post(f"{server.url}/v1/jobs", json={**body, "idempotency_key": "dup-key-2"}, headers=headers)
+    fresh = httpx.post(
+        f"{server.url}/v1/jobs", json={**body, "idempotency_key": "dup-key-2"}, headers=headers
+    )
     assert fresh.status_code == 201 and fresh.json()["job_id"] != first.job_id
-    page = httpx.get(f"{server.url}/v1/jobs", params={"idempotency_key": "dup-key"}, headers=headers).json()
+    page = httpx.get(
+        f"{server.url}/v1/jobs", params={"idempotency_key": "dup-key"}, headers=headers
+    ).json()
     assert page["total"] == 1
 
 
-def test_auth_errors_are_clear(server: LabServer, truth: GroundTruth, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auth_errors_are_clear(
+    server: LabServer, truth: GroundTruth, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with _client(server.url, monkeypatch, token="wrong-token") as client:
         assert client.health().status == "ok"  # health needs no token
         with pytest.raises(AuthError, match=f"HTTP 401.*wrong bearer token.*{TOKEN_ENV}"):
             client.submit(_request(next(iter(truth.values))), "auth-key")
     missing = httpx.get(f"{server.url}/v1/jobs")
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
-    assert missing.json()["code"] == "unauthorized" and "missing bearer token" in missing.json()["message"]
+    assert (
+        missing.json()["code"] == "unauthorized"
+        and "missing bearer token" in missing.json()["message"]
+    )
     monkeypatch.delenv(TOKEN_ENV)
     with pytest.raises(AuthError, match=f"environment variable {TOKEN_ENV} is not set"):
         HttpLabAdapter(HttpLabConfig(base_url=server.url, token_env=TOKEN_ENV))
 
 
-def test_refusals_are_permanent(server: LabServer, truth: GroundTruth, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refusals_are_permanent(
+    server: LabServer, truth: GroundTruth, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with _client(server.url, monkeypatch) as client:
         started = time.monotonic()
-        with pytest.raises(PermanentAdapterError, match="HTTP 422.*unknown candidate 'no-such-crystal'"):
+        with pytest.raises(
+            PermanentAdapterError, match="HTTP 422.*unknown candidate 'no-such-crystal'"
+        ):
             client.submit(_request("no-such-crystal"), "bad-candidate")
         with pytest.raises(PermanentAdapterError, match="unknown target 'band_gap'"):
             client.submit(_request(next(iter(truth.values)), "band_gap"), "bad-target")
-        ghost = JobHandle(adapter="http-lab", job_id="sim-ghost", idempotency_key="g", candidate_id="x")
+        ghost = JobHandle(
+            adapter="http-lab", job_id="sim-ghost", idempotency_key="g", candidate_id="x"
+        )
         with pytest.raises(JobNotFoundError, match="sim-ghost"):
             client.poll(ghost)
         assert time.monotonic() - started < 2.0  # refusals are not retried
-    bad = httpx.post(f"{server.url}/v1/jobs", json={"idempotency_key": ""}, headers={"Authorization": f"Bearer {TOKEN}"})
+    bad = httpx.post(
+        f"{server.url}/v1/jobs",
+        json={"idempotency_key": ""},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     assert bad.status_code == 422 and bad.json()["code"] == "invalid_request"
     assert "body.request: Field required" in bad.json()["message"]
 
 
 def test_server_restart_mid_campaign(
-    tmp_path: Path, truth: GroundTruth, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    truth: GroundTruth,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = SimulatedLabConfig(
         seed=11,
@@ -168,7 +205,9 @@ def test_server_restart_mid_campaign(
 
     def restart() -> None:
         time.sleep(0.5)
-        restarted.append(start_server(tmp_path, truth, config, state_dir=state, port=port, wait=False))
+        restarted.append(
+            start_server(tmp_path, truth, config, state_dir=state, port=port, wait=False)
+        )
 
     thread = threading.Thread(target=restart)
     thread.start()
@@ -194,7 +233,9 @@ def test_server_restart_mid_campaign(
     replica.cancel(replica_handles[-1])
     replica_clock.advance(1e5)
     assert states[-1] is JobState.CANCELLED and JobState.SUCCEEDED in states
-    for handle, expected, final, (message, values) in zip(handles, replica_handles, states, outcomes, strict=True):
+    for handle, expected, final, (message, values) in zip(
+        handles, replica_handles, states, outcomes, strict=True
+    ):
         assert handle.job_id == expected.job_id
         assert final is replica.poll(expected).state and message == replica.poll(expected).message
         if final is JobState.SUCCEEDED:
@@ -230,10 +271,22 @@ def test_faults_are_retried_then_reported(
             assert client.poll(h1).state is JobState.SUCCEEDED
             assert client.result(h1).values["heat_ref"].value == truth.values[cids[0]]["heat_ref"]
             expected: list[tuple[Callable[[], object], str]] = [
-                (lambda: client.poll(h2), r"after 4 attempts; last: HTTP 503: unavailable: injected fault"),
-                (lambda: client.poll(h2), r"after 4 attempts; last: HTTP 200 with an invalid JobResource body"),
-                (lambda: client.poll(h2), r"after 4 attempts; last: connection failed \(RemoteProtocolError"),
-                (lambda: client.poll(h3), r"after 4 attempts; last: timed out \(ReadTimeout; read timeout 1.0 s\)"),
+                (
+                    lambda: client.poll(h2),
+                    r"after 4 attempts; last: HTTP 503: unavailable: injected fault",
+                ),
+                (
+                    lambda: client.poll(h2),
+                    r"after 4 attempts; last: HTTP 200 with an invalid JobResource body",
+                ),
+                (
+                    lambda: client.poll(h2),
+                    r"after 4 attempts; last: connection failed \(RemoteProtocolError",
+                ),
+                (
+                    lambda: client.poll(h3),
+                    r"after 4 attempts; last: timed out \(ReadTimeout; read timeout 1.0 s\)",
+                ),
             ]
             for call, message in expected:
                 with pytest.raises(TransientAdapterError, match=message):
@@ -261,7 +314,9 @@ def test_cli_serves_a_registry_dataset(tmp_path: Path, monkeypatch: pytest.Monke
             handle = client.submit(_request(record.id, "ind_gap"), "cli-key")
             assert _wait_terminal(client, [handle]) == [JobState.SUCCEEDED]
             value = client.result(handle).values["ind_gap"]
-            assert value.value == record.targets["ind_gap"] and value.uncertainty is None  # no noise set
+            assert (
+                value.value == record.targets["ind_gap"] and value.uncertainty is None
+            )  # no noise set
             with pytest.raises(PermanentAdapterError, match="unknown target 'heat_ref'"):
                 client.submit(_request(record.id, "heat_ref"), "cli-key-2")
     finally:
@@ -269,7 +324,9 @@ def test_cli_serves_a_registry_dataset(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 # ---------------------------------------------------------------- exact answers (MockTransport)
-def _mock(handler: Callable[[httpx.Request], httpx.Response], monkeypatch: pytest.MonkeyPatch) -> HttpLabAdapter:
+def _mock(
+    handler: Callable[[httpx.Request], httpx.Response], monkeypatch: pytest.MonkeyPatch
+) -> HttpLabAdapter:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     config = HttpLabConfig(base_url="https://lab.example.org", token_env=TOKEN_ENV, max_attempts=3,
                            backoff_initial_s=0.0, backoff_jitter=0.0)  # fmt: skip
@@ -286,9 +343,13 @@ def test_malformed_bodies_are_retried_then_reported(monkeypatch: pytest.MonkeyPa
 
     def html(request: httpx.Request) -> httpx.Response:
         calls.append(request)
-        return httpx.Response(200, text="<html>proxy login</html>", headers={"content-type": "text/html"})
+        return httpx.Response(
+            200, text="<html>proxy login</html>", headers={"content-type": "text/html"}
+        )
 
-    with pytest.raises(TransientAdapterError, match="after 3 attempts.*invalid JobResource body.*Invalid JSON"):
+    with pytest.raises(
+        TransientAdapterError, match="after 3 attempts.*invalid JobResource body.*Invalid JSON"
+    ):
         _mock(html, monkeypatch).poll(_HANDLE)
     assert len(calls) == 3
     assert calls[0].headers["authorization"] == f"Bearer {TOKEN}"
@@ -320,7 +381,9 @@ def test_config_is_validated() -> None:
     with pytest.raises(ValidationError, match="http"):
         HttpLabConfig(base_url="ftp://lab.example.org")
     with pytest.raises(ValidationError, match="extra"):
-        HttpLabConfig.model_validate({"base_url": "https://lab", "token": "inline-secrets-are-refused"})
+        HttpLabConfig.model_validate(
+            {"base_url": "https://lab", "token": "inline-secrets-are-refused"}
+        )
     config = HttpLabConfig(base_url="https://lab.example.org/")
     assert config.base_url == "https://lab.example.org" and config.verify_tls
     assert json.loads(config.model_dump_json())["token_env"] == "CLOUDLAB_LAB_TOKEN"

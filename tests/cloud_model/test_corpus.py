@@ -34,7 +34,10 @@ def test_parallel_results_match_serial_in_input_order() -> None:
     parallel = encode_structures(cifs, variant="native", processes=2, chunksize=5)
     assert serial.errors == {} and parallel.errors == {}
     assert parallel.strings == serial.strings
-    direct = [encode_scope(load_dataset("perov_5").records[i].structure(), variant="native") for i in range(3)]
+    direct = [
+        encode_scope(load_dataset("perov_5").records[i].structure(), variant="native")
+        for i in range(3)
+    ]
     assert serial.strings[:3] == direct
     assert len(set(serial.strings)) > 12  # distinct crystals, not one string repeated
 
@@ -70,8 +73,12 @@ def test_scope_datasets_return_their_published_strings() -> None:
 def test_cache_key_depends_on_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = cache_key("perov_5", "cloud", 0.1, 5.0)
     assert base == cache_key("perov_5", "cloud", 0.1, 5.0)
-    others = {cache_key("perov_5", "native", 0.1, 5.0), cache_key("perov_5", "cloud", 0.01, 5.0),
-              cache_key("perov_5", "cloud", 0.1, 3.0), cache_key("carbon_24", "cloud", 0.1, 5.0)}
+    others = {
+        cache_key("perov_5", "native", 0.1, 5.0),
+        cache_key("perov_5", "cloud", 0.01, 5.0),
+        cache_key("perov_5", "cloud", 0.1, 3.0),
+        cache_key("carbon_24", "cloud", 0.1, 5.0),
+    }
     assert base not in others and len(others) == 4
     monkeypatch.setenv("CLOUDLAB_CACHE_DIR", str(tmp_path))
     assert scope_cache_dir() == tmp_path / "scope"
@@ -81,8 +88,18 @@ def test_cached_dataset_is_read_not_re_encoded(tmp_path: Path) -> None:
     key = cache_key("perov_5", "native", 0.1, 5.0)
     path = tmp_path / f"perov_5-native-{key[:16]}.json"
     marker = {"perov_5:val:0": "0 0 0 | 1a:X | X 1.0"}  # not what the encoder would write
-    path.write_text(ScopeCacheFile(key=key, dataset="perov_5", variant="native", symprec=0.1, angle_tolerance=5.0,
-                                   encoder_version=ENCODER_VERSION, strings=marker, errors={}).model_dump_json())
+    path.write_text(
+        ScopeCacheFile(
+            key=key,
+            dataset="perov_5",
+            variant="native",
+            symprec=0.1,
+            angle_tolerance=5.0,
+            encoder_version=ENCODER_VERSION,
+            strings=marker,
+            errors={},
+        ).model_dump_json()
+    )
     start = time.perf_counter()
     result = encode_dataset_full("perov_5", variant="native", cache_dir=tmp_path)
     assert time.perf_counter() - start < 5.0

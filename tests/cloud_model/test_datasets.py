@@ -58,7 +58,9 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def serve_directory(root: Path) -> Iterator[str]:
     """Serve ``root`` over HTTP on 127.0.0.1 (ephemeral port) in a thread; yields the base URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -86,8 +88,11 @@ def offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def served(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A temp copy of the CLOUD part of the mirror served over HTTP; $CLOUDLAB_DATA_URL points at it."""
     root = tmp_path / "served"
-    _copy_from_mirror(data_dir, root, [f.relpath for n in ("cloud_cv", "cloud_generators")
-                                       for f in REGISTRY[n].files])
+    _copy_from_mirror(
+        data_dir,
+        root,
+        [f.relpath for n in ("cloud_cv", "cloud_generators") for f in REGISTRY[n].files],
+    )
     with serve_directory(root) as url:
         monkeypatch.setenv(datasets.DATA_URL_ENV, url)
         yield root
@@ -113,8 +118,12 @@ def test_registry_holds_every_mirrored_file_with_its_sha256(data_dir: Path) -> N
 def test_urls_are_raw_github_at_the_documented_commits() -> None:
     pattern = re.compile(r"^https://raw\.githubusercontent\.com/([\w.-]+/[\w.-]+)/(\w+)/(\S+)$")
     commits = {
-        "mp_20_pilot": "85bd47b3", "aflow_debye_temperature": "1b7d0d13", "cloud_cv": "043de9e",
-        "cloud_generators": "043de9e", "perov_5": "main", "mp_20_biternary": "main",
+        "mp_20_pilot": "85bd47b3",
+        "aflow_debye_temperature": "1b7d0d13",
+        "cloud_cv": "043de9e",
+        "cloud_generators": "043de9e",
+        "perov_5": "main",
+        "mp_20_biternary": "main",
     }
     for spec in REGISTRY.values():
         for f in spec.files:
@@ -124,12 +133,16 @@ def test_urls_are_raw_github_at_the_documented_commits() -> None:
             if spec.name in commits:
                 assert match.group(2) == commits[spec.name]
     assert REGISTRY["carbon_24"].files[0].url == (
-        "https://raw.githubusercontent.com/txie-93/cdvae/main/data/carbon_24/val.csv")
+        "https://raw.githubusercontent.com/txie-93/cdvae/main/data/carbon_24/val.csv"
+    )
 
 
 def test_targets_carry_units_and_specs_round_trip_through_json() -> None:
     assert {n: t.unit for n, t in REGISTRY["perov_5"].targets.items()} == {
-        "heat_ref": "eV", "dir_gap": "eV", "ind_gap": "eV"}
+        "heat_ref": "eV",
+        "dir_gap": "eV",
+        "ind_gap": "eV",
+    }
     assert REGISTRY["cloud_cv"].targets["cv"].unit == "J/(mol K)"
     assert REGISTRY["aflow_thermal_expansion"].targets["thermal_expansion"].unit == "1/K"
     for spec in REGISTRY.values():
@@ -174,7 +187,9 @@ def test_every_dataset_resolves_from_the_mirror_and_loads(name: str, data_dir: P
             assert record.cif is not None and record.cif.startswith("# generated using pymatgen")
             assert record.scope is None
         else:
-            assert record.cif is None and record.scope is not None and record.scope.count(" | ") == 2
+            assert (
+                record.cif is None and record.scope is not None and record.scope.count(" | ") == 2
+            )
 
 
 def test_records_are_typed(data_dir: Path) -> None:
@@ -188,7 +203,11 @@ def test_records_are_typed(data_dir: Path) -> None:
     structure = perov.structure()
     assert len(structure) == 5 and structure.composition.reduced_formula == "CdCuN3"
     mp = load_dataset("mp_20_biternary", ["val"]).records[0]
-    assert mp.extra == {"formula": "TmMgHg2", "elements": ("Hg", "Mg", "Tm"), "spacegroup.number": 225}
+    assert mp.extra == {
+        "formula": "TmMgHg2",
+        "elements": ("Hg", "Mg", "Tm"),
+        "spacegroup.number": 225,
+    }
     years = {r.extra["year"] for r in load_dataset("mpts_52").records}
     assert all(isinstance(y, int) for y in years) and min(years) >= 1950
     cv = load_dataset("cloud_cv", ["test"]).records
@@ -225,17 +244,38 @@ def test_load_is_cached_and_returns_fresh_lists() -> None:
 
 def _write_perov_csv(path: Path, rows: list[dict[str, str]]) -> None:
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["", "material_id", "cif", "formula", "heat_all",
-                                                "heat_ref", "dir_gap", "ind_gap"])
+        writer = csv.DictWriter(
+            fh,
+            fieldnames=[
+                "",
+                "material_id",
+                "cif",
+                "formula",
+                "heat_all",
+                "heat_ref",
+                "dir_gap",
+                "ind_gap",
+            ],
+        )
         writer.writeheader()
         writer.writerows(rows)
 
 
 def test_broken_rows_are_reported_not_dropped_silently(tmp_path: Path) -> None:
     good = load_dataset("perov_5", ["val"]).records[:3]
-    rows = [{"": str(i), "material_id": r.id, "cif": r.cif or "", "formula": r.extra["formula"],
-             "heat_all": "1.0", "heat_ref": str(r.targets["heat_ref"]), "dir_gap": "0.0", "ind_gap": ""}
-            for i, r in enumerate(good)]
+    rows = [
+        {
+            "": str(i),
+            "material_id": r.id,
+            "cif": r.cif or "",
+            "formula": r.extra["formula"],
+            "heat_all": "1.0",
+            "heat_ref": str(r.targets["heat_ref"]),
+            "dir_gap": "0.0",
+            "ind_gap": "",
+        }
+        for i, r in enumerate(good)
+    ]
     broken_cif = (good[2].cif or "").replace("_cell_length_a", "_cell_length_q")
     rows[2] = {**rows[2], "material_id": "broken-1", "cif": broken_cif}
     rows.append({**rows[0], "material_id": "no-cif", "cif": ""})
@@ -303,7 +343,13 @@ def test_corrupted_download_raises_and_leaves_nothing(offline_env: Path, served:
     with pytest.raises(DataError) as info:
         resource_path("cloud_generators")
     message = str(info.value)
-    for part in ("cloud_generators", "cloud/generator.json", spec.files[0].sha256, actual, "deleted"):
+    for part in (
+        "cloud_generators",
+        "cloud/generator.json",
+        spec.files[0].sha256,
+        actual,
+        "deleted",
+    ):
         assert part in message
     assert _files_under(offline_env) == []
 
@@ -323,14 +369,20 @@ def test_missing_mirror_file_falls_back_to_the_cache(
     _copy_from_mirror(data_dir, mirror, [spec.file("train_and_val").relpath])
     monkeypatch.setenv(datasets.DATA_DIR_ENV, str(mirror))
     monkeypatch.setenv(datasets.DATA_URL_ENV, "http://127.0.0.1:9")  # would fail if it were tried
-    with pytest.raises(DataError, match=r"cloud_cv.*cloud/cloud_cv_test.csv.*cloudlab data fetch cloud_cv"):
+    with pytest.raises(
+        DataError, match=r"cloud_cv.*cloud/cloud_cv_test.csv.*cloudlab data fetch cloud_cv"
+    ):
         resolve("cloud_cv", download=False)
-    with pytest.raises(DataError, match="download from http://127.0.0.1:9/cloud/cloud_cv_test.csv failed"):
+    with pytest.raises(
+        DataError, match="download from http://127.0.0.1:9/cloud/cloud_cv_test.csv failed"
+    ):
         resolve("cloud_cv")
     _copy_from_mirror(data_dir, offline_env / "data", [spec.file("test").relpath])
     paths = resolve("cloud_cv", download=False)
-    assert paths == {"train_and_val": mirror / spec.file("train_and_val").relpath,
-                     "test": offline_env / "data" / spec.file("test").relpath}
+    assert paths == {
+        "train_and_val": mirror / spec.file("train_and_val").relpath,
+        "test": offline_env / "data" / spec.file("test").relpath,
+    }
     assert [loc.source for loc in datasets.locate("cloud_cv")] == ["mirror", "cache"]
 
 

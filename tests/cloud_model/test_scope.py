@@ -25,12 +25,17 @@ PM3M = "1 4 b O O O c O O O d O O O e O O O 0"
 
 
 def rocksalt() -> Structure:
-    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    return Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
+    )
 
 
 def perovskite() -> Structure:
-    return Structure(Lattice.cubic(3.905), ["Sr", "Ti", "O", "O", "O"],
-                     [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    return Structure(
+        Lattice.cubic(3.905),
+        ["Sr", "Ti", "O", "O", "O"],
+        [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
+    )
 
 
 def diamond_origin_choice_2() -> Structure:
@@ -82,7 +87,9 @@ def _noisy(s: Structure, amplitude: float, rng: np.random.Generator) -> Structur
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
     q = q * np.sign(np.diag(r))
-    return q * np.sign(np.linalg.det(q))  # proper: a mirror image of a chiral crystal is another crystal
+    return q * np.sign(
+        np.linalg.det(q)
+    )  # proper: a mirror image of a chiral crystal is another crystal
 
 
 def _transforms(s: Structure, rng: np.random.Generator) -> dict[str, Structure]:
@@ -123,15 +130,22 @@ def test_rocksalt_primitive_cell_uses_conventional_multiplicities() -> None:
 def test_perovskite_string_and_composition_order() -> None:
     assert encode_scope(perovskite()) == f"{PM3M} | 1a 1b 3c | Sr 0.2 Ti 0.2 O 0.6"
     # B-site origin (the other common setting) gives the same string
-    assert encode_scope(_shifted(perovskite(), np.array([0.5, 0.5, 0.5]))) == encode_scope(perovskite())
+    assert encode_scope(_shifted(perovskite(), np.array([0.5, 0.5, 0.5]))) == encode_scope(
+        perovskite()
+    )
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(["rocksalt", "perovskite", "wurtzite", "diamond"]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    name=st.sampled_from(["rocksalt", "perovskite", "wurtzite", "diamond"]),
+)
 def test_random_rotations_shifts_and_permutations(seed: int, name: str) -> None:
     rng = np.random.default_rng(seed)
     s = HAND_BUILT[name][0]()
-    t = _permuted(_shifted(_rotated(s, _random_rotation(rng)), rng.uniform(0, 1, 3)), rng.permutation(len(s)))
+    t = _permuted(
+        _shifted(_rotated(s, _random_rotation(rng)), rng.uniform(0, 1, 3)), rng.permutation(len(s))
+    )
     t = _noisy(t, 0.015, rng)  # at most 0.026 A per atom: pairwise mismatches stay below symprec
     for variant in ("cloud", "native"):
         assert encode_scope(t, variant=variant) == encode_scope(s, variant=variant)  # type: ignore[arg-type]
@@ -144,8 +158,10 @@ def _sample(name: str, n: int) -> list[Structure]:
     return [records[i].structure() for i in rng.choice(len(records), n, replace=False)]
 
 
-@pytest.mark.parametrize(("dataset", "n"), [("perov_5", 6), ("mp_20_biternary", 6), ("carbon_24", 4),
-                                            ("aflow_debye_temperature", 4)])
+@pytest.mark.parametrize(
+    ("dataset", "n"),
+    [("perov_5", 6), ("mp_20_biternary", 6), ("carbon_24", 4), ("aflow_debye_temperature", 4)],
+)
 def test_invariances_on_dataset_structures(dataset: str, n: int) -> None:
     rng = np.random.default_rng(5)
     for s in _sample(dataset, n):
@@ -172,8 +188,13 @@ def test_noise_below_symprec_on_symmetrised_dataset_structures() -> None:
 
 def test_different_crystals_give_different_strings() -> None:
     cscl = Structure(Lattice.cubic(4.12), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    zincblende = Structure.from_spacegroup("F-43m", Lattice.cubic(5.41), ["Zn", "S"], [[0, 0, 0], [0.25, 0.25, 0.25]])
-    strings = {encode_scope(x, variant="native") for x in (rocksalt(), cscl, zincblende, perovskite(), wurtzite())}
+    zincblende = Structure.from_spacegroup(
+        "F-43m", Lattice.cubic(5.41), ["Zn", "S"], [[0, 0, 0], [0.25, 0.25, 0.25]]
+    )
+    strings = {
+        encode_scope(x, variant="native")
+        for x in (rocksalt(), cscl, zincblende, perovskite(), wurtzite())
+    }
     assert len(strings) == 5
     # A and B exchanged: Ti now 12-coordinated by O, a different crystal (O moves from 3c to 3d)
     swapped = Structure(Lattice.cubic(3.905), ["Ti", "Sr", "O", "O", "O"], perovskite().frac_coords)
@@ -197,15 +218,24 @@ def test_composition_part_follows_the_published_conventions() -> None:
     from pymatgen.core.periodic_table import DummySpecies
 
     # dummy X first (as in the one published string that has it), 2-decimal fractions, 0.0 kept
-    s = Structure(Lattice.cubic(6.0), [DummySpecies("X"), "Pt", "F", "F"],
-                  [[0, 0, 0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], [0.75, 0.75, 0.75]])
+    s = Structure(
+        Lattice.cubic(6.0),
+        [DummySpecies("X"), "Pt", "F", "F"],
+        [[0, 0, 0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], [0.75, 0.75, 0.75]],
+    )
     assert encode_scope(s).split(" | ")[2] == "X 0.25 Pt 0.25 F 0.5"
     big = perovskite()
     big.make_supercell([3, 3, 3])
     assert len(big) == 135
     assert encode_scope(big) == encode_scope(perovskite())
-    grid = np.array(np.meshgrid(np.arange(5) / 5, np.arange(5) / 5, np.arange(10) / 10)).reshape(3, -1).T
-    trace = Structure(Lattice.tetragonal(10.0, 20.0), ["Fe"] + ["O"] * 249, grid)  # 1 Fe in 250 atoms
+    grid = (
+        np.array(np.meshgrid(np.arange(5) / 5, np.arange(5) / 5, np.arange(10) / 10))
+        .reshape(3, -1)
+        .T
+    )
+    trace = Structure(
+        Lattice.tetragonal(10.0, 20.0), ["Fe"] + ["O"] * 249, grid
+    )  # 1 Fe in 250 atoms
     assert encode_scope(trace).split(" | ")[2] == "Fe 0.0 O 1.0"
 
 
@@ -232,14 +262,24 @@ def test_shipped_normaliser_table_is_reproducible(number: int) -> None:
 
 
 # Shmueli's codes used by space group 39: rotation part of the generator letters, translation digits
-_ROTATIONS = {"a": np.eye(3), "b": np.diag([-1, -1, 1]), "c": np.diag([-1, 1, -1]), "j": np.diag([1, -1, 1])}
+_ROTATIONS = {
+    "a": np.eye(3),
+    "b": np.diag([-1, -1, 1]),
+    "c": np.diag([-1, 1, -1]),
+    "j": np.diag([1, -1, 1]),
+}
 _TRANSLATIONS = {"O": 0.0, "B": 0.25, "C": 1 / 3, "D": 0.5, "E": 2 / 3, "F": 0.75}
 
 
 def _generated_ops(code: str) -> set[tuple[int, ...]]:
     n = int(code[1])
-    gens = [(_ROTATIONS[code[2 + 4 * i]], np.array([_TRANSLATIONS[c] for c in code[3 + 4 * i: 6 + 4 * i]]))
-            for i in range(n)]
+    gens = [
+        (
+            _ROTATIONS[code[2 + 4 * i]],
+            np.array([_TRANSLATIONS[c] for c in code[3 + 4 * i : 6 + 4 * i]]),
+        )
+        for i in range(n)
+    ]
     ops = {(tuple(np.eye(3, dtype=int).ravel()), (0, 0, 0))}
     frontier = list(ops)
     while frontier:
@@ -247,8 +287,10 @@ def _generated_ops(code: str) -> set[tuple[int, ...]]:
         for r_key, t_key in frontier:
             r, t = np.array(r_key).reshape(3, 3), np.array(t_key) / 24
             for gr, gt in gens:
-                key = (tuple(np.rint(gr @ r).astype(int).ravel()),
-                       tuple(np.rint(np.mod(gr @ t + gt, 1) * 24).astype(int) % 24))
+                key = (
+                    tuple(np.rint(gr @ r).astype(int).ravel()),
+                    tuple(np.rint(np.mod(gr @ t + gt, 1) * 24).astype(int) % 24),
+                )
                 if key not in ops:
                     ops.add(key)
                     new.append(key)
@@ -259,8 +301,10 @@ def _generated_ops(code: str) -> set[tuple[int, ...]]:
 def test_space_group_39_generators_against_spglib() -> None:
     ops = spglib.get_symmetry_from_database(letter_group(39).hall)
     assert ops is not None
-    spglib_ops = {(*np.asarray(r).ravel().tolist(), *(np.rint(np.mod(t, 1) * 24).astype(int) % 24).tolist())
-                  for r, t in zip(ops["rotations"], ops["translations"], strict=True)}
+    spglib_ops = {
+        (*np.asarray(r).ravel().tolist(), *(np.rint(np.mod(t, 1) * 24).astype(int) % 24).tolist())
+        for r, t in zip(ops["rotations"], ops["translations"], strict=True)
+    }
     published = _generated_ops(scope_tables().generators[39])
     corrected = _generated_ops("03aODDbOOOjODO0")
     assert corrected == spglib_ops
@@ -313,7 +357,9 @@ def test_bad_inputs_raise_symmetry_error() -> None:
     with pytest.raises(SymmetryError, match="partial occupancy"):
         encode_scope(partial)
     overlapping = Structure(Lattice.cubic(4), ["Na", "Cl"], [[0, 0, 0], [0.05, 0, 0]])
-    with pytest.raises(SymmetryError, match=r"overlapping atoms: sites 0 \(Na\) and 1 \(Cl\) are 0.200 A"):
+    with pytest.raises(
+        SymmetryError, match=r"overlapping atoms: sites 0 \(Na\) and 1 \(Cl\) are 0.200 A"
+    ):
         encode_scope(overlapping)
     across_boundary = Structure(Lattice.cubic(4), ["Na", "Cl"], [[0.01, 0, 0], [0.98, 0, 0]])
     with pytest.raises(SymmetryError, match="overlapping"):

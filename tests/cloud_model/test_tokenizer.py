@@ -30,7 +30,21 @@ def test_vocabulary_layout() -> None:
     assert tok.tokens[:5] == SPECIAL_TOKENS
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
     assert 300 < tok.vocab_size < 2000
-    for token in ["|", "g:O", "O", "4a", "192l", "8A", "X", "Og", "0.0", "0.01", "0.5", "1.0", "g:j"]:
+    for token in [
+        "|",
+        "g:O",
+        "O",
+        "4a",
+        "192l",
+        "8A",
+        "X",
+        "Og",
+        "0.0",
+        "0.01",
+        "0.5",
+        "1.0",
+        "g:j",
+    ]:
         assert tok.token_to_id(token) != tok.unk_id, token
     assert tok.token_to_id("g:O") != tok.token_to_id("O")  # generator zero shift vs oxygen
     fractions = [t for t, k in zip(tok.tokens, tok.kinds, strict=True) if k == "fraction"]

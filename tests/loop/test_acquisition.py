@@ -32,7 +32,9 @@ def _pool(n: int = 300, seed: int = 0) -> torch.Tensor:
     return truth + noise  # 5 x n x 2: members agree closely
 
 
-def _select(kind: str, preds: torch.Tensor, spec: ObjectiveSpec, q: int = 4, **kw: object) -> list[int]:
+def _select(
+    kind: str, preds: torch.Tensor, spec: ObjectiveSpec, q: int = 4, **kw: object
+) -> list[int]:
     n = preds.shape[1]
     picks = select_batch(
         kind=kind,  # type: ignore[arg-type]
@@ -51,7 +53,9 @@ def _select(kind: str, preds: torch.Tensor, spec: ObjectiveSpec, q: int = 4, **k
 
 def test_model_based_picks_respect_constraints_and_objective() -> None:
     preds = _pool()
-    spec = ObjectiveSpec(targets=("a", "b"), primary=0, sense="maximize", constraints=(Bound(1, None, 0.0),))
+    spec = ObjectiveSpec(
+        targets=("a", "b"), primary=0, sense="maximize", constraints=(Bound(1, None, 0.0),)
+    )
     mean = preds.mean(0)
     feasible_best = int(torch.argmax(torch.where(mean[10:, 1] <= 0, mean[10:, 0], -torch.inf))) + 10
     for kind in ("qlogei", "qlognei", "qucb", "greedy", "thompson"):
@@ -86,7 +90,9 @@ def test_pending_candidates_are_not_chosen_again() -> None:
 
 def test_shortlist_matches_exhaustive_optimisation() -> None:
     preds = _pool(n=3000, seed=1)
-    spec = ObjectiveSpec(targets=("a", "b"), primary=0, sense="minimize", constraints=(Bound(1, -1.0, 1.0),))
+    spec = ObjectiveSpec(
+        targets=("a", "b"), primary=0, sense="minimize", constraints=(Bound(1, -1.0, 1.0),)
+    )
     exact = _select("qlogei", preds, spec, q=6, shortlist=100_000, pending=[10, 11])
     screened = _select("qlogei", preds, spec, q=6, shortlist=256, pending=[10, 11])
     assert exact == screened
@@ -126,7 +132,6 @@ def test_gp_surrogate_learns_a_smooth_function() -> None:
     assert len({p.index for p in picks} & top10) >= 2
 
 
-
 def test_gp_shortlist_from_draws_keeps_the_exact_choice() -> None:
     """The GP's pre-screen scores candidates on independent draws; the batch it then
     optimises exactly should be the one the exhaustive optimisation finds."""
@@ -155,11 +160,14 @@ def test_gp_shortlist_from_draws_keeps_the_exact_choice() -> None:
     exact, screened = picks(100_000), picks(100)
     assert len(exact & screened) >= 3
 
+
 def test_objective_window_and_top_fraction() -> None:
     spec = ObjectiveSpec(targets=("gap",), primary=0, sense="window", window=(1.5, 3.0))
     y = torch.tensor([[1.0], [2.0], [3.5], [2.9]], dtype=torch.float64)
     assert spec.objective(y).tolist() == [-0.5, 0.0, -0.5, 0.0]
-    spec2 = ObjectiveSpec(targets=("h", "gap"), primary=0, sense="minimize", constraints=(Bound(1, 1.5, 3.0),))
+    spec2 = ObjectiveSpec(
+        targets=("h", "gap"), primary=0, sense="minimize", constraints=(Bound(1, 1.5, 3.0),)
+    )
     y2 = torch.tensor([[-1.0, 0.0], [0.5, 2.0], [0.1, 2.5], [2.0, 2.0]], dtype=torch.float64)
     assert torch.isinf(spec2.score(y2)[0])  # the lowest heat is infeasible
     assert top_fraction_ids(["a", "b", "c", "d"], y2, spec2, 0.5) == {"c", "b"}

@@ -49,13 +49,23 @@ def test_bench_runs_resumes_and_reports(ray_session: None, data_dir: Path, tmp_p
         w.writerows([f"cv-{i}", r["cloud"], r["cv"]] for i, r in enumerate(rows))
     campaign = {
         "name": "base",
-        "pool": {"file": str(pool), "id_column": "id", "structure_column": "scope", "structure_format": "scope"},
+        "pool": {
+            "file": str(pool),
+            "id_column": "id",
+            "structure_column": "scope",
+            "structure_format": "scope",
+        },
         "objective": {"target": "cv", "sense": "maximize"},
         "surrogate": {
             "kind": "cloud_ensemble",
             "checkpoint": None,
             "n_members": 2,
-            "ensemble": {"n_trainable_blocks": 0, "model_size": "tiny", "epochs": 10, "warm_start_epochs": 5},
+            "ensemble": {
+                "n_trainable_blocks": 0,
+                "model_size": "tiny",
+                "epochs": 10,
+                "warm_start_epochs": 5,
+            },
         },
         "initial_design": {"n_random": 4},
         "budget": {"experiments": 12},
@@ -68,7 +78,10 @@ def test_bench_runs_resumes_and_reports(ray_session: None, data_dir: Path, tmp_p
         "seeds": 2,
         "batch_sizes": [4],
         "parallel": 2,
-        "strategies": {"random": {"surrogate": {"kind": "random"}, "acquisition": {"kind": "random"}}, "cloud": {}},
+        "strategies": {
+            "random": {"surrogate": {"kind": "random"}, "acquisition": {"kind": "random"}},
+            "cloud": {},
+        },
     }
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
     done: list[str] = []

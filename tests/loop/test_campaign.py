@@ -39,13 +39,23 @@ def _config(pool: Path, **overrides: object) -> dict:
     data = {
         "name": "cvtest",
         "seed": 3,
-        "pool": {"file": str(pool), "id_column": "id", "structure_column": "scope", "structure_format": "scope"},
+        "pool": {
+            "file": str(pool),
+            "id_column": "id",
+            "structure_column": "scope",
+            "structure_format": "scope",
+        },
         "objective": {"target": "cv", "sense": "maximize"},
         "surrogate": {
             "kind": "cloud_ensemble",
             "checkpoint": None,
             "n_members": 3,
-            "ensemble": {"n_trainable_blocks": 0, "model_size": "tiny", "epochs": 20, "warm_start_epochs": 5},
+            "ensemble": {
+                "n_trainable_blocks": 0,
+                "model_size": "tiny",
+                "epochs": 20,
+                "warm_start_epochs": 5,
+            },
         },
         "acquisition": {"kind": "qlogei", "batch_size": 4},
         "initial_design": {"n_random": 8},
@@ -155,20 +165,31 @@ def test_kill_9_and_resume_gives_the_uninterrupted_result(cv_pool: Path, tmp_pat
         assert store.get_meta("stop_reason") == "experiment budget reached"
 
 
-def test_campaign_through_the_http_lab(cv_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_campaign_through_the_http_lab(
+    cv_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same campaign against a real lab server on loopback (bearer auth, persisted jobs)."""
     from simulators.config import SimulatedLabConfig
     from simulators.ground_truth import GroundTruth
     from tests.simulators.lab_server import TOKEN, TOKEN_ENV, start_server
 
     rows = list(csv.DictReader(cv_pool.open()))
-    truth = GroundTruth.from_rows(((r["id"], {"cv": float(r["cv"])}) for r in rows), {"cv": "J/(mol K)"})
-    lab = SimulatedLabConfig(seed=1, capacity=4, noise={"sigma": 2.0}, failure={"probability": 0.15})
+    truth = GroundTruth.from_rows(
+        ((r["id"], {"cv": float(r["cv"])}) for r in rows), {"cv": "J/(mol K)"}
+    )
+    lab = SimulatedLabConfig(
+        seed=1, capacity=4, noise={"sigma": 2.0}, failure={"probability": 0.15}
+    )
     server = start_server(tmp_path, truth, lab, state_dir=tmp_path / "lab-state")
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     try:
         data = _config(cv_pool, budget={"experiments": 12})
-        data["adapter"] = {"kind": "http", "base_url": server.url, "token_env": TOKEN_ENV, "capacity": 4}
+        data["adapter"] = {
+            "kind": "http",
+            "base_url": server.url,
+            "token_env": TOKEN_ENV,
+            "capacity": 4,
+        }
         data["dispatch"] = {"mode": "inline", "wait_for": "all", "poll_interval_s": 0.05}
         result = Campaign(parse_config(data), tmp_path / "run").run()
     finally:
@@ -180,13 +201,17 @@ def test_campaign_through_the_http_lab(cv_pool: Path, tmp_path: Path, monkeypatc
     assert all(abs(values[c] - truth_cv[c]) < 10 for c in values)
 
 
-def test_wrong_token_is_a_clear_error(cv_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_token_is_a_clear_error(
+    cv_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from simulators.config import SimulatedLabConfig
     from simulators.ground_truth import GroundTruth
     from tests.simulators.lab_server import TOKEN_ENV, start_server
 
     rows = list(csv.DictReader(cv_pool.open()))
-    truth = GroundTruth.from_rows(((r["id"], {"cv": float(r["cv"])}) for r in rows), {"cv": "J/(mol K)"})
+    truth = GroundTruth.from_rows(
+        ((r["id"], {"cv": float(r["cv"])}) for r in rows), {"cv": "J/(mol K)"}
+    )
     server = start_server(tmp_path, truth, SimulatedLabConfig(capacity=4))
     monkeypatch.setenv(TOKEN_ENV, "not-the-token")
     try:
@@ -204,7 +229,9 @@ def test_wrong_token_is_a_clear_error(cv_pool: Path, tmp_path: Path, monkeypatch
     assert "failed" in result.stop_reason
 
 
-def test_prior_data_trains_the_surrogate_from_the_first_decision(cv_pool: Path, tmp_path: Path) -> None:
+def test_prior_data_trains_the_surrogate_from_the_first_decision(
+    cv_pool: Path, tmp_path: Path
+) -> None:
     """A time-split style campaign: labelled prior records are learned from, never selected."""
     rows = list(csv.DictReader(cv_pool.open()))
     prior_path, pool_path = tmp_path / "prior.csv", tmp_path / "pool.csv"
@@ -228,7 +255,10 @@ def test_thirty_percent_failures_and_bad_pool_rows_do_not_stop_a_campaign(
     cv_pool: Path, tmp_path: Path
 ) -> None:
     rows = list(csv.DictReader(cv_pool.open()))
-    rows += [{"id": "bad-empty", "scope": "", "cv": "10"}, {"id": "bad-blank", "scope": "  ", "cv": "11"}]
+    rows += [
+        {"id": "bad-empty", "scope": "", "cv": "10"},
+        {"id": "bad-blank", "scope": "  ", "cv": "11"},
+    ]
     pool = tmp_path / "pool_with_bad_rows.csv"
     with pool.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["id", "scope", "cv"])

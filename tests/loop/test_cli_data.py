@@ -56,7 +56,11 @@ def server(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
 def test_list_shows_rows_targets_and_sources(app: typer.Typer) -> None:
     result = CliRunner().invoke(app, ["data", "list"])
     assert result.exit_code == 0, result.output
-    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
+    lines = {
+        line.split("│")[1].strip(): line
+        for line in result.output.splitlines()
+        if line.count("│") > 3
+    }
     assert set(REGISTRY) <= set(lines)
     assert "3787 + 3785" in lines["perov_5"] and "heat_ref (eV)" in lines["perov_5"]
     assert "3426 + 734 + 735" in lines["aflow_thermal_expansion"]
@@ -106,8 +110,14 @@ def test_unknown_name_raises_the_registry_error(app: typer.Typer) -> None:
 
 
 def test_entry_point_prints_one_line_and_exits_2_on_unknown_name() -> None:
-    proc = subprocess.run([sys.executable, "-m", "loop", "data", "info", "carbon24"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    proc = subprocess.run(
+        [sys.executable, "-m", "loop", "data", "info", "carbon24"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: unknown dataset 'carbon24'; did you mean carbon_24? (`cloudlab data list` shows all "

@@ -14,7 +14,9 @@ FM3M = "1 6 a O D D a D O D b O O O c O O O d O O O e O O O 0"
 
 
 def _files(tmp_path: Path) -> Path:
-    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    nacl = Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
+    )
     nacl.to(filename=str(tmp_path / "nacl.cif"))
     nacl.get_primitive_structure().to(filename=str(tmp_path / "POSCAR"))
     (tmp_path / "broken.cif").write_text("not a cif\n")
@@ -28,7 +30,9 @@ def test_encode_file_and_directory(tmp_path: Path) -> None:
     assert single.exit_code == 0, single.output
     assert f"{FM3M} | 4a 4b | Na 0.5 Cl 0.5" in single.output
     out = tmp_path / "out" / "scope.csv"
-    many = runner.invoke(app, ["scope", "encode", str(folder), "--variant", "native", "-j", "1", "--out", str(out)])
+    many = runner.invoke(
+        app, ["scope", "encode", str(folder), "--variant", "native", "-j", "1", "--out", str(out)]
+    )
     assert many.exit_code == 0, many.output
     with out.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -42,10 +46,12 @@ def test_encode_file_and_directory(tmp_path: Path) -> None:
 def test_unreadable_inputs_are_one_line_errors(tmp_path: Path) -> None:
     folder = _files(tmp_path)
     runner = CliRunner()
-    for args, message in (([str(folder / "broken.cif")], "cannot read a structure"),
-                          ([str(tmp_path / "missing.cif")], "no such file"),
-                          (["perov_x"], "unknown dataset 'perov_x'"),
-                          ([str(folder / "nacl.cif"), "--variant", "bert"], "--variant")):
+    for args, message in (
+        ([str(folder / "broken.cif")], "cannot read a structure"),
+        ([str(tmp_path / "missing.cif")], "no such file"),
+        (["perov_x"], "unknown dataset 'perov_x'"),
+        ([str(folder / "nacl.cif"), "--variant", "bert"], "--variant"),
+    ):
         result = runner.invoke(app, ["scope", "encode", *args])
         assert result.exit_code != 0
         text = result.output + (str(result.exception) if result.exception else "")

@@ -14,7 +14,11 @@ CAMPAIGNS = [p for p in CONFIGS if not p.name.startswith(("pretrain", "finetune"
 
 def test_there_are_example_campaigns() -> None:
     names = {p.name for p in CAMPAIGNS}
-    assert {"perovskite_water_splitting.yaml", "http_lab.yaml", "low_debye_temperature.yaml"} <= names
+    assert {
+        "perovskite_water_splitting.yaml",
+        "http_lab.yaml",
+        "low_debye_temperature.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CAMPAIGNS, ids=lambda p: p.name)

@@ -17,14 +17,19 @@ def test_a_hand_picked_pool_encodes_only_its_candidates(
     monkeypatch.setenv("CLOUDLAB_CACHE_DIR", str(tmp_path))  # nothing cached: encode for real
     records = load_dataset("mp_20_pilot", ["val"]).records[:3]
     ids = [r.id for r in records]
-    config = PoolConfig.model_validate({"dataset": "mp_20_pilot", "splits": ["val"], "include_ids": ids})
+    config = PoolConfig.model_validate(
+        {"dataset": "mp_20_pilot", "splits": ["val"], "include_ids": ids}
+    )
     pool = load_pool(config, ("formation_energy_per_atom",))
     assert sorted(pool.ids) == sorted(ids)
     assert not list(tmp_path.rglob("*.json"))  # the split was not encoded and cached as a whole
     for rec in records:
         expected = encode_scope(rec.structure(), symprec=0.1, variant="cloud")
         assert pool.scopes[pool.ids.index(rec.id)] == expected
-        assert pool.truth[rec.id]["formation_energy_per_atom"] == rec.targets["formation_energy_per_atom"]
+        assert (
+            pool.truth[rec.id]["formation_energy_per_atom"]
+            == rec.targets["formation_energy_per_atom"]
+        )
 
 
 def test_unknown_include_ids_are_a_config_error(data_dir: Path) -> None:

@@ -12,7 +12,10 @@ from loop.store import CREATED, CampaignStore, ChosenCandidate, StoreError
 def _decide(store: CampaignStore, *ids: str) -> int:
     return store.record_decision(
         keys=[f"c/{i}" for i in ids],
-        chosen=[ChosenCandidate(candidate_id=i, acquisition_value=1.0, predicted_mean=[0.5]) for i in ids],
+        chosen=[
+            ChosenCandidate(candidate_id=i, acquisition_value=1.0, predicted_mean=[0.5])
+            for i in ids
+        ],
         model_version=None,
         acquisition="initial_design",
         n_pending=0,
@@ -29,7 +32,9 @@ def test_job_lifecycle_is_durable(tmp_path: Path) -> None:
     store.update_job("c/a", JobState.QUEUED, handle=handle)
     store.record_measurement(
         "c/a",
-        Measurement(job_id="j1", candidate_id="a", values={"y": MeasuredValue(value=2.0, unit="eV")}),
+        Measurement(
+            job_id="j1", candidate_id="a", values={"y": MeasuredValue(value=2.0, unit="eV")}
+        ),
     )
     store.update_job("c/b", JobState.FAILED, message="failed synthesis")
     store.close()

@@ -89,7 +89,9 @@ def wait_healthy(server: LabServer, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            pytest.fail(f"lab server exited with {server.process.returncode}:\n{server.log.read_text()}")
+            pytest.fail(
+                f"lab server exited with {server.process.returncode}:\n{server.log.read_text()}"
+            )
         try:
             if httpx.get(f"{server.url}/v1/health", timeout=1.0).status_code == 200:
                 return

@@ -118,7 +118,9 @@ def test_cancel_frees_a_slot(perov_truth: dict[str, dict[str, float]]) -> None:
 def test_latency_distributions_on_a_virtual_clock(
     perov_truth: dict[str, dict[str, float]], distribution: str
 ) -> None:
-    lab, clock = _lab(perov_truth, capacity=10_000, latency={"distribution": distribution, "mean_s": 3600.0})
+    lab, clock = _lab(
+        perov_truth, capacity=10_000, latency={"distribution": distribution, "mean_s": 3600.0}
+    )
     handles = [lab.submit(_request(cid), cid) for cid in perov_truth]
     assert all(lab.poll(h).state is JobState.RUNNING for h in handles)
     clock.advance(1e6)
@@ -127,7 +129,9 @@ def test_latency_distributions_on_a_virtual_clock(
         prov = lab.result(h).provenance
         durations.append(prov["sim_finished_s"] - prov["sim_started_s"])
     sd = {"fixed": 0.0, "exponential": 3600.0, "lognormal": 3600.0 * 0.53}[distribution]
-    assert statistics.fmean(durations) == pytest.approx(3600.0, abs=4 * sd / len(durations) ** 0.5 + 1e-9)
+    assert statistics.fmean(durations) == pytest.approx(
+        3600.0, abs=4 * sd / len(durations) ** 0.5 + 1e-9
+    )
     if distribution == "exponential":
         assert statistics.stdev(durations) == pytest.approx(3600.0, rel=0.15)
 
@@ -137,10 +141,14 @@ def test_drift_moves_the_measured_value(perov_truth: dict[str, dict[str, float]]
     cid = next(iter(perov_truth))
     handle = lab.submit(_request(cid), "k")
     clock.advance(7200.0)
-    assert lab.result(handle).values["heat_ref"].value == pytest.approx(perov_truth[cid]["heat_ref"] + 1.0)
+    assert lab.result(handle).values["heat_ref"].value == pytest.approx(
+        perov_truth[cid]["heat_ref"] + 1.0
+    )
 
 
-def test_idempotency_never_starts_a_second_experiment(perov_truth: dict[str, dict[str, float]]) -> None:
+def test_idempotency_never_starts_a_second_experiment(
+    perov_truth: dict[str, dict[str, float]],
+) -> None:
     lab, _ = _lab(perov_truth, latency={"mean_s": 10.0})
     cid, other = sorted(perov_truth)[:2]
     first = lab.submit(_request(cid), "key-1")
@@ -151,7 +159,9 @@ def test_idempotency_never_starts_a_second_experiment(perov_truth: dict[str, dic
     assert sum(lab.counts().values()) == 1
 
 
-def test_concurrent_duplicate_submits_make_one_job_per_key(perov_truth: dict[str, dict[str, float]]) -> None:
+def test_concurrent_duplicate_submits_make_one_job_per_key(
+    perov_truth: dict[str, dict[str, float]],
+) -> None:
     lab, _ = _lab(perov_truth, capacity=8, latency={"mean_s": 5.0})
     cids = sorted(perov_truth)[:50]
     handles: list[list[str]] = [[] for _ in range(4)]
@@ -168,7 +178,9 @@ def test_concurrent_duplicate_submits_make_one_job_per_key(perov_truth: dict[str
     assert sum(lab.counts().values()) == 50
 
 
-def test_draws_depend_on_seed_and_key_not_on_call_order(perov_truth: dict[str, dict[str, float]]) -> None:
+def test_draws_depend_on_seed_and_key_not_on_call_order(
+    perov_truth: dict[str, dict[str, float]],
+) -> None:
     config = {"capacity": 1000, "noise": {"sigma": 0.2}, "failure": {"probability": 0.2}, "seed": 7}
     cids = sorted(perov_truth)[:100]
 
@@ -178,7 +190,11 @@ def test_draws_depend_on_seed_and_key_not_on_call_order(perov_truth: dict[str, d
         out: dict[str, object] = {}
         for c, h in handles.items():
             status = lab.poll(h)
-            out[c] = lab.result(h).values["heat_ref"].value if status.state is JobState.SUCCEEDED else status.message
+            out[c] = (
+                lab.result(h).values["heat_ref"].value
+                if status.state is JobState.SUCCEEDED
+                else status.message
+            )
         return out
 
     forward = outcomes(cids)
@@ -187,7 +203,9 @@ def test_draws_depend_on_seed_and_key_not_on_call_order(perov_truth: dict[str, d
     assert sum(other_seed[c] != forward[c] for c in cids) > 90
 
 
-def test_unknown_candidate_and_target_are_permanent_errors(perov_truth: dict[str, dict[str, float]]) -> None:
+def test_unknown_candidate_and_target_are_permanent_errors(
+    perov_truth: dict[str, dict[str, float]],
+) -> None:
     lab, _ = _lab(perov_truth)
     with pytest.raises(PermanentAdapterError, match="unknown candidate 'mp-nope'"):
         lab.submit(_request("mp-nope"), "k1")
@@ -217,7 +235,9 @@ def test_labels_do_not_leak_before_measurement(perov_truth: dict[str, dict[str, 
     assert lab.result(handle).values["heat_ref"].value != perov_truth[cid]["heat_ref"]  # noisy
 
 
-def test_history_replay_reproduces_jobs_and_measurements(perov_truth: dict[str, dict[str, float]]) -> None:
+def test_history_replay_reproduces_jobs_and_measurements(
+    perov_truth: dict[str, dict[str, float]],
+) -> None:
     config = SimulatedLabConfig(
         capacity=2,
         noise=NoiseConfig(sigma=0.05),

@@ -47,7 +47,10 @@ def test_state_dir_replays_jobs_and_refuses_another_lab(
     config = SimulatedLabConfig(capacity=2, noise={"sigma": 0.1}, latency={"mean_s": 1e9})  # type: ignore[arg-type]
     cids = sorted(perov_truth)[:5]
     with open_lab(truth, config, tmp_path) as lab:
-        handles = [lab.submit(ExperimentRequest(candidate_id=c, targets=("heat_ref",)), f"k-{c}") for c in cids]
+        handles = [
+            lab.submit(ExperimentRequest(candidate_id=c, targets=("heat_ref",)), f"k-{c}")
+            for c in cids
+        ]
         lab.cancel(handles[2])
         before = [lab.poll(h).state for h in handles]
     assert before == [JobState.RUNNING] * 2 + [JobState.CANCELLED] + [JobState.QUEUED] * 2
@@ -55,7 +58,9 @@ def test_state_dir_replays_jobs_and_refuses_another_lab(
     with open_lab(truth, config, tmp_path) as reopened:
         assert [reopened.find(f"k-{c}") for c in cids] == handles
         assert [reopened.poll(h).state for h in handles] == before
-        again = reopened.submit(ExperimentRequest(candidate_id=cids[0], targets=("heat_ref",)), f"k-{cids[0]}")
+        again = reopened.submit(
+            ExperimentRequest(candidate_id=cids[0], targets=("heat_ref",)), f"k-{cids[0]}"
+        )
         assert again == handles[0] and sum(reopened.counts().values()) == 5
     with pytest.raises(ConfigError, match="another configuration"):
         open_lab(truth, config.model_copy(update={"seed": 1}), tmp_path)
@@ -77,10 +82,16 @@ def test_fault_schedules_parse() -> None:
 
 def test_cli_builds_config_and_truth(tmp_path: Path, data_dir: Path) -> None:
     path = tmp_path / "lab.yaml"
-    path.write_text("capacity: 3\nlatency: {distribution: lognormal, mean_s: 600}\nnoise: {sigma: 0.2}\n")
+    path.write_text(
+        "capacity: 3\nlatency: {distribution: lognormal, mean_s: 600}\nnoise: {sigma: 0.2}\n"
+    )
     config = build_config(path, {"latency.mean_s": 60.0, "noise.relative": 0.1, "noise.kind": "heteroscedastic",
                                  "seed": None})  # fmt: skip
-    assert config.capacity == 3 and config.latency.distribution == "lognormal" and config.latency.mean_s == 60.0
+    assert (
+        config.capacity == 3
+        and config.latency.distribution == "lognormal"
+        and config.latency.mean_s == 60.0
+    )
     assert config.noise.kind == "heteroscedastic" and config.noise.sigma == 0.2 and config.seed == 0
     with pytest.raises(ConfigError, match="invalid simulated-lab config"):
         build_config(None, {"failure.probability": 1.5})
