@@ -95,6 +95,13 @@ def _run_dict(
         "wait_for": "all",
     }
     data.setdefault("adapter", {})["seed"] = seed
+    # a batch of q is decided on a model that has seen every earlier batch: with q = 1 the
+    # surrogate is refitted after each experiment (fully sequential), not every 8
+    finetune = data.get("finetune", {})
+    data["finetune"] = {
+        **finetune,
+        "every_n_results": min(int(finetune.get("every_n_results", q)), q),
+    }
     return data
 
 

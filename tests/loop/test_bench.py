@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from loop import metrics as M
-from loop.bench import load_bench, run_bench
+from loop.bench import _run_dict, load_bench, run_bench
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("bench_*.yaml"))
 
@@ -38,6 +38,16 @@ def test_metrics_have_known_values() -> None:
 def test_benchmark_configs_load(path: Path) -> None:
     bench, base = load_bench(path)
     assert "random" in bench.strategies and base["budget"]["experiments"] > 0
+
+
+def test_batch_size_sets_dispatch_and_refit_cadence() -> None:
+    bench, base = load_bench(CONFIGS[0])
+    for q, refit in ((1, 1), (8, 8)):
+        run = _run_dict(base, "random", bench.strategies["random"], q, seed=3)
+        assert run["name"] == f"random-q{q}-s3" and run["seed"] == 3 and run["adapter"]["seed"] == 3
+        assert run["acquisition"]["batch_size"] == q and run["dispatch"]["concurrency"] == q
+        # q = 1 is fully sequential: the surrogate sees every result before the next decision
+        assert run["finetune"]["every_n_results"] == refit
 
 
 def test_bench_runs_resumes_and_reports(ray_session: None, data_dir: Path, tmp_path: Path) -> None:
