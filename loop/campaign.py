@@ -361,7 +361,7 @@ class Campaign:
             measured_y=measured_y,
             generator=gen,
             beta=self.config.acquisition.beta,
-            shortlist=self.config.acquisition.shortlist,
+            shortlist=self.config.acquisition.shortlist_for(self.config.surrogate.kind),
         )
         self.timings.acquisition += time.perf_counter() - t0
         chosen_idx = torch.tensor([p.index for p in picks], dtype=torch.long)

@@ -113,7 +113,15 @@ class AcquisitionConfig(_Section):
     kind: AcquisitionKind = "qlogei"
     batch_size: int = Field(default=8, ge=1)  # q: candidates chosen per decision
     beta: float = Field(default=2.0, gt=0)  # qUCB exploration weight
-    shortlist: int = Field(default=2048, ge=16)  # see loop.acquisition.select_batch
+    # candidates the pending-aware batch optimisation runs over (see loop.acquisition.select_batch);
+    # None: 2,048 for ensembles (cached predictions), 256 for the GP (exact joint posteriors)
+    shortlist: int | None = Field(default=None, ge=16)
+
+    def shortlist_for(self, surrogate_kind: str) -> int:
+        """The shortlist size used with a surrogate of ``surrogate_kind``."""
+        if self.shortlist is not None:
+            return self.shortlist
+        return 256 if surrogate_kind == "gp" else 2048
 
 
 class InitialDesignConfig(_Section):

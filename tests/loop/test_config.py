@@ -77,3 +77,14 @@ def test_unreadable_files(tmp_path: Path) -> None:
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(scalar)
+
+
+def test_shortlist_defaults_per_surrogate() -> None:
+    from loop.config import AcquisitionConfig
+
+    # exact GP joint posteriors are costly per candidate; cached ensemble predictions are not
+    assert AcquisitionConfig().shortlist_for("gp") == 256
+    assert AcquisitionConfig().shortlist_for("cloud_ensemble") == 2048
+    assert AcquisitionConfig(shortlist=64).shortlist_for("gp") == 64
+    with pytest.raises(ValueError, match="shortlist"):
+        AcquisitionConfig(shortlist=3)
