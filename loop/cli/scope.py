@@ -52,8 +52,8 @@ def _encode_paths(
     with _console(stderr=True).status(f"encoding {len(structures)} structures..."):
         result = encode_structures(
             structures,
-            variant=variant,
-            symprec=symprec,  # type: ignore[arg-type]
+            variant=variant,  # type: ignore[arg-type]
+            symprec=symprec,
             angle_tolerance=angle_tolerance,
             processes=processes,
         )
