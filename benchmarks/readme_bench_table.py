@@ -1,0 +1,87 @@
+"""Rewrite the loop-benchmark table of README.md from the committed benchmark JSONs.
+
+    python benchmarks/readme_bench_table.py          # rewrite between the bench-table markers
+    python benchmarks/readme_bench_table.py --print  # only print the table
+
+One row per strategy and batch size of every ``benchmarks/results/bench_*/bench_*.json``;
+the columns are those of each benchmark's own Markdown table at the pool's top 1 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
+
+# README label of each benchmark, in table order
+LABELS = {
+    "bench_perov_5": "perov_5 window, {budget} of {pool:,}",
+    "bench_aflow_debye": "AFLOW lowest theta, {budget} of {pool:,}",
+    "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1",
+    "bench_mpts52": "mpts_52 time split, {budget} of {pool:,}",
+    "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}",
+}
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _row(entry: dict[str, Any], budget: int) -> list[str]:
+    top = entry["top0.01"]
+    at = min(budget, len(top["median"])) - 1
+    ef = entry["ef0.01"]["median"][at]
+    t = entry["time_s"]
+    return [
+        f"{top['median'][at]:.2f} [{top['p05'][at]:.2f}-{top['p95'][at]:.2f}]",
+        _fmt(ef),
+        _fmt(entry.get("af_0.5_top0.01")),
+        f"{t['fit'] + t['score']:.1f} / {t['acquisition']:.1f}",
+    ]
+
+
+def table() -> str:
+    lines = [
+        "| benchmark (seeds) | strategy | Top% at budget, median [5-95] | EF | AF(50 %) | s/run fit+score / acq |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, label in LABELS.items():
+        path = RESULTS / name / f"{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        title = label.format(budget=data["budget"], pool=data["pool"]) + f" ({data['seeds']})"
+        for i, (strategy, entry) in enumerate(sorted(data["strategies"].items())):
+            short = re.sub(r"-q\d+$", "", strategy)
+            lines.append(
+                "| " + " | ".join([title if i == 0 else "", short, *_row(entry, data["budget"])]) + " |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--print", action="store_true", help="print the table, change nothing")
+    args = parser.parse_args()
+    text = table()
+    if args.print:
+        print(text)
+        return
+    readme = ROOT / "README.md"
+    source = readme.read_text()
+    if START not in source or END not in source:
+        raise SystemExit(f"{readme}: markers {START} / {END} not found")
+    head, rest = source.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    print(f"rewrote the benchmark table in {readme}")
+
+
+if __name__ == "__main__":
+    main()
