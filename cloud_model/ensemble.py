@@ -24,6 +24,7 @@ Files written by :meth:`CloudEnsemble.save` (nothing pickled)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -37,7 +38,12 @@ from torch import Tensor
 
 from cloud_model.calibration import CalibrationReport, calibration_report, fit_variance_scale
 from cloud_model.checkpoint import file_sha256, load_module_weights, save_module_weights
-from cloud_model.ensemble_runtime import EpochCallback, FeatureCache, fit_members
+from cloud_model.ensemble_runtime import (
+    EpochCallback,
+    FeatureCache,
+    fit_members,
+    shared_feature_cache,
+)
 from cloud_model.errors import CheckpointError, ConfigError
 from cloud_model.finetune import (
     FeatureSet,
@@ -215,6 +221,28 @@ class CloudEnsemble:
         return len(self.members)
 
     # ----------------------------------------------------------------- features
+    def trunk_fingerprint(self) -> str:
+        """Hash of everything the cached features depend on: trunk weights, cut, pooling,
+        token limit and device type."""
+        digest = hashlib.sha256()
+        digest.update(
+            f"{self.spec.kind}|{self.spec.n_trainable_blocks}|{self.spec.pooling}|"
+            f"{self.config.max_length}|{self.device.type}".encode()
+        )
+        for name, tensor in sorted(self.encoder.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def share_cache(self) -> None:
+        """Use the process-wide feature cache of this exact trunk and cut (see
+        :func:`cloud_model.ensemble_runtime.shared_feature_cache`); rows already in this
+        ensemble's own cache are kept."""
+        shared = shared_feature_cache(self.trunk_fingerprint(), self.config.max_cache_entries)
+        if shared is not self.cache:
+            shared.adopt(self.cache)
+            self.cache = shared
+
     def features(self, scopes: Sequence[str]) -> tuple[Tensor, Tensor | None]:
         """Frozen-trunk features of ``scopes`` (cached by string).
 

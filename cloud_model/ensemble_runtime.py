@@ -59,6 +59,13 @@ class FeatureCache:
         """Forget every cached row."""
         self._rows.clear()
 
+    def adopt(self, other: FeatureCache) -> None:
+        """Add the rows of ``other`` that this cache lacks (within ``max_entries``)."""
+        for scope, row in other._rows.items():
+            if len(self._rows) >= self.max_entries:
+                break
+            self._rows.setdefault(scope, row)
+
     def gather(
         self,
         scopes: Sequence[str],
@@ -106,6 +113,27 @@ class FeatureCache:
             x[i, : row.shape[0]] = row
             mask[i, : row.shape[0]] = True
         return x, mask  # (n, T[, C]), (n, T)
+
+
+# process-wide caches of identical frozen trunks (see shared_feature_cache), most recent last
+_SHARED_CACHES: dict[str, FeatureCache] = {}
+_MAX_SHARED_CACHES = 4
+
+
+def shared_feature_cache(fingerprint: str, max_entries: int) -> FeatureCache:
+    """The process-wide cache of the frozen trunk identified by ``fingerprint``.
+
+    Ensembles built on the same trunk weights and cut in one process (the runs of a
+    benchmark on a Ray worker, a campaign restarted in place) then encode each string
+    once between them. The ``_MAX_SHARED_CACHES`` most recently used trunks are kept.
+    """
+    cache = _SHARED_CACHES.pop(fingerprint, None)
+    if cache is None:
+        cache = FeatureCache(max_entries)
+    _SHARED_CACHES[fingerprint] = cache
+    while len(_SHARED_CACHES) > _MAX_SHARED_CACHES:
+        del _SHARED_CACHES[next(iter(_SHARED_CACHES))]
+    return cache
 
 
 def _choose_mode(n_members: int, parallel: str) -> ParallelMode:

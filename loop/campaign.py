@@ -214,6 +214,8 @@ class Campaign:
             ensemble = CloudEnsemble.create(
                 checkpoint, sc.n_members, sc.head, len(self.config.targets), ens_config
             )
+        # runs in one process (benchmark workers) share the frozen features of one trunk
+        ensemble.share_cache()
         surrogate = EnsembleSurrogate(
             ensemble, pool.scopes + self._prior_scopes, warm_start=self.config.finetune.warm_start
         )

@@ -210,3 +210,26 @@ def test_feature_cache_is_bounded_first_in_first_out() -> None:
     assert len(cache) == 3 and "a" not in cache and "bb" in cache
     cache.gather(["bb", "a"], encode, "hidden")
     assert seen[-1] == "a" and cache.n_computed == 5
+
+
+def test_ensembles_on_one_trunk_share_features_in_a_process(cv_rows) -> None:
+    scopes = cv_rows[0][:60]
+    config = _config(n_trainable_blocks=0, seed=11)
+    first = CloudEnsemble.create(None, 2, "regression", 1, config)
+    first.share_cache()
+    x_first, _ = first.features(scopes)
+    # same trunk weights and cut (the seed fixes the random trunk): nothing is encoded again
+    second = CloudEnsemble.create(None, 2, "regression", 1, config)
+    assert second.trunk_fingerprint() == first.trunk_fingerprint()
+    second.share_cache()
+    before = second.cache.n_computed
+    x_second, _ = second.features(scopes)
+    assert second.cache.n_computed == before and torch.equal(x_first, x_second)
+    # another trunk (seed) or another cut gets its own features
+    other = CloudEnsemble.create(None, 2, "regression", 1, _config(n_trainable_blocks=0, seed=12))
+    cut = CloudEnsemble.create(None, 2, "regression", 1, _config(n_trainable_blocks=1, seed=11))
+    assert len({first.trunk_fingerprint(), other.trunk_fingerprint(), cut.trunk_fingerprint()}) == 3
+    other.share_cache()
+    assert other.cache is not first.cache
+    x_other, _ = other.features(scopes)
+    assert not torch.equal(x_other, x_first)
