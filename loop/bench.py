@@ -215,7 +215,11 @@ def run_bench(
         "objective": spec.describe(),
         "budget": budget,
         "seeds": n_seeds,
-        "wall_s": wall,
+        "wall_s": wall,  # this invocation; runs finished earlier are only read back
+        # every run's own wall time summed, and what that is with `parallel` runs at once:
+        # the cost of the whole benchmark from scratch, however often it was resumed
+        "runs_wall_s": float(sum(r["wall_s"] for recs in records.values() for r in recs)),
+        "parallel": bench.parallel,
         "top_sizes": {str(f): len(t) for f, t in tops.items()},
         "strategies": {},
     }
@@ -261,7 +265,9 @@ def markdown_table(summary: dict[str, Any], bench: BenchConfig) -> str:
         f"### {summary['benchmark']}: {summary['objective']}",
         "",
         f"Pool {summary['pool']}, budget {summary['budget']}, {summary['seeds']} seeds, "
-        f"top {frac:.0%} = {summary['top_sizes'][str(frac)]} candidates; wall {summary['wall_s']:.0f} s.",
+        f"top {frac:.0%} = {summary['top_sizes'][str(frac)]} candidates; wall {summary['wall_s']:.0f} s "
+        f"this invocation; the runs took {summary['runs_wall_s']:.0f} s in all "
+        f"(~{summary['runs_wall_s'] / summary['parallel'] / 60:.0f} min at {summary['parallel']} at once).",
         "",
         "| strategy | Top% at budget (median [5-95]) | EF at budget | n to 50 % | AF(50 %) | AF(90 %) | anyALM (random) | s/run fit+score / acq |",
         "|---|---|---|---|---|---|---|---|",

@@ -104,10 +104,13 @@ def test_bench_runs_resumes_and_reports(ray_session: None, data_dir: Path, tmp_p
     assert summary["strategies"]["random-q4"]["time_s"]["fit"] == 0
     saved = json.loads((tmp_path / "out" / "smoke.json").read_text())
     assert saved["pool"] == 100
+    # the cost of the runs themselves is kept, so a resumed benchmark still reports it
+    assert saved["runs_wall_s"] >= max(r["wall_s_mean"] for r in saved["strategies"].values())
     assert (tmp_path / "out" / "smoke.png").stat().st_size > 1000
     assert "| cloud-q4 |" in (tmp_path / "out" / "smoke.md").read_text()
     # every run is an ordinary campaign directory, and a second call recomputes nothing
     first = (tmp_path / "out" / "runs" / "cloud-q4-s0" / "result.json").stat().st_mtime
-    run_bench(tmp_path / "bench.yaml", tmp_path / "out")
+    again = run_bench(tmp_path / "bench.yaml", tmp_path / "out")
     assert (tmp_path / "out" / "runs" / "cloud-q4-s0" / "result.json").stat().st_mtime == first
+    assert again["runs_wall_s"] == saved["runs_wall_s"]
     assert (tmp_path / "out" / "runs" / "cloud-q4-s0" / "campaign.sqlite").exists()
