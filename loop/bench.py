@@ -253,6 +253,12 @@ def run_bench(
         entry["wall_s_mean"] = float(np.mean([r["wall_s"] for r in recs]))
         entry["cpu_s_mean"] = float(np.mean([r["cpu_s"] for r in recs]))
         summary["strategies"][f"{name}-q{q}"] = entry
+    # every run, compactly: what it chose in order, and where its time went
+    summary["runs"] = {
+        r["name"]: {k: r[k] for k in ("submitted_ids", "stop_reason", "wall_s", "cpu_s", "timings")}
+        for recs in records.values()
+        for r in sorted(recs, key=lambda r: str(r["name"]))
+    }
     (out / f"{bench.name}.json").write_text(json.dumps(summary, indent=1))
     (out / f"{bench.name}.md").write_text(markdown_table(summary, bench))
     plot_bench(summary, out / f"{bench.name}.png")

@@ -104,6 +104,8 @@ def test_bench_runs_resumes_and_reports(ray_session: None, data_dir: Path, tmp_p
     assert summary["strategies"]["random-q4"]["time_s"]["fit"] == 0
     saved = json.loads((tmp_path / "out" / "smoke.json").read_text())
     assert saved["pool"] == 100
+    assert set(saved["runs"]) == {"cloud-q4-s0", "cloud-q4-s1", "random-q4-s0", "random-q4-s1"}
+    assert len(saved["runs"]["cloud-q4-s1"]["submitted_ids"]) == 12
     # the cost of the runs themselves is kept, so a resumed benchmark still reports it
     assert saved["runs_wall_s"] >= max(r["wall_s_mean"] for r in saved["strategies"].values())
     assert (tmp_path / "out" / "smoke.png").stat().st_size > 1000
