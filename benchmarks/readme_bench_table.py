@@ -23,7 +23,7 @@ START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}",
     "bench_aflow_debye": "AFLOW lowest theta, {budget} of {pool:,}",
-    "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1",
+    "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1 vs 8",
     "bench_mpts52": "mpts_52 time split, {budget} of {pool:,}",
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}",
 }
@@ -57,8 +57,10 @@ def table() -> str:
             continue
         data = json.loads(path.read_text())
         title = label.format(budget=data["budget"], pool=data["pool"]) + f" ({data['seeds']})"
+        batch_sizes = {e["batch_size"] for e in data["strategies"].values()}
         for i, (strategy, entry) in enumerate(sorted(data["strategies"].items())):
-            short = re.sub(r"-q\d+$", "", strategy)
+            # the batch-size suffix only where a benchmark compares batch sizes
+            short = strategy if len(batch_sizes) > 1 else re.sub(r"-q\d+$", "", strategy)
             lines.append(
                 "| " + " | ".join([title if i == 0 else "", short, *_row(entry, data["budget"])]) + " |"
             )
