@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loop.acquisition import select_batch
@@ -187,3 +188,15 @@ def test_gp_keeps_its_own_measurements_and_subsamples_prior_rows() -> None:
     again, _ = GPSurrogate(x, seed=0, max_train=50, n_pool=100)._subsample(train_idx, y[train_idx])
     assert torch.equal(kept, again)  # seeded
     assert GPSurrogate(x, max_train=500, n_pool=100)._subsample(train_idx, y)[0] is train_idx
+
+
+def test_gp_fit_iteration_cap_is_not_a_failure(caplog: pytest.LogCaptureFixture) -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(80, 4, generator=gen, dtype=torch.float64)
+    y = (x[:, :1] * 2 - x[:, 1:2]) + 0.01 * torch.randn(80, 1, generator=gen, dtype=torch.float64)
+    gp = GPSurrogate(x, seed=0, fit_maxiter=3)
+    with caplog.at_level("WARNING", logger="loop.surrogate"):
+        gp.fit(torch.arange(60), y[:60])
+    assert "failed" not in caplog.text  # stopping at the cap keeps the fitted hyperparameters
+    mean, _ = gp.mean_std(torch.arange(60, 80))
+    assert float((mean - y[60:]).abs().mean()) < float(y.std())
