@@ -231,7 +231,7 @@ class CloudEnsemble:
         )
         for name, tensor in sorted(self.encoder.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     def share_cache(self) -> None:
