@@ -41,7 +41,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     perm = torch.randperm(len(records), generator=gen)[: args.n_train + args.n_test].tolist()
     chosen = [records[i] for i in perm]
-    scopes = [r.scope or encode_scope(r.structure) for r in chosen]
+    scopes = [r.scope or encode_scope(r.structure()) for r in chosen]
     X = torch.tensor(composition_features(scopes))
     y = torch.tensor([[r.targets["formation_energy_per_atom"]] for r in chosen], dtype=torch.float64)
     train = torch.arange(args.n_train)
