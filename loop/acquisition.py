@@ -203,7 +203,7 @@ def _standalone_values(
     GP) are scored on ``surrogate.samples`` draws, which are independent per candidate
     and all a ``q = 1`` value depends on: a batched exact-GP posterior would rebuild
     the training covariance once per candidate (8,000 candidates x 300 training rows
-    took 21 s a decision; the draws take well under a second).
+    took 11.5-22 s; a whole decision with the draws takes 2.4 s).
     """
     if isinstance(model, LookupEnsembleModel):
         screen, choices, baseline = model, available, measured_idx

@@ -224,7 +224,7 @@ class GPSurrogate(Surrogate):
         mll = ExactMarginalLogLikelihood(gp.likelihood, gp)
         try:
             # L-BFGS-B without a cap ran ~4,000 steps a fit on mpts_52 (300 rows x 95 ARD
-            # lengthscales, ~50 s), creeping along the flat directions of features the
+            # lengthscales, 30-60 s), creeping along the flat directions of features the
             # training rows never vary; the cap ends that (hitting it is not a failure)
             fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": self.fit_maxiter}})
         except Exception as exc:  # botorch raises several types; the GP stays usable at its prior

@@ -216,8 +216,8 @@ def test_ensembles_on_one_trunk_share_features_in_a_process(cv_rows) -> None:
     scopes = cv_rows[0][:60]
     config = _config(n_trainable_blocks=0, seed=11)
     first = CloudEnsemble.create(None, 2, "regression", 1, config)
-    first.share_cache()
-    x_first, _ = first.features(scopes)
+    x_first, _ = first.features(scopes)  # encoded into its own cache ...
+    first.share_cache()  # ... which the shared cache adopts
     # same trunk weights and cut (the seed fixes the random trunk): nothing is encoded again
     second = CloudEnsemble.create(None, 2, "regression", 1, config)
     assert second.trunk_fingerprint() == first.trunk_fingerprint()

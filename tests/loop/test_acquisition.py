@@ -198,5 +198,15 @@ def test_gp_fit_iteration_cap_is_not_a_failure(caplog: pytest.LogCaptureFixture)
     with caplog.at_level("WARNING", logger="loop.surrogate"):
         gp.fit(torch.arange(60), y[:60])
     assert "failed" not in caplog.text  # stopping at the cap keeps the fitted hyperparameters
+    # the cap is applied: 3 steps end elsewhere than a full fit from the same start
+    full = GPSurrogate(x, seed=0)
+    full.fit(torch.arange(60), y[:60])
+    capped_state = gp.model().base.state_dict()
+    full_state = full.model().base.state_dict()
+    assert any(
+        not torch.allclose(capped_state[k], full_state[k])
+        for k in capped_state
+        if k.endswith("raw_lengthscale")
+    )
     mean, _ = gp.mean_std(torch.arange(60, 80))
     assert float((mean - y[60:]).abs().mean()) < float(y.std())
