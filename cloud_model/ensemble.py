@@ -37,6 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from cloud_model.calibration import CalibrationReport, calibration_report, fit_variance_scale
+from cloud_model.configs import EnsembleConfig as EnsembleConfig
+from cloud_model.configs import FinetuneConfig
 from cloud_model.checkpoint import file_sha256, load_module_weights, save_module_weights
 from cloud_model.ensemble_runtime import (
     EpochCallback,
@@ -47,7 +49,6 @@ from cloud_model.ensemble_runtime import (
 from cloud_model.errors import CheckpointError, ConfigError
 from cloud_model.finetune import (
     FeatureSet,
-    FinetuneConfig,
     MemberFitReport,
     MemberNet,
     MemberSpec,
@@ -57,7 +58,7 @@ from cloud_model.finetune import (
     trunk_features,
 )
 from cloud_model.heads import DebyeHeadConfig, RegressionHeadConfig
-from cloud_model.model import CloudConfig, CloudEncoder, ModelSize
+from cloud_model.model import CloudConfig, CloudEncoder
 
 if TYPE_CHECKING:
     from cloud_model.tokenizer import ScopeTokenizer
@@ -68,35 +69,6 @@ CARD_FILE = "ensemble.json"
 TRUNK_FILE = "trunk.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 ENSEMBLE_FORMAT_VERSION = 1
-
-
-class EnsembleConfig(FinetuneConfig):
-    """Fine-tuning hyperparameters plus what is specific to an ensemble."""
-
-    # default cut for ensembles: the top block + head per member over a shared cached trunk
-    n_trainable_blocks: int | Literal["all"] = Field(default=1)
-    loss: Literal["l1", "mse"] = "mse"
-    epochs: int = Field(default=40, ge=1)
-    # passes when fit() continues from the previous weights (warm start)
-    warm_start_epochs: int = Field(default=10, ge=1)
-    # train each member on a bootstrap resample of the training rows
-    bootstrap: bool = False
-    # fraction of fit() rows held out (never trained on) for early stopping and recalibration
-    val_fraction: float = Field(default=0.0, ge=0.0, lt=0.9)
-    # fit the sigma multiplier on the validation rows (needs a validation split)
-    recalibrate: bool = True
-    # "auto": Ray actors when CUDA is available, else in-process
-    parallel: Literal["auto", "ray", "in_process"] = "auto"
-    # GPU share of each member's actor (0.5 = two members per GPU)
-    gpus_per_member: float = Field(default=1.0, ge=0.0)
-    # strings whose frozen features stay in memory (first in, first out beyond it)
-    max_cache_entries: int = Field(default=200_000, ge=0)
-    # candidates scored per chunk by predict()
-    predict_chunk: int = Field(default=8192, ge=1)
-    # encoder size when no checkpoint is given (a randomly initialised trunk)
-    model_size: ModelSize = "small"
-    # names of the target columns (regression), stored in the card
-    target_names: tuple[str, ...] | None = None
 
 
 class FitReport(BaseModel):

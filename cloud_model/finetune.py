@@ -37,56 +37,11 @@ from torch import Tensor, nn
 from cloud_model.debye import heat_capacity
 from cloud_model.errors import ConfigError
 from cloud_model.heads import DebyeHead, DebyeHeadConfig, RegressionHead, RegressionHeadConfig
+from cloud_model.configs import FeatureKind as FeatureKind
+from cloud_model.configs import FinetuneConfig as FinetuneConfig
 from cloud_model.model import Block, CloudConfig, CloudEncoder
 
 logger = logging.getLogger(__name__)
-
-FeatureKind = Literal["ids", "hidden", "pooled"]
-
-
-class FinetuneConfig(BaseModel):
-    """Hyperparameters of fine-tuning one model (or each member of an ensemble)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # top transformer blocks trained; 0 = head only on cached pooled features; "all" = every block
-    n_trainable_blocks: int | Literal["all"] = Field(default="all")
-    # with every block trainable, also train the token/position embeddings (nothing is cached)
-    train_embeddings: bool = True
-    # pooled vector fed to the head; None keeps the encoder's own setting
-    pooling: Literal["cls", "mean"] | None = None
-    # L1 is robust to heavy-tailed targets; MSE matches the Gaussian view of an ensemble
-    loss: Literal["l1", "mse"] = "l1"
-    # passes over the training rows (early stopping may end sooner)
-    epochs: int = Field(default=60, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    # AdamW peak learning rates: the freshly initialised head learns faster than the encoder
-    lr_head: float = Field(default=1e-3, gt=0)
-    lr_encoder: float = Field(default=2e-4, gt=0)
-    # layer-wise decay: block d levels below the top gets lr_encoder * layer_decay**d (1 = off)
-    layer_decay: float = Field(default=1.0, gt=0, le=1)
-    weight_decay: float = Field(default=0.01, ge=0)
-    # linear warm-up over this fraction of steps, then cosine decay to 5 % of the peak
-    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
-    grad_clip: float = Field(default=1.0, gt=0)
-    # stop when validation loss has not improved for this many epochs (needs a validation split)
-    patience: int = Field(default=10, ge=1)
-    head_dropout: float = Field(default=0.1, ge=0, lt=1)
-    seed: int = 0
-    # "auto" = CUDA when available (bf16 autocast there), else CPU fp32
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # token sequences are cut to this length (the tokenizer reports truncations)
-    max_length: int = Field(default=64, ge=2)
-    eval_batch_size: int = Field(default=256, ge=1)
-    # Debye head: predict theta itself (AFLOW labels) or Cv at `temperatures` (CLOUD cv labels)
-    debye_output: Literal["theta", "heat_capacity"] = "heat_capacity"
-    # label temperatures in K, one per target column for debye_output="heat_capacity"
-    temperatures: tuple[float, ...] = (300.0,)
-    # loss on Cv divided by the training std of Cv (True) or in J/(mol K) (False)
-    standardise_debye_loss: bool = True
-    # typical Debye temperature (K); an untrained Debye head starts near it
-    theta_scale: float = Field(default=400.0, gt=0)
-
 
 def resolve_device(choice: Literal["auto", "cpu", "cuda"]) -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from cloud_model.configs import ModelSize
 from cloud_model.errors import ConfigError
 
-ModelSize = Literal["tiny", "small", "base"]
 
 # layers, width, heads, feed-forward width of each named size
 _SIZES: dict[str, tuple[int, int, int, int]] = {

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cloud_model.errors import ConfigError
-from cloud_model.model import ModelSize
+from cloud_model.configs import ModelSize
 
 
 class _Strict(BaseModel):
