@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from cloud_model.calibration import fit_variance_scale, gaussian_report
+from cloud_model.checkpoint import resolve_checkpoint
 from cloud_model.ensemble import CloudEnsemble, EnsembleConfig
 from cloud_model.finetune_data import DataSource, load_labelled, split_rows
 
@@ -41,13 +42,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "ensemble_calibration.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    checkpoint = None
-    if args.checkpoint == "default":
-        from cloud_model.checkpoint import default_checkpoint
-
-        checkpoint = default_checkpoint()
-    elif args.checkpoint != "none":
-        checkpoint = Path(args.checkpoint)
+    checkpoint = resolve_checkpoint(None if args.checkpoint == "none" else args.checkpoint)
     data = load_labelled(
         DataSource(dataset="aflow_debye_temperature", targets=("debye_temperature",))
     )

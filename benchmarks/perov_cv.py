@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from cloud_model.checkpoint import resolve_checkpoint
 from cloud_model.ensemble import CloudEnsemble, EnsembleConfig
 from cloud_model.finetune_data import DataSource, load_labelled
 from cloud_model.finetune_job import target_metrics
@@ -45,13 +46,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "perov_cv.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    checkpoint = None
-    if args.checkpoint == "default":
-        from cloud_model.checkpoint import default_checkpoint
-
-        checkpoint = default_checkpoint()
-    elif args.checkpoint != "none":
-        checkpoint = Path(args.checkpoint)
+    checkpoint = resolve_checkpoint(None if args.checkpoint == "none" else args.checkpoint)
     config = EnsembleConfig(
         n_trainable_blocks=args.n_trainable_blocks,
         pooling=args.pooling,

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from cloud_model.checkpoint import resolve_checkpoint
 from cloud_model.datasets import load_dataset
 from cloud_model.ensemble import CloudEnsemble, EnsembleConfig
 
@@ -81,13 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    checkpoint: str | Path | None = None
-    if args.checkpoint == "default":
-        from cloud_model.checkpoint import default_checkpoint
-
-        checkpoint = default_checkpoint()
-    elif args.checkpoint != "none":
-        checkpoint = Path(args.checkpoint)
+    checkpoint = resolve_checkpoint(None if args.checkpoint == "none" else args.checkpoint)
     pool = [r.scope or "" for r in load_dataset("cloud_pretrain_10k").records][: args.pool]
     peak = matmul_rate()
     results = []

@@ -100,6 +100,38 @@ def default_checkpoint() -> Path:
     return path
 
 
+DEFAULT_CHECKPOINT = "default"  # the setting that names the shipped checkpoint
+
+
+def resolve_checkpoint(value: str | Path | None) -> Path | None:
+    """The directory a checkpoint setting (config field or command-line option) names.
+
+    Args:
+        value: ``"default"`` for the shipped ``cloud-small`` checkpoint
+            (:func:`default_checkpoint`), None for no pretraining (a randomly
+            initialised encoder), or the path of a checkpoint directory.
+
+    Returns:
+        The checkpoint directory, or None.
+
+    Raises:
+        CheckpointError: the path does not exist or is not a directory, or the shipped
+            checkpoint is missing; the message names ``value``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value == DEFAULT_CHECKPOINT:
+        return default_checkpoint()
+    path = Path(value)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise CheckpointError(
+            f"checkpoint {str(value)!r}: {path} {what}; give a checkpoint directory, "
+            f"{DEFAULT_CHECKPOINT!r} for the shipped cloud-small, or null/none for no pretraining"
+        )
+    return path
+
+
 def vocab_sha256(tokenizer: ScopeTokenizer) -> str:
     """sha256 of the tokenizer's tokens in id order (one per line)."""
     return hashlib.sha256("\n".join(tokenizer.tokens).encode("utf-8")).hexdigest()

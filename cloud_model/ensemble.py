@@ -6,11 +6,12 @@ optionally, bootstrap resamples of the training rows). The bottom
 SCOPE string is computed once and cached in memory, keyed by the string, so
 scoring a pool again (after every fine-tune of a campaign) only re-runs each
 member's top blocks and head; with ``n_trainable_blocks = 0`` a member is a head
-on cached pooled vectors. See :mod:`cloud_model.finetune` for the cut and the
-training loop.
+on cached pooled vectors. See :mod:`cloud_model.trunk` for the cut and the cache,
+:mod:`cloud_model.finetune` for the members and their training loop.
 
 Members train in parallel as Ray actors, each pinned to a GPU or a fraction of
-one, when CUDA is available; in-process otherwise. ``predict`` returns
+one, when CUDA is available and the caller has started Ray; in-process otherwise
+(see :mod:`cloud_model.ensemble_runtime`). ``predict`` returns
 ``(members x candidates x targets)`` in target units, the input of the BoTorch
 ``EnsembleModel`` in :mod:`loop`.
 
@@ -24,7 +25,6 @@ Files written by :meth:`CloudEnsemble.save` (nothing pickled)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -37,28 +37,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from cloud_model.calibration import CalibrationReport, calibration_report, fit_variance_scale
-from cloud_model.configs import EnsembleConfig as EnsembleConfig
-from cloud_model.configs import FinetuneConfig
-from cloud_model.checkpoint import file_sha256, load_module_weights, save_module_weights
-from cloud_model.ensemble_runtime import (
-    EpochCallback,
-    FeatureCache,
-    fit_members,
-    shared_feature_cache,
+from cloud_model.checkpoint import (
+    file_sha256,
+    load_module_weights,
+    resolve_checkpoint,
+    save_module_weights,
 )
+from cloud_model.configs import EnsembleConfig as EnsembleConfig
+from cloud_model.ensemble_runtime import EpochCallback, fit_members
 from cloud_model.errors import CheckpointError, ConfigError
 from cloud_model.finetune import (
     FeatureSet,
     MemberFitReport,
     MemberNet,
-    MemberSpec,
-    member_spec,
     predict_member,
     resolve_device,
-    trunk_features,
 )
 from cloud_model.heads import DebyeHeadConfig, RegressionHeadConfig
 from cloud_model.model import CloudConfig, CloudEncoder
+from cloud_model.trunk import (
+    FeatureCache,
+    MemberSpec,
+    member_spec,
+    shared_feature_cache,
+    trunk_features,
+    trunk_fingerprint,
+)
 
 if TYPE_CHECKING:
     from cloud_model.tokenizer import ScopeTokenizer
@@ -150,8 +154,10 @@ class CloudEnsemble:
         """A new, untrained ensemble.
 
         Args:
-            checkpoint_dir: a pretrained checkpoint (any head; its encoder is used), or
-                None for a randomly initialised ``config.model_size`` encoder.
+            checkpoint_dir: a pretrained checkpoint directory (any head; its encoder is
+                used), ``"default"`` for the shipped one, or None for a randomly
+                initialised ``config.model_size`` encoder
+                (:func:`cloud_model.checkpoint.resolve_checkpoint`).
             n_members: K >= 1.
             head: ``"regression"`` (m targets) or ``"debye"`` (theta, or Cv at
                 ``config.temperatures``, per ``config.debye_output``).
@@ -164,6 +170,7 @@ class CloudEnsemble:
         config = config or EnsembleConfig()
         if n_members < 1:
             raise ConfigError(f"n_members must be >= 1, got {n_members}")
+        checkpoint_dir = resolve_checkpoint(checkpoint_dir)
         if checkpoint_dir is not None:
             from cloud_model.checkpoint import load_checkpoint
 
@@ -195,20 +202,14 @@ class CloudEnsemble:
     # ----------------------------------------------------------------- features
     def trunk_fingerprint(self) -> str:
         """Hash of everything the cached features depend on: trunk weights, cut, pooling,
-        token limit and device type."""
-        digest = hashlib.sha256()
-        digest.update(
-            f"{self.spec.kind}|{self.spec.n_trainable_blocks}|{self.spec.pooling}|"
-            f"{self.config.max_length}|{self.device.type}".encode()
+        token limit and device type (:func:`cloud_model.trunk.trunk_fingerprint`)."""
+        return trunk_fingerprint(
+            self.encoder, self.spec, max_length=self.config.max_length, device=self.device
         )
-        for name, tensor in sorted(self.encoder.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
 
     def share_cache(self) -> None:
         """Use the process-wide feature cache of this exact trunk and cut (see
-        :func:`cloud_model.ensemble_runtime.shared_feature_cache`); rows already in this
+        :func:`cloud_model.trunk.shared_feature_cache`); rows already in this
         ensemble's own cache are kept."""
         shared = shared_feature_cache(self.trunk_fingerprint(), self.config.max_cache_entries)
         if shared is not self.cache:

@@ -38,3 +38,7 @@ class TokenizerError(CloudlabError, ValueError):
 
 class CheckpointError(CloudlabError, ValueError):
     """A model checkpoint is missing, corrupt or incompatible."""
+
+
+class RayNotStartedError(CloudlabError, RuntimeError):
+    """Ray work was asked for but this process is not connected to Ray (the caller starts it)."""

@@ -1,17 +1,11 @@
-"""Fine-tuning machinery: a frozen shared trunk, trainable members, and their training loop.
+"""Fine-tuning machinery: trainable members on a frozen shared trunk, and their training loop.
 
-An encoder is cut at ``n_layer - n_trainable_blocks``. Everything below the cut
-(the *trunk*: embeddings and the bottom blocks) is frozen and shared; its output
-for a string never changes, so it is computed once and cached
-(:class:`FeatureCache`). Everything above the cut (a :class:`MemberNet`: the top
-blocks, the final LayerNorm, pooling and a head) is trained. Three cuts:
-
-* ``"pooled"`` (``n_trainable_blocks = 0``): the trunk is the whole encoder and
-  the cache holds one pooled vector per string; a member is a head only.
-* ``"hidden"``: the cache holds the per-token states ``(L, C)`` after the frozen
-  blocks; a member re-runs the top blocks.
-* ``"ids"`` (all blocks and the embeddings trainable): nothing is frozen; the
-  cache holds token ids.
+Where the encoder is cut and what the frozen part (the trunk) computes and caches
+is :mod:`cloud_model.trunk`. A :class:`MemberNet` is everything above the cut:
+copies of the top blocks (and, for the ``"ids"`` cut, of the embeddings), the
+final LayerNorm, pooling and a head; it runs them with the encoder's own step
+functions (:func:`cloud_model.model.embed_tokens`, :func:`~cloud_model.model.run_blocks`,
+:func:`~cloud_model.model.pool_states`).
 
 A member maps features to targets in physical units: a regression head
 (standardised internally), a Debye head giving theta (``debye_output="theta"``)
@@ -31,105 +25,24 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from cloud_model.configs import FinetuneConfig as FinetuneConfig
 from cloud_model.debye import heat_capacity
 from cloud_model.errors import ConfigError
-from cloud_model.heads import DebyeHead, DebyeHeadConfig, RegressionHead, RegressionHeadConfig
-from cloud_model.configs import FeatureKind as FeatureKind
-from cloud_model.configs import FinetuneConfig as FinetuneConfig
-from cloud_model.model import Block, CloudConfig, CloudEncoder
+from cloud_model.heads import DebyeHead, RegressionHead, RegressionHeadConfig
+from cloud_model.model import Block, CloudEncoder, embed_tokens, pool_states, run_blocks
+from cloud_model.trunk import MemberSpec
 
 logger = logging.getLogger(__name__)
+
 
 def resolve_device(choice: Literal["auto", "cpu", "cuda"]) -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-class MemberSpec(BaseModel):
-    """Everything needed to rebuild a member's modules (its weights live in safetensors)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    encoder: CloudConfig
-    kind: FeatureKind
-    n_trainable_blocks: int = Field(ge=0)
-    pooling: Literal["cls", "mean"]
-    head: RegressionHeadConfig | DebyeHeadConfig
-    debye_output: Literal["theta", "heat_capacity"] = "heat_capacity"
-    temperatures: tuple[float, ...] = (300.0,)
-    standardise_debye_loss: bool = True
-
-    @property
-    def n_targets(self) -> int:
-        """Output columns ``m``."""
-        if isinstance(self.head, RegressionHeadConfig):
-            return self.head.n_targets
-        return 1 if self.debye_output == "theta" else len(self.temperatures)
-
-
-def member_spec(
-    encoder: CloudConfig,
-    config: FinetuneConfig,
-    head: RegressionHeadConfig | DebyeHeadConfig,
-) -> MemberSpec:
-    """The cut and head that ``config`` asks for on an encoder of architecture ``encoder``."""
-    n_layer = encoder.n_layer
-    n_top = n_layer if config.n_trainable_blocks == "all" else config.n_trainable_blocks
-    if n_top > n_layer:
-        raise ConfigError(f"n_trainable_blocks={n_top} exceeds the encoder's {n_layer} blocks")
-    if n_top == 0:
-        kind: FeatureKind = "pooled"
-    elif n_top == n_layer and config.train_embeddings:
-        kind = "ids"
-    else:
-        kind = "hidden"
-    return MemberSpec(
-        encoder=encoder,
-        kind=kind,
-        n_trainable_blocks=n_top,
-        pooling=config.pooling or encoder.pooling,
-        head=head,
-        debye_output=config.debye_output,
-        temperatures=config.temperatures,
-        standardise_debye_loss=config.standardise_debye_loss,
-    )
-
-
-def _pool(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
-    """``(B, T, C)`` states -> ``(B, C)``: first ([CLS]) token or mean over real tokens."""
-    if pooling == "cls":
-        return hidden[:, 0]  # (B, C)
-    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, C)
-
-
-@torch.no_grad()
-def trunk_features(encoder: CloudEncoder, spec: MemberSpec, ids: Tensor, mask: Tensor) -> Tensor:
-    """The frozen part of the encoder applied to a batch (eval mode, no gradients).
-
-    Args:
-        encoder: the shared encoder.
-        spec: where it is cut.
-        ids: ``(B, T)`` token ids; mask: ``(B, T)`` bool, True on real tokens.
-
-    Returns:
-        ``(B, T)`` ids for ``"ids"``, ``(B, T, C)`` states for ``"hidden"``, ``(B, C)``
-        pooled vectors for ``"pooled"``.
-    """
-    if spec.kind == "ids":
-        return ids
-    if spec.kind == "pooled":
-        return _pool(encoder(ids, mask), mask, spec.pooling)  # (B, C)
-    pos = torch.arange(ids.shape[1], device=ids.device)  # (T,)
-    x = encoder.tok_emb(ids) + encoder.pos_emb(pos)  # (B, T, C)
-    key_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-    for block in encoder.blocks[: spec.encoder.n_layer - spec.n_trainable_blocks]:
-        x = block(x, key_mask)  # (B, T, C)
-    return x
 
 
 class MemberNet(nn.Module):
@@ -172,21 +85,20 @@ class MemberNet(nn.Module):
         """Head output: standardised ``(B, m)`` (regression) or theta ``(B,)`` in K (Debye).
 
         Args:
-            x: features from :func:`trunk_features`; mask: ``(B, T)`` (None for pooled).
+            x: features from :func:`cloud_model.trunk.trunk_features`: ``(B, T)`` ids,
+                ``(B, T, C)`` states or ``(B, C)`` pooled vectors.
+            mask: ``(B, T)`` bool, True on real tokens (None for pooled features).
         """
         if self.spec.kind != "pooled":
             if mask is None:
                 raise ConfigError("token features need their (B, T) mask")
             if self.embed is not None:
-                pos = torch.arange(x.shape[1], device=x.device)  # (T,)
-                x = self.drop(self.embed["tok"](x) + self.embed["pos"](pos))  # (B, T, C)
-            key_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-            for block in self.blocks:
-                x = block(x, key_mask)  # (B, T, C)
+                x = embed_tokens(self.embed["tok"], self.embed["pos"], self.drop, x)  # (B, T, C)
+            x = run_blocks(self.blocks, x, mask)  # (B, T, C)
             if self.ln_f is not None:  # always set for token features
                 x = self.ln_f(x)  # (B, T, C)
-            x = _pool(x, mask, self.spec.pooling)  # (B, C)
-        return self.head(x)
+            x = pool_states(x, mask, self.spec.pooling)  # (B, C)
+        return self.head(x)  # (B, m) standardised, or theta (B,)
 
     def to_targets(self, out: Tensor, n_atoms: Tensor | None) -> Tensor:
         """Head output -> predictions ``(B, m)`` in target units.

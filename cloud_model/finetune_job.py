@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from cloud_model.calibration import CalibrationReport, calibration_report
+from cloud_model.checkpoint import resolve_checkpoint
 from cloud_model.ensemble import CloudEnsemble, EnsembleConfig, FitReport
 from cloud_model.ensemble_runtime import EpochCallback
 from cloud_model.errors import ConfigError, DataError
@@ -141,11 +142,7 @@ def run_finetune_job(
         data, val_fraction=job.val_fraction, test_fraction=job.test_fraction, seed=job.split_seed
     )
     train, val, test = (data.subset(parts[k]) for k in ("train", "val", "test"))
-    checkpoint: str | Path | None = job.checkpoint
-    if checkpoint == "default":
-        from cloud_model.checkpoint import default_checkpoint
-
-        checkpoint = default_checkpoint()
+    checkpoint = resolve_checkpoint(job.checkpoint)
     config = job.model
     if job.head == "regression" and config.target_names is None:
         config = config.model_copy(update={"target_names": data.target_names})

@@ -1,7 +1,7 @@
 """The CLOUD encoder: a BERT-style transformer over SCOPE token ids.
 
 Reads top to bottom from the smallest piece to the largest, nanoGPT style:
-config -> self-attention -> MLP -> block -> encoder. Heads (masked LM,
+config -> self-attention -> MLP -> block -> the encoder's steps -> encoder. Heads (masked LM,
 regression, Debye) live in :mod:`cloud_model.heads`; the encoder only maps
 token ids to hidden states and pools them.
 
@@ -12,6 +12,7 @@ H attention heads, D = C / H head width, V vocabulary size.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -21,7 +22,6 @@ from torch import nn
 
 from cloud_model.configs import ModelSize
 from cloud_model.errors import ConfigError
-
 
 # layers, width, heads, feed-forward width of each named size
 _SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -145,6 +145,51 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
+def embed_tokens(
+    tok_emb: nn.Module, pos_emb: nn.Module, drop: nn.Module, ids: torch.Tensor
+) -> torch.Tensor:
+    """``drop(tok_emb(ids) + pos_emb(0..T-1))``: ``(B, T)`` ids -> ``(B, T, C)``.
+
+    ``tok_emb`` and ``pos_emb`` are the ``(V, C)`` and ``(max_len, C)`` ``nn.Embedding`` s.
+
+    The embedding step of :class:`CloudEncoder`, also run by a fine-tuned member that
+    holds its own copy of the embeddings (:class:`cloud_model.trunk.MemberNet`).
+    """
+    pos = torch.arange(ids.shape[1], device=ids.device)  # (T,)
+    return drop(tok_emb(ids) + pos_emb(pos))  # (B, T, C)
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Apply ``blocks`` in order, padding keys masked out.
+
+    Args:
+        blocks: :class:`Block` modules (a slice of an encoder's, or a member's copies).
+        x: ``(B, T, C)`` states; mask: ``(B, T)`` bool, True on real tokens.
+
+    Returns:
+        ``(B, T, C)``.
+
+    Raises:
+        ConfigError: ``mask`` is not ``(B, T)`` of ``x``.
+    """
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ConfigError(f"mask shape {tuple(mask.shape)} != states shape {tuple(x.shape[:2])}")
+    key_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    for block in blocks:
+        x = block(x, key_mask)  # (B, T, C)
+    return x
+
+
+def pool_states(
+    hidden: torch.Tensor, mask: torch.Tensor, pooling: Literal["cls", "mean"]
+) -> torch.Tensor:
+    """``(B, T, C)`` states -> ``(B, C)``: the first ([CLS]) state or the mean over real tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]  # (B, C)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, C)
+
+
 class CloudEncoder(nn.Module):
     """Token + learned position embeddings, ``n_layer`` pre-norm blocks, final LayerNorm.
 
@@ -175,8 +220,49 @@ class CloudEncoder(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    # ----------------------------------------------------------------- the steps of forward
+    # Every cut of the encoder (a frozen trunk below, trainable blocks above, see
+    # cloud_model.trunk) is a composition of these steps, so there is one forward pass.
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings (with dropout in training mode).
+
+        Args:
+            ids: ``(B, T)`` long token ids, ``T <= max_len``.
+
+        Returns:
+            ``(B, T, C)`` input of the first block.
+
+        Raises:
+            ConfigError: the sequence is longer than ``max_len``.
+        """
+        T = ids.shape[1]
+        if T > self.config.max_len:
+            raise ConfigError(f"sequence length {T} exceeds max_len={self.config.max_len}")
+        return embed_tokens(self.tok_emb, self.pos_emb, self.drop, ids)  # (B, T, C)
+
+    def run_blocks(
+        self, hidden: torch.Tensor, mask: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Blocks ``start .. stop - 1`` (Python slice semantics; default: all of them).
+
+        Args:
+            hidden: ``(B, T, C)`` states entering block ``start``.
+            mask: ``(B, T)`` bool, True on real tokens.
+            start: index of the first block to run.
+            stop: one past the last block to run; None = through the top block.
+
+        Returns:
+            ``(B, T, C)`` states leaving block ``stop - 1`` (``hidden`` itself if the range is empty).
+        """
+        return run_blocks(self.blocks[start:stop], hidden, mask)  # (B, T, C)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm: ``(B, T, C)`` -> ``(B, T, C)``."""
+        return self.ln_f(hidden)  # (B, T, C)
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states of every token.
+        """Hidden states of every token: ``final_norm(run_blocks(embed(ids), mask))``.
 
         Args:
             ids: ``(B, T)`` long token ids, ``T <= max_len``.
@@ -188,32 +274,29 @@ class CloudEncoder(nn.Module):
         Raises:
             ConfigError: the sequence is longer than ``max_len`` or shapes disagree.
         """
-        B, T = ids.shape
-        if T > self.config.max_len:
-            raise ConfigError(f"sequence length {T} exceeds max_len={self.config.max_len}")
         if mask.shape != ids.shape:
             raise ConfigError(f"mask shape {tuple(mask.shape)} != ids shape {tuple(ids.shape)}")
-        pos = torch.arange(T, device=ids.device)  # (T,)
-        x = self.drop(self.tok_emb(ids) + self.pos_emb(pos))  # (B, T, C)
-        key_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-        for block in self.blocks:
-            x = block(x, key_mask)  # (B, T, C)
-        return self.ln_f(x)  # (B, T, C)
+        x = self.embed(ids)  # (B, T, C)
+        x = self.run_blocks(x, mask)  # (B, T, C)
+        return self.final_norm(x)  # (B, T, C)
 
-    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        pooling: Literal["cls", "mean"] | None = None,
+    ) -> torch.Tensor:
         """One vector per sequence: the first ([CLS]) state or the mean over real tokens.
 
         Args:
             hidden: ``(B, T, C)`` from :meth:`forward`.
             mask: ``(B, T)`` bool, True on real tokens.
+            pooling: overrides ``config.pooling`` (a fine-tuned member may pool differently).
 
         Returns:
             ``(B, C)``.
         """
-        if self.config.pooling == "cls":
-            return hidden[:, 0]  # (B, C)
-        weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, C)
+        return pool_states(hidden, mask, pooling or self.config.pooling)  # (B, C)
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``pool(forward(ids, mask), mask)``: ``(B, T)`` ids -> ``(B, C)`` embeddings."""

@@ -4,8 +4,10 @@ AdamW with linear warm-up and cosine decay, gradient clipping, bf16 autocast on
 CUDA (fp32 on CPU), and RNGs derived from ``(seed, step, rank)``: the batch
 order, the masks and the dropout of step ``s`` do not depend on what ran
 before, so a run resumed from its last training state repeats the uninterrupted
-run exactly. The same :func:`train_loop` runs in-process or, when
-``train.num_workers > 1``, under Ray Train (:mod:`cloud_model.distributed`).
+run exactly. The same :func:`train_loop` runs in-process (:func:`pretrain`) or,
+when ``train.num_workers > 1``, under Ray Train
+(:func:`cloud_model.ray_work.pretrain_with_ray`, which imports this module; this
+module never imports it).
 The corpus comes from :mod:`cloud_model.pretrain_corpus`.
 """
 
@@ -355,6 +357,35 @@ def _model_card(
     )
 
 
+def prepare_run(
+    config: PretrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    corpus: Corpus | None = None,
+    tokenizer: ScopeTokenizer | None = None,
+) -> tuple[Path, Corpus, ScopeTokenizer]:
+    """Check and create the run directory; default the tokenizer and build the corpus.
+
+    Shared by :func:`pretrain` (in process) and :func:`cloud_model.ray_work.pretrain_with_ray`.
+
+    Returns:
+        ``(out_dir, corpus, tokenizer)``.
+
+    Raises:
+        ConfigError: ``out_dir`` already holds a training run and ``resume`` is False.
+    """
+    from cloud_model.tokenizer import ScopeTokenizer
+
+    out = Path(out_dir)
+    if not resume and has_training_state(out / STATE_DIR):
+        raise ConfigError(
+            f"{out} already holds a training run: resume it (--resume) or pick a new --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out, corpus or build_corpus(config.data), tokenizer or ScopeTokenizer.default()
+
+
 def pretrain(
     config: PretrainConfig,
     out_dir: str | Path,
@@ -365,36 +396,36 @@ def pretrain(
     tokenizer: ScopeTokenizer | None = None,
     command: str = "",
 ) -> PretrainResult:
-    """Pretrain a CLOUD encoder with MLM, in-process or under Ray Train (``num_workers > 1``).
+    """Pretrain a CLOUD encoder with MLM in this process.
+
+    Data-parallel runs (``train.num_workers > 1``) go through
+    :func:`cloud_model.ray_work.pretrain_with_ray` instead, with Ray started by the
+    caller (``cloudlab pretrain`` does both).
 
     Args:
         config: the run configuration (see ``configs/pretrain_small.yaml``).
         out_dir: run directory; receives the checkpoint (``model.safetensors``,
             ``model_card.json``, ``tokenizer.json``) and ``training_state/``.
         resume: continue from the last training state in ``out_dir``.
-        callback: progress hooks (not used under Ray, whose workers log instead).
+        callback: progress hooks.
         corpus: use these strings instead of :func:`build_corpus` (tests, custom corpora).
         tokenizer: defaults to ``ScopeTokenizer.default()``.
         command: recorded in the model card as the command that reproduces the run.
 
     Raises:
-        ConfigError: invalid options, or ``out_dir`` holds a run and ``resume`` is False.
+        ConfigError: invalid options, ``train.num_workers > 1``, or ``out_dir`` holds a
+            run and ``resume`` is False.
         CheckpointError: the training state cannot be resumed.
     """
-    from cloud_model.tokenizer import ScopeTokenizer
-
-    out = Path(out_dir)
-    if not resume and has_training_state(out / STATE_DIR):
-        raise ConfigError(
-            f"{out} already holds a training run: resume it (--resume) or pick a new --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer or ScopeTokenizer.default()
-    corpus = corpus or build_corpus(config.data)
     if config.train.num_workers > 1:
-        from cloud_model.distributed import pretrain_with_ray
-
-        return pretrain_with_ray(config, out, corpus, tokenizer, resume=resume, command=command)
+        raise ConfigError(
+            f"train.num_workers={config.train.num_workers}: data-parallel pretraining runs under "
+            "Ray Train; start Ray and call cloud_model.ray_work.pretrain_with_ray "
+            "(`cloudlab pretrain` does both)"
+        )
+    out, corpus, tokenizer = prepare_run(
+        config, out_dir, resume=resume, corpus=corpus, tokenizer=tokenizer
+    )
     return train_loop(
         config, out, corpus, tokenizer, resume=resume, callback=callback, command=command
     )

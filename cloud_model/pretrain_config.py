@@ -9,8 +9,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cloud_model.errors import ConfigError
 from cloud_model.configs import ModelSize
+from cloud_model.errors import ConfigError
 
 
 class _Strict(BaseModel):

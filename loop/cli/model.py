@@ -15,7 +15,7 @@ import typer
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from cloud_model.pretrain import EvalMetrics, PretrainCallback, StepProgress
+    from cloud_model.pretrain import EvalMetrics, PretrainCallback, PretrainResult, StepProgress
 
 
 def _rich_pretrain_callback(progress: Progress) -> PretrainCallback:
@@ -71,6 +71,14 @@ def pretrain_command(
 
     cfg = PretrainConfig.from_yaml(config)
     command = shlex.join(["cloudlab", "pretrain", str(config), "--out", str(out)])
+    if cfg.train.num_workers > 1:  # data parallel under Ray Train: the workers log, no progress bar
+        from adapters.ray_runtime import ensure_ray
+        from cloud_model.ray_work import pretrain_with_ray
+
+        ensure_ray()
+        result = pretrain_with_ray(cfg, out, resume=resume, command=command)
+        _echo_pretrain_result(result, out)
+        return
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -78,6 +86,10 @@ def pretrain_command(
     with Progress(*columns) as progress:
         callback = _rich_pretrain_callback(progress)
         result = pretrain(cfg, out, resume=resume, callback=callback, command=command)
+    _echo_pretrain_result(result, out)
+
+
+def _echo_pretrain_result(result: PretrainResult, out: Path) -> None:
     last = result.validation[-1] if result.validation else None
     typer.echo(
         f"checkpoint written to {out} ({result.n_parameters:,} parameters, {result.steps} steps in "
@@ -90,6 +102,19 @@ def pretrain_command(
 
 
 # ---------------------------------------------------------------- finetune / predict
+def _members_train_on_ray(parallel: str, n_members: int) -> bool:
+    """Whether an ensemble fit with this ``parallel`` setting wants Ray actors (see
+    :mod:`cloud_model.ensemble_runtime`): always for ``"ray"``; for ``"auto"`` with CUDA
+    and more than one member."""
+    if parallel == "ray":
+        return True
+    if parallel != "auto" or n_members < 2:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def finetune_command(
     config: Path = typer.Argument(
         ...,
@@ -107,6 +132,10 @@ def finetune_command(
     from cloud_model.finetune_job import FinetuneJob, run_finetune_job
 
     job = FinetuneJob.from_yaml(config)
+    if _members_train_on_ray(job.model.parallel, job.n_members):
+        from adapters.ray_runtime import ensure_ray
+
+        ensure_ray()  # cloud_model never starts Ray itself
     total = job.n_members * job.model.epochs
     columns = (
         TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

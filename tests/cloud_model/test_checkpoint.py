@@ -20,6 +20,7 @@ from cloud_model.checkpoint import (
     load_checkpoint,
     load_encoder,
     load_module_weights,
+    resolve_checkpoint,
     save_checkpoint,
     save_module_weights,
 )
@@ -229,3 +230,16 @@ def test_shipped_small_checkpoint_loads_and_fills_masked_tokens(
     accuracy = float((logits.argmax(-1)[picked] == labels[picked]).float().mean())
     assert loss is not None and float(loss) < 1.0  # untrained: ln(443) = 6.1 nats; shipped: 0.67
     assert accuracy > 0.7  # shipped: 0.83
+
+
+def test_checkpoint_settings_resolve_to_a_directory_or_none(tmp_path: Path) -> None:
+    assert resolve_checkpoint(None) is None  # no pretraining
+    assert resolve_checkpoint("default") == default_checkpoint()  # the shipped cloud-small
+    assert resolve_checkpoint(str(tmp_path)) == tmp_path
+    assert resolve_checkpoint(tmp_path) == tmp_path
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(CheckpointError, match="'.*no-such-run'.* does not exist.*'default'"):
+        resolve_checkpoint(str(missing))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        resolve_checkpoint(tmp_path / "file.txt")

@@ -158,6 +158,20 @@ def test_inconsistent_requests_raise(cv_rows) -> None:
         ens.predict_theta(scopes[:2])
 
 
+def test_ray_members_need_ray_started_by_the_caller(cv_rows) -> None:
+    import ray
+
+    from cloud_model.errors import RayNotStartedError
+
+    if ray.is_initialized():
+        pytest.skip("a Ray runtime is already running in this test process")
+    scopes, cv, n_atoms = cv_rows
+    ens = CloudEnsemble.create(None, 2, "regression", 2, _config(parallel="ray"))
+    with pytest.raises(RayNotStartedError, match="not connected to Ray"):
+        ens.fit(scopes[:20], _two_targets(cv, n_atoms)[:20])
+    assert not ray.is_initialized()  # nothing started Ray behind the caller's back
+
+
 @pytest.mark.slow
 def test_members_train_as_ray_actors_on_cpu(cv_rows, ray_session) -> None:
     scopes, cv, n_atoms = cv_rows
@@ -193,7 +207,7 @@ def test_length_sorted_scoring_returns_rows_in_input_order(cv_rows) -> None:
 
 
 def test_feature_cache_is_bounded_first_in_first_out() -> None:
-    from cloud_model.ensemble_runtime import FeatureCache
+    from cloud_model.trunk import FeatureCache
 
     cache = FeatureCache(max_entries=3)
     seen: list[str] = []

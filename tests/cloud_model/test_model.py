@@ -170,3 +170,61 @@ def test_build_model_reuses_a_given_encoder() -> None:
     assert model.encoder is encoder
     with pytest.raises(ConfigError, match="differs"):
         build_model(CloudConfig.named("tiny", VOCAB + 1), DebyeHeadConfig(), encoder=encoder)
+
+
+# ----------------------------------------------------------------- the encoder's steps
+
+
+def test_forward_is_the_composition_of_its_steps_bitwise() -> None:
+    encoder = _tiny(n_layer=3)
+    ids, mask = _batch(B=5, T=16, seed=3)
+    with torch.no_grad():
+        hidden = encoder(ids, mask)  # (B, T, C)
+        x = encoder.embed(ids)  # (B, T, C)
+        for k in range(encoder.config.n_layer):  # one block at a time
+            x = encoder.run_blocks(x, mask, start=k, stop=k + 1)
+        assert torch.equal(encoder.final_norm(x), hidden)
+        # any cut: bottom blocks then top blocks is the whole stack
+        for cut in range(encoder.config.n_layer + 1):
+            below = encoder.run_blocks(encoder.embed(ids), mask, stop=cut)
+            assert torch.equal(
+                encoder.final_norm(encoder.run_blocks(below, mask, start=cut)), hidden
+            )
+        assert torch.equal(encoder.run_blocks(x, mask, start=3), x)  # empty range: unchanged
+        assert torch.equal(encoder.encode(ids, mask), hidden[:, 0])  # cls pooling
+        mean = encoder.pool(hidden, mask, "mean")  # (B, C)
+        expected = torch.stack([hidden[i, mask[i]].mean(0) for i in range(len(ids))])
+        assert torch.allclose(mean, expected, atol=1e-6)
+
+
+def test_steps_validate_lengths_and_masks() -> None:
+    encoder = _tiny()
+    ids, mask = _batch(T=12)
+    with pytest.raises(ConfigError, match="max_len"):
+        encoder.embed(torch.zeros(1, encoder.config.max_len + 1, dtype=torch.long))
+    with pytest.raises(ConfigError, match="mask shape"):
+        encoder.run_blocks(encoder.embed(ids), mask[:, :-1])
+
+
+def test_trunk_cuts_reuse_the_encoder_steps_bitwise() -> None:
+    """Frozen trunk features + a member copied from the encoder's top = the whole encoder."""
+    from cloud_model.configs import FinetuneConfig
+    from cloud_model.finetune import MemberNet
+    from cloud_model.trunk import member_spec, trunk_features
+
+    encoder = _tiny(n_layer=3, dropout=0.0)
+    ids, mask = _batch(B=6, T=14, seed=5)
+    head = RegressionHeadConfig(target_names=("y",), dropout=0.0)
+    with torch.no_grad():
+        cuts = ((0, "cls", True), (1, "mean", True), (3, "cls", False), ("all", "mean", True))
+        for n_top, pooling, embeddings in cuts:  # pooled, hidden, hidden below nothing, ids
+            config = FinetuneConfig(
+                n_trainable_blocks=n_top, pooling=pooling, train_embeddings=embeddings
+            )
+            spec = member_spec(encoder.config, config, head)
+            member = MemberNet(spec, encoder).eval()
+            out = member(
+                trunk_features(encoder, spec, ids, mask), None if spec.kind == "pooled" else mask
+            )
+            expected = member.head(encoder.pool(encoder(ids, mask), mask, pooling))
+            assert torch.equal(out, expected), (n_top, pooling, spec.kind)

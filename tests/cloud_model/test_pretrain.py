@@ -23,6 +23,7 @@ from cloud_model.pretrain import (
     pretrain,
 )
 from cloud_model.pretrain_corpus import build_corpus, in_validation, split_strings
+from cloud_model.ray_work import pretrain_with_ray
 from cloud_model.tokenizer import ScopeTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -241,7 +242,9 @@ def test_ray_train_two_cpu_workers(
     config = _tiny_config(
         num_workers=2, max_steps=30, batch_size=16, eval_every=30, checkpoint_every=30
     )
-    result = pretrain(config, tmp_path, corpus=corpus, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="pretrain_with_ray"):
+        pretrain(config, tmp_path, corpus=corpus, tokenizer=tokenizer)  # in-process entry point
+    result = pretrain_with_ray(config, tmp_path, corpus=corpus, tokenizer=tokenizer)
     shards = [json.loads((tmp_path / "shards" / f"rank_{r}.json").read_text()) for r in range(2)]
     rows = [set(s["rows"]) for s in shards]
     assert len(rows[0]) > 400 and len(rows[1]) > 400 and not rows[0] & rows[1]
@@ -272,3 +275,16 @@ def test_corpus_encodes_cif_datasets_and_drops_excluded_splits(
     assert 1900 <= corpus.sources["mp_20_pilot"] <= 2000  # train + val rows, a few may fail
     assert set(corpus.train) | set(corpus.validation) == kept
     assert all(s.count(" | ") == 2 for s in corpus.train)
+
+
+def test_ray_work_needs_a_running_ray(tmp_path: Path, tokenizer: ScopeTokenizer) -> None:
+    import ray
+
+    from cloud_model.errors import RayNotStartedError
+
+    if ray.is_initialized():
+        pytest.skip("a Ray runtime is already running in this test process")
+    config = _tiny_config(num_workers=2)
+    with pytest.raises(RayNotStartedError, match="ensure_ray"):
+        pretrain_with_ray(config, tmp_path, corpus=split_strings(["a | b | c"], 0.0))
+    assert not (tmp_path / "training_state").exists()  # nothing was started or written
