@@ -51,7 +51,8 @@ def build_corpus(data: DataOptions) -> Corpus:
         ConfigError: a dataset is unknown or of the wrong kind.
         DataError: the corpus is empty.
     """
-    from cloud_model.datasets import REGISTRY, load_dataset
+    from cloud_model.datasets import REGISTRY
+    from cloud_model.labelled_data import DataSource, load_labelled
 
     cif_names = (
         [n for n, spec in REGISTRY.items() if spec.kind == "cif"]
@@ -65,17 +66,16 @@ def build_corpus(data: DataOptions) -> Corpus:
         if spec is None or spec.kind != kind:
             raise ConfigError(f"data: {name!r} is not a registered {kind} dataset")
         excluded = [s for s in data.exclude_splits.get(name, []) if s in spec.splits]
-        kept = [s for s in spec.splits if s not in excluded]
-        if kind == "cif":
-            from cloud_model.corpus import encode_dataset
-
-            encoded = encode_dataset(
-                name, variant=data.variant, symprec=data.symprec, processes=data.processes
-            )
-            dropped = {r.id for r in load_dataset(name, excluded).records} if excluded else set()
-            part = [s for rid, s in encoded.items() if s and rid not in dropped]
-        else:
-            part = [r.scope for r in load_dataset(name, kept).records if r.scope]
+        kept = tuple(s for s in spec.splits if s not in excluded)
+        source = DataSource(
+            dataset=name,
+            splits=kept,
+            variant=data.variant if kind == "cif" else "cloud",
+            symprec=data.symprec,
+            processes=data.processes,
+        )
+        # SCOPE-encoded once per dataset (cached); rows of the excluded splits left out
+        part = load_labelled(source, allow_empty=True).scopes
         sources[name] = len(part)
         strings += part
         logger.info(

@@ -2,28 +2,27 @@
 
 A pool comes from a registry dataset (CIF sets are SCOPE-encoded once, through the
 on-disk cache of :mod:`cloud_model.corpus`) or from a CSV file with an id column and
-a CIF or SCOPE column. Rows that cannot be encoded are reported (count and first
-ids) and left out, never silently dropped; a pool with none left is an error.
+a CIF or SCOPE column, read by the shared loader
+:func:`cloud_model.labelled_data.load_labelled` (its rules for ids, missing values
+and errors are documented there). Rows that cannot be encoded are reported (count
+and first ids) and left out, never silently dropped; a pool with none left is an error.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from cloud_model.errors import ConfigError, DataError
+import torch
+
+from cloud_model.errors import ConfigError
+from cloud_model.labelled_data import SMALL_SELECTION, DataSource, LabelledSet, load_labelled
 from loop.config import PoolConfig
 
-if TYPE_CHECKING:
-    from cloud_model.datasets import CrystalRecord
-
 # a hand-picked pool (pool.include_ids) up to this size is encoded on its own, not the whole dataset
-SMALL_POOL = 500
+SMALL_POOL = SMALL_SELECTION
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +56,44 @@ def load_pool(config: PoolConfig, targets: tuple[str, ...], *, seed: int = 0) ->
 
     Args:
         config: the campaign's pool section.
-        targets: target columns to read as truth (missing/NaN values are skipped).
+        targets: target columns to read as truth (missing/NaN values are skipped; a CSV
+            pool may lack a target column altogether).
         seed: seeds the ``max_candidates`` subsample.
 
     Raises:
-        ConfigError: unknown dataset or target, missing columns, empty pool.
+        DataError: unknown dataset or target, missing file or column.
+        ConfigError: ``include_ids`` not in the pool, empty pool.
     """
     if config.dataset is not None:
-        pool = _from_dataset(config, targets)
+        source = DataSource(
+            dataset=config.dataset,
+            splits=None if config.splits is None else tuple(config.splits),
+            targets=targets,
+            variant=config.variant,
+            symprec=config.symprec,
+            processes=None,
+        )
     else:
-        assert config.file is not None  # the config validator guarantees one source
-        pool = _from_file(config, targets)
+        source = DataSource(
+            csv=config.file,
+            targets=targets,
+            id_column=config.id_column,
+            structure_column=config.structure_column,
+            structure_format=config.structure_format,
+            n_atoms_column=None,
+            variant=config.variant,
+            symprec=config.symprec,
+            processes=None,
+        )
+    small = config.include_ids is not None and len(config.include_ids) <= SMALL_POOL
+    data = load_labelled(
+        source,
+        only_ids=config.include_ids if small else None,
+        require_targets=config.dataset is not None,  # a CSV pool may come without truth
+        allow_empty=True,
+        dtype=torch.float64,  # the truth exactly as the source has it
+    )
+    pool = _from_labelled(data)
     if config.include_ids is not None:
         wanted = set(config.include_ids)
         missing = wanted - set(pool.ids)
@@ -82,104 +108,24 @@ def load_pool(config: PoolConfig, targets: tuple[str, ...], *, seed: int = 0) ->
         pool = _subset(pool, keep)
     if len(pool) == 0:
         raise ConfigError("the candidate pool is empty after encoding, exclusions and subsampling")
-    if pool.invalid:
-        logger.warning(
-            "%d pool rows left out (first: %s)",
-            len(pool.invalid),
-            ", ".join(f"{i}: {r}" for i, r in pool.invalid[:3]),
-        )
     return pool
 
 
-def _from_dataset(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
-    from cloud_model.datasets import get_spec, load_dataset
-
-    assert config.dataset is not None
-    spec = get_spec(config.dataset)
-    unknown = [t for t in targets if t not in spec.targets]
-    if unknown:
-        raise ConfigError(
-            f"dataset {spec.name!r} has no target(s) {unknown}; it has {sorted(spec.targets)}"
-        )
-    loaded = load_dataset(spec.name, config.splits)
-    scopes = _scopes_for(spec.name, loaded.records, config)
-    pool = Pool(ids=[], scopes=[], units={t: spec.targets[t].unit for t in targets})
-    pool.invalid.extend(loaded.invalid)
-    for rec in loaded.records:
-        scope = scopes.get(rec.id)
-        if scope is None:
-            pool.invalid.append((rec.id, "could not be SCOPE-encoded"))
-            continue
-        pool.ids.append(rec.id)
-        pool.scopes.append(scope)
-        if rec.cif is not None:
-            pool.cifs[rec.id] = rec.cif
-        values = {
-            t: rec.targets[t] for t in targets if not math.isnan(rec.targets.get(t, math.nan))
-        }
+def _from_labelled(data: LabelledSet) -> Pool:
+    """Ids, strings, structures and the finite labels (truth) of a loaded set."""
+    truth: dict[str, dict[str, float]] = {}
+    for cid, row in zip(data.ids, data.y.tolist(), strict=True):  # one conversion, not n
+        values = {t: v for t, v in zip(data.target_names, row, strict=True) if not math.isnan(v)}
         if values:
-            pool.truth[rec.id] = values
-    return pool
-
-
-def _scopes_for(name: str, records: list[CrystalRecord], config: PoolConfig) -> dict[str, str]:
-    """SCOPE strings by record id: the whole dataset (cached), or only a hand-picked few."""
-    from cloud_model.corpus import encode_dataset, encode_structures
-
-    few = config.include_ids is not None and len(config.include_ids) <= SMALL_POOL
-    if not few or any(r.cif is None for r in records):
-        return encode_dataset(name, variant=config.variant, symprec=config.symprec)
-    wanted = set(config.include_ids or ())
-    chosen = [r for r in records if r.id in wanted]
-    result = encode_structures(
-        [r.cif or "" for r in chosen], variant=config.variant, symprec=config.symprec
+            truth[cid] = values
+    return Pool(
+        ids=list(data.ids),
+        scopes=list(data.scopes),
+        cifs=dict(data.cifs),
+        truth=truth,
+        units=dict(data.units),
+        invalid=list(data.invalid),
     )
-    return {r.id: s for r, s in zip(chosen, result.strings, strict=True) if s is not None}
-
-
-def _from_file(config: PoolConfig, targets: tuple[str, ...]) -> Pool:
-    assert config.file is not None
-    path = config.file
-    if not path.is_file():
-        raise ConfigError(f"pool.file {path} not found")
-    with _open_text(path) as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        for needed in (config.id_column, config.structure_column):
-            if needed not in columns:
-                raise ConfigError(f"pool.file {path}: no column {needed!r} (columns: {columns})")
-        rows = list(reader)
-    ids = [r[config.id_column] for r in rows]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"pool.file {path}: ids in column {config.id_column!r} are not unique")
-    texts = [r[config.structure_column] for r in rows]
-    if config.structure_format == "scope":
-        encoded: list[str | None] = [t.strip() or None for t in texts]
-        errors = {i: "empty SCOPE string" for i, t in enumerate(encoded) if t is None}
-    else:
-        from cloud_model.corpus import encode_structures
-
-        result = encode_structures(texts, variant=config.variant, symprec=config.symprec)
-        encoded, errors = list(result.strings), dict(result.errors)
-    pool = Pool(ids=[], scopes=[], units={t: "" for t in targets if t in columns})
-    for i, (cid, scope) in enumerate(zip(ids, encoded, strict=True)):
-        if scope is None:
-            pool.invalid.append((cid, errors.get(i, "could not be encoded")))
-            continue
-        pool.ids.append(cid)
-        pool.scopes.append(scope)
-        if config.structure_format == "cif":
-            pool.cifs[cid] = texts[i]
-        values = {}
-        for t in targets:
-            raw = rows[i].get(t, "")
-            try:
-                values[t] = float(raw)
-            except (TypeError, ValueError):
-                continue
-        if values:
-            pool.truth[cid] = values
-    return pool
 
 
 def _subset(pool: Pool, keep: list[int]) -> Pool:
@@ -193,11 +139,3 @@ def _subset(pool: Pool, keep: list[int]) -> Pool:
         units=pool.units,
         invalid=pool.invalid,
     )
-
-
-def _open_text(path: Path):  # type: ignore[no-untyped-def]
-    import gzip
-
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="")
-    return path.open(newline="")
