@@ -14,6 +14,12 @@ JSON, so it can cross processes (Ray), the network (HTTP) and the disk (the
 campaign store). Errors are split into transient ones (:class:`TransientAdapterError`:
 retry with the same idempotency key) and permanent ones
 (:class:`PermanentAdapterError`: record and move on).
+
+The loop does not call adapters itself. It drives an :class:`Executor` (the job
+engine of :mod:`adapters.engine`, in process or over Ray) and reads
+:class:`JobEvent` records from it; engines measure time with a :class:`Clock`
+(the wall clock, or a simulated lab's virtual clock in benchmarks). This module
+imports neither Ray nor torch.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import abc
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +36,11 @@ from cloud_model.errors import CloudlabError
 __all__ = [
     "AdapterError",
     "AuthError",
+    "Clock",
+    "DispatchEvent",
+    "EventKind",
+    "Executor",
+    "JobEvent",
     "ExperimentRequest",
     "JobHandle",
     "JobNotFoundError",
@@ -123,7 +134,9 @@ class Measurement(_Record):
     job_id: str
     candidate_id: str
     values: dict[str, MeasuredValue]
-    cost: float = Field(default=0.0, ge=0.0, description="in the adapter's cost unit (e.g. robot-hours, CPU-s)")
+    cost: float = Field(
+        default=0.0, ge=0.0, description="in the adapter's cost unit (e.g. robot-hours, CPU-s)"
+    )
     started_at: datetime | None = None
     finished_at: datetime = Field(default_factory=utcnow)
     provenance: dict[str, Any] = Field(default_factory=dict)  # code, version, settings, instrument
@@ -196,3 +209,95 @@ class LabAdapter(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------- what an executor reports
+
+
+class EventKind(StrEnum):
+    """What happened to a job."""
+
+    SUBMITTED = "SUBMITTED"  # the adapter accepted the job: ``handle`` is set
+    STATE = "STATE"  # a polled non-terminal state changed (e.g. QUEUED -> RUNNING): ``status``
+    RETRYING = "RETRYING"  # a transient error; the call is retried with the same key
+    SUCCEEDED = "SUCCEEDED"  # ``measurement`` is set
+    FAILED = "FAILED"  # the job failed, a permanent error (``permanent``) or retries ran out
+    TIMED_OUT = "TIMED_OUT"  # exceeded its timeout and was cancelled at the adapter
+    CANCELLED = "CANCELLED"
+    LOST = "LOST"  # the adapter no longer knows the job
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (EventKind.SUBMITTED, EventKind.STATE, EventKind.RETRYING)
+
+
+class JobEvent(_Record):
+    """One thing that happened to one job; round-trips through JSON."""
+
+    kind: EventKind
+    idempotency_key: str
+    candidate_id: str
+    handle: JobHandle | None = None
+    status: JobStatus | None = None
+    measurement: Measurement | None = None
+    message: str | None = None
+    permanent: bool = False  # FAILED by a PermanentAdapterError: retrying will not help
+    attempt: int = Field(default=0, ge=0)  # RETRYING: the number of the retry
+    at: datetime = Field(default_factory=utcnow)
+
+
+DispatchEvent = JobEvent  # the name the Ray dispatcher's users know
+
+
+class Executor(Protocol):
+    """What the campaign loop drives: it submits jobs and reads their events.
+
+    Implementations keep the job state machine (retries, timeouts, LOST,
+    cancellation): :class:`adapters.engine.JobEngine`, over an in-process or a Ray
+    transport.
+    """
+
+    def submit(self, request: ExperimentRequest, idempotency_key: str) -> None:
+        """Queue a job; a SUBMITTED event follows once the adapter accepted it."""
+        ...
+
+    def track(self, handle: JobHandle) -> None:
+        """Resume polling a job submitted before (e.g. before a crash); never resubmits it."""
+        ...
+
+    def cancel(self, idempotency_key: str) -> bool:
+        """Ask for an outstanding job to be cancelled; False if it is not outstanding."""
+        ...
+
+    def next_events(self, timeout: float | None = None) -> list[JobEvent]:
+        """Events since the last call (oldest first); ``[]`` after ``timeout`` or when idle."""
+        ...
+
+    def outstanding(self) -> int:
+        """Jobs submitted or tracked whose terminal event has not been emitted."""
+        ...
+
+    def shutdown(self, graceful: bool = True, cancel_in_flight: bool = False) -> list[JobHandle]:
+        """Stop; returns the handles of jobs left running at the adapter."""
+        ...
+
+
+class Clock(Protocol):
+    """The time an executor runs on, in seconds.
+
+    The wall clock (``time.monotonic``, real sleeps) for real labs; a simulated
+    lab's virtual clock in benchmarks, where sleeping jumps time forward.
+    """
+
+    def monotonic(self) -> float:
+        """Seconds since an arbitrary origin; never decreases."""
+        ...
+
+    def sleep_until(self, deadline: float) -> None:
+        """Return once ``monotonic() >= deadline`` (a virtual clock jumps there)."""
+        ...
+
+    @property
+    def is_virtual(self) -> bool:
+        """True when sleeping costs no wall time (the engine then never blocks on it)."""
+        ...

@@ -68,9 +68,13 @@ class HttpLabConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["http"] = "http"
-    name: str = Field(default="http-lab", min_length=1, description="adapter name stored with each job")
+    name: str = Field(
+        default="http-lab", min_length=1, description="adapter name stored with each job"
+    )
     base_url: str = Field(description="the lab's root URL, without the /v1 prefix")
-    token_env: str = Field(default=DEFAULT_TOKEN_ENV, min_length=1, description="env var holding the token")
+    token_env: str = Field(
+        default=DEFAULT_TOKEN_ENV, min_length=1, description="env var holding the token"
+    )
     capacity: int = Field(default=1, ge=1, description="jobs the lab runs at once (its robots)")
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
@@ -87,7 +91,9 @@ class HttpLabConfig(BaseModel):
     def _http_url(cls, url: str) -> str:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"base_url must be an http(s) URL such as https://lab.example.org, got {url!r}")
+            raise ValueError(
+                f"base_url must be an http(s) URL such as https://lab.example.org, got {url!r}"
+            )
         return url.rstrip("/")
 
 
@@ -102,7 +108,9 @@ class HttpLabAdapter(LabAdapter):
         AuthError: the token variable ``config.token_env`` is unset or empty.
     """
 
-    def __init__(self, config: HttpLabConfig, *, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, config: HttpLabConfig, *, transport: httpx.BaseTransport | None = None
+    ) -> None:
         self.config = config
         self.name = config.name
         self.capacity = config.capacity
@@ -115,7 +123,9 @@ class HttpLabAdapter(LabAdapter):
         host = urlsplit(config.base_url).hostname or ""
         if urlsplit(config.base_url).scheme == "http" and host not in _LOOPBACK:
             logger.warning("lab %s is plain http: the token travels unencrypted", config.base_url)
-        verify: bool | str = config.ca_bundle if (config.verify_tls and config.ca_bundle) else config.verify_tls
+        verify: bool | str = (
+            config.ca_bundle if (config.verify_tls and config.ca_bundle) else config.verify_tls
+        )
         self._client = httpx.Client(
             base_url=config.base_url + API_PREFIX,
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
@@ -128,7 +138,9 @@ class HttpLabAdapter(LabAdapter):
     # ------------------------------------------------------------------ contract
     def submit(self, request: ExperimentRequest, idempotency_key: str) -> JobHandle:
         body = SubmitJobBody(request=request, idempotency_key=idempotency_key)
-        job = self._call("POST", "/jobs", JobResource, ok=(200, 201), json=body.model_dump(mode="json"))
+        job = self._call(
+            "POST", "/jobs", JobResource, ok=(200, 201), json=body.model_dump(mode="json")
+        )
         if job.idempotency_key != idempotency_key or job.candidate_id != request.candidate_id:
             raise PermanentAdapterError(
                 f"lab at {self.config.base_url} answered a submission of key {idempotency_key!r} "
@@ -141,7 +153,9 @@ class HttpLabAdapter(LabAdapter):
         return self._job(handle.job_id).to_status()
 
     def result(self, handle: JobHandle) -> Measurement:
-        measurement = self._call("GET", f"/jobs/{quote(handle.job_id, safe='')}/result", Measurement)
+        measurement = self._call(
+            "GET", f"/jobs/{quote(handle.job_id, safe='')}/result", Measurement
+        )
         self._check_job_id(handle.job_id, measurement.job_id)
         return measurement
 
@@ -166,7 +180,9 @@ class HttpLabAdapter(LabAdapter):
         page = self._call("GET", "/jobs", JobPage, params={"idempotency_key": idempotency_key})
         return page.items[0].to_handle(self.name) if page.items else None
 
-    def list_jobs(self, state: JobState | None = None, page_size: int = 100) -> Iterator[JobResource]:
+    def list_jobs(
+        self, state: JobState | None = None, page_size: int = 100
+    ) -> Iterator[JobResource]:
         """Every job the lab knows, in submission order, fetched page by page."""
         offset: int | None = 0
         while offset is not None:
@@ -223,7 +239,9 @@ class HttpLabAdapter(LabAdapter):
                     try:
                         return model.model_validate_json(response.content)
                     except ValidationError as exc:
-                        last = f"HTTP {status} with an invalid {model.__name__} body ({_summary(exc)})"
+                        last = (
+                            f"HTTP {status} with an invalid {model.__name__} body ({_summary(exc)})"
+                        )
                 elif status in _RETRY_STATUSES:
                     last = f"HTTP {status}: {_message(response)}"
                     retry_after = _retry_after(response)
@@ -231,13 +249,24 @@ class HttpLabAdapter(LabAdapter):
                     raise self._refusal(where, response)
             if attempt < cfg.max_attempts:
                 wait = self._backoff(attempt, retry_after)
-                logger.warning("%s: %s; retry %d/%d in %.2f s", where, last, attempt, cfg.max_attempts - 1, wait)
+                logger.warning(
+                    "%s: %s; retry %d/%d in %.2f s",
+                    where,
+                    last,
+                    attempt,
+                    cfg.max_attempts - 1,
+                    wait,
+                )
                 time.sleep(wait)
-        raise TransientAdapterError(f"{where}: no valid answer after {cfg.max_attempts} attempts; last: {last}")
+        raise TransientAdapterError(
+            f"{where}: no valid answer after {cfg.max_attempts} attempts; last: {last}"
+        )
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         cfg = self.config
-        wait = min(cfg.backoff_max_s, cfg.backoff_initial_s * cfg.backoff_multiplier ** (attempt - 1))
+        wait = min(
+            cfg.backoff_max_s, cfg.backoff_initial_s * cfg.backoff_multiplier ** (attempt - 1)
+        )
         wait *= 1.0 + cfg.backoff_jitter * (2.0 * self._jitter.random() - 1.0)
         if retry_after is not None:
             wait = max(wait, min(retry_after, cfg.backoff_max_s))

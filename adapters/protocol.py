@@ -109,7 +109,9 @@ class JobResource(_Wire):
 
     def to_status(self) -> JobStatus:
         """The contract's status."""
-        return JobStatus(job_id=self.job_id, state=self.state, message=self.message, updated_at=self.updated_at)
+        return JobStatus(
+            job_id=self.job_id, state=self.state, message=self.message, updated_at=self.updated_at
+        )
 
 
 class JobPage(_Wire):
@@ -118,7 +120,9 @@ class JobPage(_Wire):
     items: list[JobResource]
     total: int = Field(ge=0, description="number of jobs matching the filter")
     offset: int = Field(ge=0)
-    next_offset: int | None = Field(default=None, description="offset of the next page; null on the last")
+    next_offset: int | None = Field(
+        default=None, description="offset of the next page; null on the last"
+    )
 
 
 class HealthResponse(_Wire):

@@ -1,11 +1,13 @@
 """Ray plumbing for the dispatcher: starting or joining Ray, and the actor that hosts an adapter.
 
-The dispatcher (:mod:`adapters.dispatch`) never calls an adapter in the driver
+The Ray transport (:mod:`adapters.dispatch`) never calls an adapter in the driver
 process. It builds the adapter inside a Ray actor (:class:`AdapterHost`) from an
 *adapter factory* and sends it batches of operations (submit / poll / cancel),
 so that one Ray round trip carries many adapter calls. Batches cross the process
-boundary as JSON produced and validated by pydantic (:class:`AdapterOp`,
-:class:`OpOutcome`), like every other record of the adapter contract.
+boundary as JSON produced and validated by pydantic
+(:class:`~adapters.transport.AdapterOp`, :class:`~adapters.transport.OpOutcome`),
+like every other record of the adapter contract, and the actor runs them with
+the same :func:`~adapters.transport.run_op` as the in-process transport.
 
 Starting Ray (:func:`ensure_ray`): a local Ray is started on demand, sized to the
 machine (``num_cpus=os.cpu_count()``), dashboard off. Ray >= 2.60 turns token
@@ -24,37 +26,20 @@ import logging
 import os
 import typing
 from collections.abc import Callable
-from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from adapters.base import (
-    ExperimentRequest,
-    JobHandle,
-    JobNotFoundError,
-    JobState,
-    JobStatus,
-    LabAdapter,
-    Measurement,
-    PermanentAdapterError,
-    TransientAdapterError,
-)
+from adapters.base import LabAdapter
+from adapters.transport import decode_ops, encode_outcomes, run_op
 from cloud_model.errors import CloudlabError, ConfigError
 
 __all__ = [
     "AdapterFactory",
     "AdapterHost",
-    "AdapterOp",
     "AdapterSpec",
-    "OpKind",
-    "OpOutcome",
     "RayRuntimeError",
     "build_adapter",
-    "decode_ops",
-    "decode_outcomes",
-    "encode_ops",
-    "encode_outcomes",
     "ensure_ray",
 ]
 
@@ -177,62 +162,6 @@ def _checked(adapter: object, origin: str) -> LabAdapter:
     return adapter
 
 
-class OpKind(StrEnum):
-    """An adapter call the dispatcher can ask an actor to make."""
-
-    SUBMIT = "submit"
-    POLL = "poll"  # poll, then result() when SUCCEEDED
-    CANCEL = "cancel"  # cancel, then result() when the job had SUCCEEDED anyway
-
-
-class AdapterOp(BaseModel):
-    """One adapter call of a batch."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    op_id: int
-    kind: OpKind
-    idempotency_key: str
-    request: ExperimentRequest | None = None  # SUBMIT
-    handle: JobHandle | None = None  # POLL, CANCEL
-
-
-ErrorKind = Literal["transient", "permanent", "not_found"]
-
-
-class OpOutcome(BaseModel):
-    """What one adapter call returned or raised."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    op_id: int
-    handle: JobHandle | None = None
-    status: JobStatus | None = None
-    measurement: Measurement | None = None
-    error_kind: ErrorKind | None = None
-    error: str | None = None
-
-
-_OPS: TypeAdapter[list[AdapterOp]] = TypeAdapter(list[AdapterOp])
-_OUTCOMES: TypeAdapter[list[OpOutcome]] = TypeAdapter(list[OpOutcome])
-
-
-def encode_ops(ops: list[AdapterOp]) -> bytes:
-    return _OPS.dump_json(ops, exclude_defaults=True)
-
-
-def decode_ops(payload: bytes) -> list[AdapterOp]:
-    return _OPS.validate_json(payload)
-
-
-def encode_outcomes(outcomes: list[OpOutcome]) -> bytes:
-    return _OUTCOMES.dump_json(outcomes, exclude_defaults=True)
-
-
-def decode_outcomes(payload: bytes) -> list[OpOutcome]:
-    return _OUTCOMES.validate_json(payload)
-
-
 class AdapterHost:
     """Holds one adapter inside a Ray actor and runs batches of calls on it.
 
@@ -252,37 +181,7 @@ class AdapterHost:
 
     def run(self, payload: bytes) -> bytes:
         """Run a JSON batch of :class:`AdapterOp` in order; return the JSON outcomes."""
-        return encode_outcomes([self._run_one(op) for op in decode_ops(payload)])
+        return encode_outcomes([run_op(self._adapter, op) for op in decode_ops(payload)])
 
     def close(self) -> None:
         self._adapter.close()
-
-    def _run_one(self, op: AdapterOp) -> OpOutcome:
-        adapter = self._adapter
-        try:
-            if op.kind is OpKind.SUBMIT:
-                if op.request is None:
-                    raise PermanentAdapterError(f"submit op {op.op_id} has no request")
-                return OpOutcome(
-                    op_id=op.op_id, handle=adapter.submit(op.request, op.idempotency_key)
-                )
-            if op.handle is None:
-                raise PermanentAdapterError(f"{op.kind} op {op.op_id} has no handle")
-            status = (
-                adapter.poll(op.handle) if op.kind is OpKind.POLL else adapter.cancel(op.handle)
-            )
-            measurement = adapter.result(op.handle) if status.state is JobState.SUCCEEDED else None
-            return OpOutcome(op_id=op.op_id, status=status, measurement=measurement)
-        except TransientAdapterError as exc:
-            return OpOutcome(op_id=op.op_id, error_kind="transient", error=str(exc))
-        except JobNotFoundError as exc:
-            return OpOutcome(op_id=op.op_id, error_kind="not_found", error=str(exc))
-        except PermanentAdapterError as exc:
-            return OpOutcome(op_id=op.op_id, error_kind="permanent", error=str(exc))
-        except Exception as exc:  # an adapter bug must not take the other ops of the batch down
-            logger.exception(
-                "adapter %s raised on %s %s", adapter.name, op.kind, op.idempotency_key
-            )
-            return OpOutcome(
-                op_id=op.op_id, error_kind="permanent", error=f"{type(exc).__name__}: {exc}"
-            )

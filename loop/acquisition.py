@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from botorch.acquisition import (
@@ -38,12 +37,11 @@ from botorch.posteriors import Posterior
 from botorch.sampling.base import MCSampler
 from torch import Tensor
 
+from loop.config import AcquisitionKind
 from loop.objective import ObjectiveSpec
 from loop.surrogate import LookupEnsembleModel, Surrogate
 
 logger = logging.getLogger(__name__)
-
-AcquisitionKind = Literal["qlogei", "qlognei", "qucb", "thompson", "greedy", "random"]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ orchestrator speaking the cloudlab lab protocol), ``gpaw`` (real DFT) and
 of the environment variable that holds them (``adapter.token_env``).
 
 See ``configs/*.yaml`` for commented examples; every one of them is loaded by a test.
+Validating a config imports neither torch, Ray nor BoTorch (a test checks ``sys.modules``).
 """
 
 from __future__ import annotations
@@ -16,20 +17,25 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adapters.dispatch import DispatchConfig
+from adapters.engine import DispatchConfig
 from adapters.http_lab import HttpLabConfig
-from cloud_model.ensemble import EnsembleConfig
+from cloud_model.configs import EnsembleConfig
 from cloud_model.errors import ConfigError
-from loop.acquisition import AcquisitionKind
-from loop.objective import Bound, ObjectiveSpec
 from simulators.config import SimulatedLabConfig
 
+if TYPE_CHECKING:
+    from loop.objective import ObjectiveSpec
+
 SCHEMA_VERSION = 1
+
+# acquisition strategies (loop.acquisition implements them); defined here so that validating
+# a config imports no BoTorch
+AcquisitionKind = Literal["qlogei", "qlognei", "qucb", "thompson", "greedy", "random"]
 
 
 class _Section(BaseModel):
@@ -204,6 +210,8 @@ class CampaignConfig(_Section):
         return tuple(dict.fromkeys(names))
 
     def objective_spec(self) -> ObjectiveSpec:
+        from loop.objective import Bound, ObjectiveSpec
+
         col = {t: i for i, t in enumerate(self.targets)}
         return ObjectiveSpec(
             targets=self.targets,

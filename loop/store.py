@@ -362,6 +362,15 @@ class CampaignStore:
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]))
 
+    def latest_model_record(self) -> dict[str, Any] | None:
+        """The newest surrogate version: ``version``, ``n_train``, ``path``, ``sha256``."""
+        row = self._db.execute(
+            "SELECT version, n_train, path, sha256 FROM model_versions ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        return {"version": int(row[0]), "n_train": int(row[1]), "path": row[2], "sha256": row[3]}
+
     def decisions(self) -> list[dict[str, Any]]:
         out = []
         for r in self._db.execute(

@@ -11,7 +11,10 @@ The pool is fixed for a campaign, so inputs are ``X[..., 0]`` = index into the p
   :class:`RandomSurrogate` (no model).
 
 All of them expose ``samples(idx) -> S x n x m`` draws from their belief, which is
-what Thompson sampling, the greedy strategy and the reports read.
+what Thompson sampling, the greedy strategy and the reports read, and
+``save(dir)`` / ``load(dir)``, so that the model registry can version any of them
+on disk and restore it on resume without knowing its type. :func:`build_surrogate`
+is the one place that maps the config's ``surrogate.kind`` to an implementation.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from botorch.models.ensemble import EnsembleModel
 from botorch.models.model import Model
 from botorch.posteriors import Posterior
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from loop.config import CampaignConfig
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +83,16 @@ class IndexedModel(Model):
 
 
 class Surrogate(abc.ABC):
-    """What the campaign loop needs of a surrogate."""
+    """What the campaign loop needs of a surrogate.
+
+    Attributes:
+        name: the config's ``surrogate.kind``.
+        learns: False for a strategy without a model (random): the agent then never
+            fits it and keeps choosing by its initial design.
+    """
 
     name: str = "surrogate"
+    learns: bool = True
 
     @abc.abstractmethod
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
@@ -97,6 +111,18 @@ class Surrogate(abc.ABC):
         s = self.samples(idx)
         return s.mean(0), s.std(0) if s.shape[0] > 1 else torch.zeros_like(s[0])
 
+    @abc.abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write the fitted state into ``directory`` (created; safetensors + JSON, no pickle)."""
+
+    @abc.abstractmethod
+    def load(self, directory: Path) -> None:
+        """Restore the state :meth:`save` wrote; the surrogate is then fitted.
+
+        Raises:
+            CheckpointError: the files are missing or do not match this surrogate.
+        """
+
 
 class EnsemblePredictor(Protocol):
     """The part of ``cloud_model.ensemble.CloudEnsemble`` the surrogate uses."""
@@ -104,6 +130,8 @@ class EnsemblePredictor(Protocol):
     def fit(self, scopes: list[str], y: Tensor, *, warm_start: bool = True) -> Any: ...
 
     def predict(self, scopes: list[str]) -> Tensor: ...
+
+    def save(self, directory: Path) -> Any: ...
 
 
 class EnsembleSurrogate(Surrogate):
@@ -152,11 +180,29 @@ class EnsembleSurrogate(Surrogate):
 
     def model(self) -> LookupEnsembleModel:
         if self._model is None:
-            raise RuntimeError("the ensemble surrogate has not been fitted yet")
+            if not self._fitted_once:
+                raise RuntimeError("the ensemble surrogate has not been fitted yet")
+            t0 = time.perf_counter()  # restored by load(): score the pool once
+            preds = self.ensemble.predict(self.scopes).to(torch.float64)  # S x N x m
+            self.last_score_seconds = time.perf_counter() - t0
+            self._model = LookupEnsembleModel(preds)
         return self._model
 
     def samples(self, idx: Tensor) -> Tensor:
         return self.model().predictions[:, idx.long()]
+
+    def save(self, directory: Path) -> None:
+        self.ensemble.save(directory)
+
+    def load(self, directory: Path) -> None:
+        loader = getattr(type(self.ensemble), "load", None)
+        if loader is None:
+            raise TypeError(f"{type(self.ensemble).__name__} cannot be loaded from disk")
+        self.ensemble = loader(directory)
+        share = getattr(self.ensemble, "share_cache", None)
+        if callable(share):
+            share()  # runs in one process (benchmark workers) share the frozen trunk's features
+        self._fitted_once, self._model = True, None  # the pool is scored on first use
 
 
 class GPSurrogate(Surrogate):
@@ -192,6 +238,7 @@ class GPSurrogate(Surrogate):
         self.fit_maxiter = fit_maxiter
         self.n_pool = len(features) if n_pool is None else n_pool
         self._model: IndexedModel | None = None
+        self._train: tuple[Tensor, Tensor] | None = None  # rows of the last fit
 
     def _subsample(self, train_idx: Tensor, train_y: Tensor) -> tuple[Tensor, Tensor]:
         """Own measurements first, then a seeded random share of the prior rows."""
@@ -208,19 +255,10 @@ class GPSurrogate(Surrogate):
 
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
         from botorch.fit import fit_gpytorch_mll
-        from botorch.models import SingleTaskGP
-        from botorch.models.transforms import Normalize, Standardize
         from gpytorch.mlls import ExactMarginalLogLikelihood
 
         train_idx, train_y = self._subsample(train_idx.long(), train_y)
-        X = self.features[train_idx]
-        Y = train_y.to(torch.float64)
-        gp = SingleTaskGP(
-            X,
-            Y,
-            input_transform=Normalize(d=X.shape[-1], bounds=_bounds(self.features)),
-            outcome_transform=Standardize(m=Y.shape[-1]),
-        )
+        gp = self._gp(train_idx, train_y)
         mll = ExactMarginalLogLikelihood(gp.likelihood, gp)
         try:
             # L-BFGS-B without a cap ran ~4,000 steps a fit on mpts_52 (300 rows x 95 ARD
@@ -233,7 +271,50 @@ class GPSurrogate(Surrogate):
             )
         gp.eval()
         self._model = IndexedModel(gp, self.features)
+        self._train = (train_idx, train_y.to(torch.float64))
         return {"n_train": float(len(train_idx))}
+
+    def _gp(self, train_idx: Tensor, train_y: Tensor) -> Model:
+        from botorch.models import SingleTaskGP
+        from botorch.models.transforms import Normalize, Standardize
+
+        X = self.features[train_idx]  # n x d
+        Y = train_y.to(torch.float64)  # n x m
+        return SingleTaskGP(
+            X,
+            Y,
+            input_transform=Normalize(d=X.shape[-1], bounds=_bounds(self.features)),
+            outcome_transform=Standardize(m=Y.shape[-1]),
+        )
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        if self._model is None or self._train is None:
+            raise RuntimeError("the GP surrogate has not been fitted yet")
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"train_idx": self._train[0], "train_y": self._train[1]}
+        for name, value in self._model.base.state_dict().items():
+            tensors[f"state.{name}"] = value.detach().clone().contiguous()
+        save_file(tensors, str(directory / _GP_FILE))
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        from cloud_model.errors import CheckpointError
+
+        path = directory / _GP_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no saved GP surrogate")
+        tensors = load_file(str(path))
+        train_idx, train_y = tensors["train_idx"].long(), tensors["train_y"]
+        if train_idx.numel() and int(train_idx.max()) >= len(self.features):
+            raise CheckpointError(f"{path}: trained on rows this campaign's features do not have")
+        gp = self._gp(train_idx, train_y)
+        gp.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
+        gp.eval()
+        self._model = IndexedModel(gp, self.features)
+        self._train = (train_idx, train_y)
 
     def model(self) -> IndexedModel:
         if self._model is None:
@@ -260,6 +341,7 @@ class RandomSurrogate(Surrogate):
     """No model: the random strategy."""
 
     name = "random"
+    learns = False
 
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
         return {}
@@ -269,6 +351,50 @@ class RandomSurrogate(Surrogate):
 
     def samples(self, idx: Tensor) -> Tensor:
         raise RuntimeError("the random strategy has no belief to sample")
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def load(self, directory: Path) -> None:
+        return None
+
+
+_GP_FILE = "gp.safetensors"
+
+
+def build_surrogate(config: CampaignConfig, scopes: list[str], n_pool: int) -> Surrogate:
+    """The surrogate named by ``config.surrogate.kind``, unfitted.
+
+    Args:
+        config: the campaign config.
+        scopes: SCOPE strings of the pool followed by those of the prior data; the
+            surrogate's candidate indices address this list.
+        n_pool: how many of ``scopes`` are the pool (the rest is prior data).
+    """
+    sc = config.surrogate
+    if sc.kind == "random":
+        return RandomSurrogate()
+    if sc.kind == "gp":
+        from loop.features import composition_features
+
+        feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
+        return GPSurrogate(feats, seed=config.seed, max_train=sc.gp_max_train, n_pool=n_pool)
+    from cloud_model.checkpoint import default_checkpoint
+    from cloud_model.ensemble import CloudEnsemble
+
+    checkpoint = None
+    if sc.checkpoint == "default":
+        checkpoint = default_checkpoint()
+    elif sc.checkpoint is not None:
+        checkpoint = Path(sc.checkpoint)
+    ens_config = sc.ensemble.model_copy(
+        update={"seed": config.seed, "target_names": config.targets}
+    )
+    ensemble = CloudEnsemble.create(
+        checkpoint, sc.n_members, sc.head, len(config.targets), ens_config
+    )
+    ensemble.share_cache()  # runs in one process (benchmark workers) share the trunk's features
+    return EnsembleSurrogate(ensemble, scopes, warm_start=config.finetune.warm_start)
 
 
 def _bounds(features: Tensor) -> Tensor:

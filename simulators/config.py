@@ -30,7 +30,9 @@ class NoiseConfig(_Config):
 
     kind: Literal["homoscedastic", "heteroscedastic"] = "homoscedastic"
     sigma: float = Field(default=0.0, ge=0.0, description="absolute sd (or floor), target units")
-    relative: float = Field(default=0.0, ge=0.0, description="heteroscedastic: sd per unit of |value|")
+    relative: float = Field(
+        default=0.0, ge=0.0, description="heteroscedastic: sd per unit of |value|"
+    )
 
     def sd(self, value: float) -> float:
         """The noise sd for a measurement of ``value``."""
@@ -56,7 +58,9 @@ class LatencyConfig(_Config):
 
     distribution: Literal["fixed", "exponential", "lognormal"] = "fixed"
     mean_s: float = Field(default=0.0, ge=0.0, description="mean simulated seconds per experiment")
-    log_sigma: float = Field(default=0.5, gt=0.0, description="lognormal shape (sd of log duration)")
+    log_sigma: float = Field(
+        default=0.5, gt=0.0, description="lognormal shape (sd of log duration)"
+    )
 
     def draw(self, rng: random.Random) -> float:
         """One duration in simulated seconds."""
@@ -72,16 +76,22 @@ class SimulatedLabConfig(_Config):
     """Everything that makes one simulated lab behave the way it does. Seeded."""
 
     kind: Literal["simulated"] = "simulated"
-    name: str = Field(default="simulated", min_length=1, description="adapter name stored with each job")
+    name: str = Field(
+        default="simulated", min_length=1, description="adapter name stored with each job"
+    )
     seed: int = 0  # with the idempotency key, determines every draw of a job
-    capacity: int = Field(default=1, ge=1, description="parallel robots; jobs beyond it stay QUEUED")
+    capacity: int = Field(
+        default=1, ge=1, description="parallel robots; jobs beyond it stay QUEUED"
+    )
     noise: NoiseConfig = NoiseConfig()  # default for every target
     target_noise: dict[str, NoiseConfig] = Field(default_factory=dict)  # per-target overrides
     failure: FailureConfig = FailureConfig()
     latency: LatencyConfig = LatencyConfig()
     # simulated seconds per wall second when the lab follows the wall clock (HTTP server)
     time_acceleration: float = Field(default=1.0, gt=0.0)
-    cost_per_experiment: float = Field(default=1.0, ge=0.0, description="charged for every finished run")
+    cost_per_experiment: float = Field(
+        default=1.0, ge=0.0, description="charged for every finished run"
+    )
     cost_unit: str = "experiment"
     # additive instrument drift, target units per simulated hour (value += rate * t / 3600)
     drift_per_hour: dict[str, float] = Field(default_factory=dict)

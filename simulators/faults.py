@@ -112,7 +112,9 @@ class FaultInjector:
             await self.app(scope, receive, send)
         elif fault.kind == "status":
             code = "unavailable" if fault.status in (502, 503, 504) else "internal_error"
-            body = json.dumps({"code": code, "message": f"injected fault: HTTP {fault.status}"}).encode()
+            body = json.dumps(
+                {"code": code, "message": f"injected fault: HTTP {fault.status}"}
+            ).encode()
             await _send_body(send, fault.status, [(b"content-type", b"application/json")], body)
         elif fault.kind == "delay":
             await asyncio.sleep(fault.delay_s)
@@ -122,13 +124,23 @@ class FaultInjector:
             if fault.kind == "drop":
                 headers.append((b"content-length", str(len(body)).encode()))
                 await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": body[: len(body) // 2],
+                        "more_body": True,
+                    }
+                )
                 raise _InjectedDrop("injected fault: connection dropped mid-answer")
-            bad = body[: len(body) // 2] if fault.kind == "malformed" else b'{"unexpected": "schema"}'
+            bad = (
+                body[: len(body) // 2] if fault.kind == "malformed" else b'{"unexpected": "schema"}'
+            )
             await _send_body(send, status, headers, bad)
 
 
-async def _capture(app: ASGIApp, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+async def _capture(
+    app: ASGIApp, scope: Scope, receive: Receive
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Run ``app`` and return its answer (status, headers without content-length, body)."""
     messages: list[Message] = []
 
@@ -142,7 +154,9 @@ async def _capture(app: ASGIApp, scope: Scope, receive: Receive) -> tuple[int, l
     return int(start["status"]), headers, body
 
 
-async def _send_body(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def _send_body(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
     headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -60,7 +60,9 @@ class GroundTruth(BaseModel):
         values: dict[str, dict[str, float]] = {}
         for cid, row in rows:
             if cid in values:
-                raise ConfigError(f"candidate id {cid!r} appears twice in {source or 'the truth table'}")
+                raise ConfigError(
+                    f"candidate id {cid!r} appears twice in {source or 'the truth table'}"
+                )
             values[cid] = {t: float(v) for t, v in row.items() if t in units and math.isfinite(v)}
         return cls(units=dict(units), values=values, source=source)
 

@@ -14,12 +14,13 @@ import logging
 import sqlite3
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import TypeAdapter
 
 from cloud_model.errors import ConfigError
-from simulators.clock import WallClock
+from simulators.clock import SimClock, VirtualClock, WallClock
 from simulators.config import SimulatedLabConfig
 from simulators.ground_truth import GroundTruth
 from simulators.lab import CancelEvent, LabEvent, SimulatedLab, SubmitEvent
@@ -82,7 +83,9 @@ class SqliteLabJournal:
 
     def set_meta(self, key: str, value: str) -> None:
         with self._lock:
-            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            self._conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -90,19 +93,28 @@ class SqliteLabJournal:
 
 
 def open_lab(
-    truth: GroundTruth, config: SimulatedLabConfig, state_dir: Path | None = None
+    truth: GroundTruth,
+    config: SimulatedLabConfig,
+    state_dir: Path | None = None,
+    *,
+    virtual_time: bool = False,
 ) -> SimulatedLab:
-    """A wall-clock :class:`SimulatedLab`, persisted in ``state_dir`` when given.
+    """The one way to build a :class:`SimulatedLab`, persisted in ``state_dir`` when given.
 
-    A new state directory records the configuration, the truth's fingerprint and
-    the timeline origin; an existing one must match them, and its jobs are replayed.
+    A new state directory records the configuration, the truth's fingerprint,
+    the kind of clock and the timeline origin; an existing one must match them,
+    and its jobs are replayed. On a virtual clock (``virtual_time``: benchmarks
+    and inline campaigns) every move of the clock is stored first, so a lab
+    reopened after a crash continues at the instant it stopped and finishes
+    every job exactly when the uninterrupted lab would have.
 
     Raises:
         ConfigError: the state directory belongs to a lab with another
-            configuration or ground truth.
+            configuration, ground truth or kind of clock.
     """
     if state_dir is None:
-        return SimulatedLab(truth.values, truth.units, config, clock=WallClock(config.time_acceleration))
+        clock: SimClock = VirtualClock() if virtual_time else WallClock(config.time_acceleration)
+        return SimulatedLab(truth.values, truth.units, config, clock=clock)
     state_dir.mkdir(parents=True, exist_ok=True)
     journal = SqliteLabJournal(state_dir / STATE_FILE)
     try:
@@ -113,17 +125,32 @@ def open_lab(
                 ("config", config.model_dump_json()),
                 ("truth_sha256", truth.fingerprint()),
                 ("origin", repr(time.time())),
+                ("clock", "virtual" if virtual_time else "wall"),
             ):
                 journal.set_meta(key, value)
         else:
             _check_matches(journal, state_dir, truth, config, stored_format)
+            stored_clock = journal.meta("clock") or "wall"
+            if stored_clock != ("virtual" if virtual_time else "wall"):
+                raise ConfigError(
+                    f"state directory {state_dir} belongs to a lab on a {stored_clock} clock; "
+                    "reopen it in the same dispatch mode or use a new directory"
+                )
         origin = float(journal.meta("origin") or "nan")
         history = journal.events()
+        if virtual_time:
+            clock = VirtualClock(
+                start=float(journal.meta("virtual_now") or "0"),
+                origin=datetime.fromtimestamp(origin, tz=UTC),
+                on_advance=lambda now: journal.set_meta("virtual_now", repr(now)),
+            )
+        else:
+            clock = WallClock(config.time_acceleration, origin=origin)
         lab = SimulatedLab(
             truth.values,
             truth.units,
             config,
-            clock=WallClock(config.time_acceleration, origin=origin),
+            clock=clock,
             journal=journal,
             history=history,
         )
@@ -135,7 +162,11 @@ def open_lab(
 
 
 def _check_matches(
-    journal: SqliteLabJournal, state_dir: Path, truth: GroundTruth, config: SimulatedLabConfig, fmt: str
+    journal: SqliteLabJournal,
+    state_dir: Path,
+    truth: GroundTruth,
+    config: SimulatedLabConfig,
+    fmt: str,
 ) -> None:
     if fmt != _FORMAT:
         raise ConfigError(f"{state_dir / STATE_FILE} has format {fmt!r}, expected {_FORMAT!r}")

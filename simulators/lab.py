@@ -155,8 +155,12 @@ class SimulatedLab(LabAdapter):
         self.config = config if config is not None else SimulatedLabConfig()
         self.name = self.config.name
         self.capacity = self.config.capacity
-        self.clock: SimClock = clock if clock is not None else WallClock(self.config.time_acceleration)
-        self._truth = {str(c): {str(t): float(v) for t, v in row.items()} for c, row in truth.items()}
+        self.clock: SimClock = (
+            clock if clock is not None else WallClock(self.config.time_acceleration)
+        )
+        self._truth = {
+            str(c): {str(t): float(v) for t, v in row.items()} for c, row in truth.items()
+        }
         self._units = dict(units)
         self._journal: LabJournal | None = None
         self._lock = threading.RLock()
@@ -181,7 +185,9 @@ class SimulatedLab(LabAdapter):
         """
         return self.submit_or_get(request, idempotency_key)[0]
 
-    def submit_or_get(self, request: ExperimentRequest, idempotency_key: str) -> tuple[JobHandle, bool]:
+    def submit_or_get(
+        self, request: ExperimentRequest, idempotency_key: str
+    ) -> tuple[JobHandle, bool]:
         """Like :meth:`submit`, also telling whether the job was created by this call."""
         if not idempotency_key:
             raise PermanentAdapterError("idempotency_key must be a non-empty string")
@@ -252,7 +258,9 @@ class SimulatedLab(LabAdapter):
             self._advance(self._now())
             job = self._job(job_id)
             if job.state is not JobState.SUCCEEDED:
-                raise ResultNotReadyError(f"job {job_id} is {job.state.value}, not SUCCEEDED: no result")
+                raise ResultNotReadyError(
+                    f"job {job_id} is {job.state.value}, not SUCCEEDED: no result"
+                )
             return self._measure(job)
 
     def cancel_job(self, job_id: str) -> JobStatus:
@@ -368,7 +376,12 @@ class SimulatedLab(LabAdapter):
         self._queue.append(job.job_id)
         self._start_queued(event.sim_time)
         self._advance(event.sim_time)  # zero-latency jobs end at once
-        logger.debug("job %s (%s) submitted at t=%.3f s", job.job_id, job.request.candidate_id, event.sim_time)
+        logger.debug(
+            "job %s (%s) submitted at t=%.3f s",
+            job.job_id,
+            job.request.candidate_id,
+            event.sim_time,
+        )
         return job
 
     def _apply_cancel(self, event: CancelEvent) -> None:
@@ -376,7 +389,11 @@ class SimulatedLab(LabAdapter):
         if job.state is JobState.RUNNING:
             self._running = [e for e in self._running if e[2] != job.job_id]
             heapq.heapify(self._running)
-        job.state, job.message, job.t_updated = JobState.CANCELLED, "cancelled on request", event.sim_time
+        job.state, job.message, job.t_updated = (
+            JobState.CANCELLED,
+            "cancelled on request",
+            event.sim_time,
+        )
         job.t_end = event.sim_time
         self._start_queued(event.sim_time)  # a freed robot takes the next queued job
 
@@ -453,4 +470,3 @@ class SimulatedLab(LabAdapter):
                 "cost_unit": cfg.cost_unit,
             },
         )
-

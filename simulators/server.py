@@ -72,10 +72,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorResponse, "description": "lab error; retry with the same key"},
     503: {"model": ErrorResponse, "description": "lab unavailable; retry later"},
 }
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse, "description": "unknown job id"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "unknown job id"}
+}
 
 
-_BEARER = HTTPBearer(auto_error=False, description="the token the server reads from its token variable")
+_BEARER = HTTPBearer(
+    auto_error=False, description="the token the server reads from its token variable"
+)
 
 
 class _Unauthorized(Exception):
@@ -89,14 +93,22 @@ class _TokenCheck:
         self._expected = token.encode()
         self._env = token_env
 
-    def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+    def __call__(
+        self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+    ) -> None:
         if credentials is None:
-            raise _Unauthorized(f"missing bearer token: send 'Authorization: Bearer <token from ${self._env}>'")
+            raise _Unauthorized(
+                f"missing bearer token: send 'Authorization: Bearer <token from ${self._env}>'"
+            )
         if not secrets.compare_digest(credentials.credentials.encode(), self._expected):
-            raise _Unauthorized(f"wrong bearer token: use the token the lab server reads from ${self._env}")
+            raise _Unauthorized(
+                f"wrong bearer token: use the token the lab server reads from ${self._env}"
+            )
 
 
-def _error(status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = ErrorResponse(code=code, message=message).model_dump(mode="json")
     return JSONResponse(status_code=status, content=body, headers=headers)
 
@@ -118,19 +130,27 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def invalid(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors]
+        parts = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors
+        ]
         return _error(422, "invalid_request", "; ".join(parts) or str(exc))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
         detail = exc.detail if isinstance(exc, StarletteHTTPException) else str(exc)
-        codes: dict[int, ErrorCode] = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        codes: dict[int, ErrorCode] = {
+            404: "not_found",
+            405: "method_not_allowed",
+            401: "unauthorized",
+        }
         code = codes.get(status, "internal_error" if status >= 500 else "invalid_request")
         return _error(status, code, f"{detail} ({request.method} {request.url.path})")
 
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error in %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", f"internal error: {type(exc).__name__}; retry with the same key")
+        return _error(
+            500, "internal_error", f"internal error: {type(exc).__name__}; retry with the same key"
+        )
 
     app.add_exception_handler(_Unauthorized, unauthorized)
     app.add_exception_handler(AdapterError, adapter_error)
@@ -168,7 +188,11 @@ def create_app(
         redoc_url=None,
     )
     _install_error_handlers(app)
-    jobs = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["jobs"], dependencies=[Depends(_TokenCheck(token, token_env))])
+    jobs = APIRouter(
+        prefix=f"{API_PREFIX}/jobs",
+        tags=["jobs"],
+        dependencies=[Depends(_TokenCheck(token, token_env))],
+    )
 
     @jobs.post(
         "",
@@ -182,7 +206,9 @@ def create_app(
         response.status_code = 201 if created else 200
         return JobResource.from_parts(handle, lab.status(handle.job_id))
 
-    @jobs.get("", response_model=JobPage, responses=_ERRORS, summary="List jobs in submission order")
+    @jobs.get(
+        "", response_model=JobPage, responses=_ERRORS, summary="List jobs in submission order"
+    )
     def list_jobs(
         state: JobState | None = None,
         idempotency_key: Annotated[str | None, Query(max_length=256)] = None,
@@ -200,7 +226,12 @@ def create_app(
         resources = [JobResource.from_parts(h, s) for h, s in items]
         return JobPage(items=resources, total=total, offset=offset, next_offset=next_offset)
 
-    @jobs.get("/{job_id}", response_model=JobResource, responses={**_NOT_FOUND, **_ERRORS}, summary="Read a job")
+    @jobs.get(
+        "/{job_id}",
+        response_model=JobResource,
+        responses={**_NOT_FOUND, **_ERRORS},
+        summary="Read a job",
+    )
     def get_job(job_id: str) -> JobResource:
         return JobResource.from_parts(lab.handle(job_id), lab.status(job_id))
 
@@ -227,7 +258,9 @@ def create_app(
         status = lab.cancel_job(job_id)
         return JobResource.from_parts(lab.handle(job_id), status)
 
-    @app.get(f"{API_PREFIX}/health", response_model=HealthResponse, tags=["health"], summary="Liveness")
+    @app.get(
+        f"{API_PREFIX}/health", response_model=HealthResponse, tags=["health"], summary="Liveness"
+    )
     def health() -> HealthResponse:
         return HealthResponse(lab=lab.name, capacity=lab.capacity)
 
@@ -265,7 +298,9 @@ def serve(
 
     token = os.environ.get(token_env, "")
     if not token:
-        raise ConfigError(f"environment variable {token_env} is not set: export the lab's bearer token in it")
+        raise ConfigError(
+            f"environment variable {token_env} is not set: export the lab's bearer token in it"
+        )
     lab = open_lab(truth, config, state_dir)
     try:
         app = create_app(lab, token, token_env=token_env, faults=faults)
@@ -280,19 +315,29 @@ def serve(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m simulators.server``: serve a truth table file."""
-    parser = argparse.ArgumentParser(prog="python -m simulators.server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulators.server", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--truth", type=Path, required=True, help="GroundTruth JSON file")
-    parser.add_argument("--config", type=Path, help="SimulatedLabConfig JSON file (default: defaults)")
+    parser.add_argument(
+        "--config", type=Path, help="SimulatedLabConfig JSON file (default: defaults)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--token-env", default=DEFAULT_TOKEN_ENV)
-    parser.add_argument("--faults", default=os.environ.get(FAULTS_ENV, ""), help="test-only fault schedule")
+    parser.add_argument(
+        "--faults", default=os.environ.get(FAULTS_ENV, ""), help="test-only fault schedule"
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config = (
-        SimulatedLabConfig.model_validate_json(args.config.read_bytes()) if args.config else SimulatedLabConfig()
+        SimulatedLabConfig.model_validate_json(args.config.read_bytes())
+        if args.config
+        else SimulatedLabConfig()
     )
     serve(
         GroundTruth.from_file(args.truth),

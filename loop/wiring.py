@@ -1,0 +1,118 @@
+"""From a campaign config to the executor the loop drives.
+
+One typed factory, :func:`build_adapter`, turns the config's ``adapter`` section
+(a discriminated union on ``kind``) into an adapter. It is used by both dispatch
+modes: inline, it builds the adapter in this process; with Ray, a picklable
+partial of it is what every actor calls to build its own. The simulated lab is
+always built by :func:`simulators.journal.open_lab` and journalled in the
+campaign directory (``lab/``), so an interrupted campaign finds every job the
+lab had, in either mode.
+
+:func:`build_executor` wraps the adapter in the one job engine
+(:class:`adapters.engine.JobEngine`):
+
+* ``mode: ray`` -- adapters in Ray actors, the engine on a background thread;
+* ``mode: inline`` -- the adapter in this process, the engine driven by the
+  loop; a simulated lab then runs on a virtual clock that jumps to the next
+  completion instead of waiting (benchmarks take no wall time beyond compute).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from adapters.base import Executor, LabAdapter
+from adapters.engine import DispatchConfig, JobEngine
+from adapters.http_lab import HttpLabAdapter, HttpLabConfig
+from adapters.transport import InProcessTransport
+from loop.config import AdapterConfig, CampaignConfig, ChgnetAdapterConfig, GpawAdapterConfig
+from loop.pool import Pool
+from simulators.config import SimulatedLabConfig
+from simulators.ground_truth import GroundTruth
+
+__all__ = ["build_adapter", "build_executor", "ground_truth"]
+
+logger = logging.getLogger(__name__)
+
+
+def ground_truth(config: CampaignConfig, pool: Pool) -> GroundTruth:
+    """The hidden table a simulated lab measures: the pool's labels."""
+    return GroundTruth(
+        units=dict(pool.units),
+        values={cid: dict(v) for cid, v in pool.truth.items()},
+        source=str(config.pool.dataset or config.pool.file),
+    )
+
+
+def build_adapter(
+    config: AdapterConfig,
+    *,
+    directory: Path,
+    truth: GroundTruth | None = None,
+    virtual_time: bool = False,
+) -> LabAdapter:
+    """Build the adapter described by ``config``.
+
+    Args:
+        config: the campaign's ``adapter`` section.
+        directory: the campaign directory (lab state and job directories live there).
+        truth: what a simulated lab measures (required for ``kind: simulated``).
+        virtual_time: run a simulated lab on a virtual clock (inline mode).
+
+    Raises:
+        ConfigError: the adapter cannot be built from this config.
+    """
+    if isinstance(config, SimulatedLabConfig):
+        from simulators.journal import open_lab
+
+        if truth is None:
+            raise ValueError("a simulated lab needs its ground truth")
+        return open_lab(truth, config, directory / "lab", virtual_time=virtual_time)
+    if isinstance(config, GpawAdapterConfig):
+        from adapters.dft import GpawAdapter
+
+        work_dir = str(config.work_dir or directory / "gpaw")
+        return GpawAdapter(settings={"work_dir": work_dir, **config.settings})
+    if isinstance(config, ChgnetAdapterConfig):
+        from adapters.mlip import ChgnetAdapter
+
+        work_dir = str(config.work_dir or directory / "chgnet")
+        return ChgnetAdapter(settings={"work_dir": work_dir, **config.settings})
+    if isinstance(config, HttpLabConfig):
+        return HttpLabAdapter(config)
+    raise TypeError(f"no adapter for config {type(config).__name__}")
+
+
+def engine_config(config: CampaignConfig) -> DispatchConfig:
+    """The engine's settings: the ``dispatch`` section without the loop's own fields."""
+    return DispatchConfig(**config.dispatch.model_dump(exclude={"mode", "wait_for"}))
+
+
+def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Executor:
+    """The job engine over the campaign's adapter, inline or over Ray."""
+    truth = ground_truth(config, pool) if isinstance(config.adapter, SimulatedLabConfig) else None
+    settings = engine_config(config)
+    if config.dispatch.mode == "ray":
+        from adapters.dispatch import Dispatcher
+
+        factory = functools.partial(build_adapter, config.adapter, directory=directory, truth=truth)
+        return Dispatcher(factory, settings)
+    virtual = isinstance(config.adapter, SimulatedLabConfig)
+    adapter = build_adapter(config.adapter, directory=directory, truth=truth, virtual_time=virtual)
+    if not virtual:
+        return JobEngine(InProcessTransport(adapter), settings)
+    from simulators.clock import EngineTime, VirtualClock
+    from simulators.lab import SimulatedLab
+
+    if not (isinstance(adapter, SimulatedLab) and isinstance(adapter.clock, VirtualClock)):
+        raise TypeError("an inline simulated lab must run on a virtual clock")
+    lab, lab_clock = adapter, adapter.clock
+    clock = EngineTime(lab_clock, scale=lab.config.time_acceleration)
+
+    def next_completion() -> float | None:
+        at = lab.next_completion_time()
+        return None if at is None else clock.from_sim(at)
+
+    return JobEngine(InProcessTransport(lab, wake_hint=next_completion), settings, clock=clock)
