@@ -203,6 +203,17 @@ class CampaignConfig(_Section):
     finetune: FinetunePolicy = FinetunePolicy()
     stop: StopConfig = StopConfig()
 
+    @model_validator(mode="after")
+    def _batch_fits_concurrency(self) -> CampaignConfig:
+        concurrency = self.dispatch.concurrency
+        if concurrency is not None and self.acquisition.batch_size > concurrency:
+            raise ValueError(
+                f"acquisition.batch_size {self.acquisition.batch_size} exceeds dispatch.concurrency "
+                f"{concurrency}: a batch could never be submitted; lower the batch or raise "
+                "the concurrency"
+            )
+        return self
+
     @property
     def targets(self) -> tuple[str, ...]:
         """Every measured target: the objective's first, then the constraints', no repeats."""

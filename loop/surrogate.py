@@ -379,14 +379,10 @@ def build_surrogate(config: CampaignConfig, scopes: list[str], n_pool: int) -> S
 
         feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
         return GPSurrogate(feats, seed=config.seed, max_train=sc.gp_max_train, n_pool=n_pool)
-    from cloud_model.checkpoint import default_checkpoint
+    from cloud_model.checkpoint import resolve_checkpoint
     from cloud_model.ensemble import CloudEnsemble
 
-    checkpoint = None
-    if sc.checkpoint == "default":
-        checkpoint = default_checkpoint()
-    elif sc.checkpoint is not None:
-        checkpoint = Path(sc.checkpoint)
+    checkpoint = resolve_checkpoint(sc.checkpoint)  # "default" = the shipped cloud-small
     ens_config = sc.ensemble.model_copy(
         update={"seed": config.seed, "target_names": config.targets}
     )

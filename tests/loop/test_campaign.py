@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import signal
@@ -284,3 +285,73 @@ def test_an_unknown_dataset_name_fails_before_anything_starts(tmp_path: Path) ->
     with pytest.raises(CloudlabError, match="perov_6"):
         Campaign(config, tmp_path / "run").run()
     assert not (tmp_path / "run").exists()  # validated before anything was created on disk
+
+
+class _InterruptWhenInFlight:
+    """Progress hook: Ctrl-C (KeyboardInterrupt, what SIGINT raises) at the n-th step with jobs in flight."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step, self.steps = at_step, 0
+
+    def __call__(self, progress: object) -> None:
+        if getattr(progress, "n_in_flight", 0) > 0:
+            self.steps += 1
+            if self.steps == self.at_step:
+                raise KeyboardInterrupt
+
+
+_KILL_SCRIPT = """
+import json, os, signal, sys
+from loop.campaign import Campaign
+from loop.config import parse_config
+config, out, at_step = parse_config(json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+steps = 0
+def hook(progress):
+    global steps
+    if progress.n_in_flight > 0:
+        steps += 1
+        if steps == at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+Campaign(config, out).run(on_progress=hook)
+"""
+
+
+def _failed(directory: Path) -> set[str]:
+    with CampaignStore(directory, create=False) as store:
+        return {j.candidate_id for j in store.jobs(states=["FAILED", "LOST", "CANCELLED"])}
+
+
+@pytest.mark.parametrize("wait_for", ["all", "any"])
+def test_inline_sigint_and_sigkill_with_jobs_in_flight_then_resume(
+    cv_pool: Path, tmp_path: Path, wait_for: str
+) -> None:
+    """Inline mode (the benchmarks' mode) loses nothing when stopped with jobs in flight."""
+    data = _config(cv_pool, dispatch={"wait_for": wait_for})
+    Campaign(parse_config(data), tmp_path / "reference").run()
+    ref_jobs, ref_values, _ = _outcome(tmp_path / "reference")
+
+    out = tmp_path / "stopped"
+    for at_step in (3, 2):  # Ctrl-C twice, each time with jobs at the lab
+        with pytest.raises(KeyboardInterrupt):
+            Campaign(parse_config(data), out).run(on_progress=_InterruptWhenInFlight(at_step))
+        with CampaignStore(out, create=False) as store:
+            assert store.open_jobs(), "the interrupt should land with jobs in flight"
+    killed = subprocess.run(  # then SIGKILL in another process, again with jobs in flight
+        [sys.executable, "-c", _KILL_SCRIPT, json.dumps(data), str(out), "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with CampaignStore(out, create=False) as store:
+        assert store.open_jobs()
+    result = Campaign.resume(out).run()
+
+    jobs, values, counts = _outcome(out)
+    assert result.stop_reason == "experiment budget reached"
+    assert jobs == ref_jobs  # the same decisions, in the same order
+    assert values == ref_values  # the same measurements, none lost
+    assert _failed(out) == _failed(tmp_path / "reference")  # nothing failed that had not failed
+    with CampaignStore(out, create=False) as store:
+        assert all("has no job" not in (j.message or "") for j in store.jobs())

@@ -8,6 +8,7 @@ import yaml
 from cloud_model.errors import ConfigError
 from loop.config import CampaignConfig, load_config, parse_config
 
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 CAMPAIGNS = [p for p in CONFIGS if not p.name.startswith(("pretrain", "finetune", "bench"))]
 
@@ -88,3 +89,27 @@ def test_shortlist_defaults_per_surrogate() -> None:
     assert AcquisitionConfig(shortlist=64).shortlist_for("gp") == 64
     with pytest.raises(ValueError, match="shortlist"):
         AcquisitionConfig(shortlist=3)
+
+
+def test_validating_a_config_imports_no_torch_ray_or_botorch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from loop.config import load_config\n"
+        "load_config('configs/perovskite_water_splitting.yaml')\n"
+        "print(sorted(m for m in ('torch', 'ray', 'botorch', 'gpytorch') if m in sys.modules))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_batch_larger_than_the_concurrency_is_a_config_error() -> None:
+    data = yaml.safe_load((REPO / "configs" / "perovskite_water_splitting.yaml").read_text())
+    data["acquisition"]["batch_size"] = 12
+    data["dispatch"]["concurrency"] = 8
+    with pytest.raises(ConfigError, match="batch_size 12 exceeds dispatch.concurrency 8"):
+        parse_config(data)
