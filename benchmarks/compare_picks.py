@@ -22,7 +22,7 @@ def compare(reference: dict, candidate: dict) -> dict:
         if ref is None:
             continue
         a, b = ref["submitted_ids"], run["submitted_ids"]
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
         if first is None and len(a) != len(b):
             first = min(len(a), len(b))
         runs[name] = {"n": len(b), "identical": first is None, "first_difference": first}
