@@ -45,8 +45,34 @@ class BenchConfig(BaseModel):
     seeds: int = Field(default=20, ge=1)
     batch_sizes: list[int] = Field(default_factory=lambda: [8])
     top_fractions: list[float] = Field(default_factory=lambda: [0.01, 0.05])
-    af_levels: list[float] = Field(default_factory=lambda: [0.5, 0.9])
+    # fractions of the top set whose AF (experiments random needs / the strategy needs) is reported
+    af_levels: list[float] = Field(default_factory=lambda: [0.5, 0.9], min_length=1)
     parallel: int = Field(default=2, ge=1)  # runs at once (Ray tasks)
+
+
+class RunTimings(BaseModel):
+    """Seconds one run spent per stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fit: float
+    score: float
+    acquisition: float
+    dispatch: float
+
+
+class RunRecord(BaseModel):
+    """What one benchmark run chose and what it cost (``runs/<name>/result.json``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    measured_ids: list[str]
+    submitted_ids: list[str]
+    stop_reason: str
+    wall_s: float
+    cpu_s: float
+    timings: RunTimings
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +141,7 @@ def run_one(config_json: str, directory: str) -> dict[str, Any]:
     out = Path(directory)
     done = out / "result.json"
     if done.exists():
-        return dict(json.loads(done.read_text()))
+        return RunRecord.model_validate_json(done.read_text()).model_dump()
     config = CampaignConfig.model_validate_json(config_json)
     t0, c0 = time.perf_counter(), time.process_time()
     result = Campaign(config, out).run()
@@ -124,24 +150,19 @@ def run_one(config_json: str, directory: str) -> dict[str, Any]:
     with CampaignStore(out, create=False) as store:
         measured = [m.candidate_id for m in store.measurements()]
         jobs = [j.candidate_id for j in store.jobs()]
-    record = {
-        "name": config.name,
-        "measured_ids": measured,
-        "submitted_ids": jobs,
-        "stop_reason": result.stop_reason,
-        "wall_s": time.perf_counter() - t0,
-        "cpu_s": time.process_time() - c0,
-        "timings": {
-            "fit": result.timings.fit,
-            "score": result.timings.score,
-            "acquisition": result.timings.acquisition,
-            "dispatch": result.timings.dispatch,
-        },
-    }
+    record = RunRecord(
+        name=config.name,
+        measured_ids=measured,
+        submitted_ids=jobs,
+        stop_reason=result.stop_reason,
+        wall_s=time.perf_counter() - t0,
+        cpu_s=time.process_time() - c0,
+        timings=RunTimings(**result.timings.model_dump(exclude={"extra"})),
+    )
     tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
+    tmp.write_text(record.model_dump_json())
     tmp.replace(done)
-    return record
+    return record.model_dump()
 
 
 def run_bench(
@@ -275,20 +296,24 @@ def markdown_table(summary: dict[str, Any], bench: BenchConfig) -> str:
         f"this invocation; the runs took {summary['runs_wall_s']:.0f} s in all "
         f"(~{summary['runs_wall_s'] / summary['parallel'] / 60:.0f} min at {summary['parallel']} at once).",
         "",
-        "| strategy | Top% at budget (median [5-95]) | EF at budget | n to 50 % | AF(50 %) | AF(90 %) | anyALM (random) | s/run fit+score / acq |",
-        "|---|---|---|---|---|---|---|---|",
+        "| strategy | Top% at budget (median [5-95]) | EF at budget | "
+        + "".join(f"n to {p:.0%} | AF({p:.0%}) | " for p in bench.af_levels)
+        + "anyALM (random) | s/run fit+score / acq |",
+        "|---|---|---|" + "---|---|" * len(bench.af_levels) + "---|---|",
     ]
     for name, e in summary["strategies"].items():
         top = e[f"top{frac:g}"]
         ef = e[f"ef{frac:g}"]["median"][-1] if e[f"ef{frac:g}"]["median"] else float("nan")
-        af5 = e[f"af_0.5_top{frac:g}"]
-        af9 = e[f"af_0.9_top{frac:g}"]
-        n50 = e[f"n_to_0.5_of_top{frac:g}"]
         t = e["time_s"]
+        levels = ""
+        for p in bench.af_levels:
+            n, af = e[f"n_to_{p:g}_of_top{frac:g}"], e[f"af_{p:g}_top{frac:g}"]
+            levels += (
+                f"{'-' if n is None else f'{n:.0f}'} | {'-' if af is None else f'{af:.1f}'} | "
+            )
         lines.append(
             f"| {name} | {top['median'][-1]:.2f} [{top['p05'][-1]:.2f}-{top['p95'][-1]:.2f}] | {ef:.1f} | "
-            f"{'-' if n50 is None else f'{n50:.0f}'} | {'-' if af5 is None else f'{af5:.1f}'} | "
-            f"{'-' if af9 is None else f'{af9:.1f}'} | {e[f'any_alm_top{frac:g}']:.0f} "
+            f"{levels}{e[f'any_alm_top{frac:g}']:.0f} "
             f"({e[f'any_alm_random_top{frac:g}']}) | {t['fit'] + t['score']:.1f} / {t['acquisition']:.1f} |"
         )
     return "\n".join(lines) + "\n"

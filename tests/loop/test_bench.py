@@ -87,6 +87,7 @@ def test_bench_runs_resumes_and_reports(ray_session: None, data_dir: Path, tmp_p
         "campaign": "base.yaml",
         "seeds": 2,
         "batch_sizes": [4],
+        "af_levels": [0.8],  # not the default levels: the report follows the config
         "parallel": 2,
         "strategies": {
             "random": {"surrogate": {"kind": "random"}, "acquisition": {"kind": "random"}},
@@ -109,7 +110,9 @@ def test_bench_runs_resumes_and_reports(ray_session: None, data_dir: Path, tmp_p
     # the cost of the runs themselves is kept, so a resumed benchmark still reports it
     assert saved["runs_wall_s"] >= max(r["wall_s_mean"] for r in saved["strategies"].values())
     assert (tmp_path / "out" / "smoke.png").stat().st_size > 1000
-    assert "| cloud-q4 |" in (tmp_path / "out" / "smoke.md").read_text()
+    table = (tmp_path / "out" / "smoke.md").read_text()
+    assert "| cloud-q4 |" in table and "AF(80%)" in table and "AF(50%)" not in table
+    assert "af_0.8_top0.05" in entry and "af_0.5_top0.05" not in entry
     # every run is an ordinary campaign directory, and a second call recomputes nothing
     first = (tmp_path / "out" / "runs" / "cloud-q4-s0" / "result.json").stat().st_mtime
     again = run_bench(tmp_path / "bench.yaml", tmp_path / "out")
