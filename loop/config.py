@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from adapters.engine import DispatchConfig
 from adapters.http_lab import HttpLabConfig
@@ -143,16 +150,42 @@ class BudgetConfig(_Section):
     wall_time_s: float | None = Field(default=None, gt=0)
 
 
+def _check_settings(settings: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """Validate ``settings`` against the adapter's settings model; keep them as given."""
+    try:
+        model.model_validate(settings)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"settings.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(problems) from None
+    return settings
+
+
 class GpawAdapterConfig(_Section):
     kind: Literal["gpaw"] = "gpaw"
     settings: dict[str, Any] = Field(default_factory=dict)  # adapters.dft.GpawSettings fields
     work_dir: Path | None = None  # job directories; default: <campaign dir>/gpaw
+
+    @field_validator("settings")
+    @classmethod
+    def _typed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from adapters.dft import GpawSettings  # imports neither GPAW nor torch
+
+        return _check_settings(value, GpawSettings)
 
 
 class ChgnetAdapterConfig(_Section):
     kind: Literal["chgnet"] = "chgnet"
     settings: dict[str, Any] = Field(default_factory=dict)  # adapters.mlip.ChgnetSettings fields
     work_dir: Path | None = None  # job directories; default: <campaign dir>/chgnet
+
+    @field_validator("settings")
+    @classmethod
+    def _typed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from adapters.mlip import ChgnetSettings  # imports neither CHGNet nor torch
+
+        return _check_settings(value, ChgnetSettings)
 
 
 AdapterConfig = Annotated[

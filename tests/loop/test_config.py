@@ -113,3 +113,13 @@ def test_a_batch_larger_than_the_concurrency_is_a_config_error() -> None:
     data["dispatch"]["concurrency"] = 8
     with pytest.raises(ConfigError, match="batch_size 12 exceeds dispatch.concurrency 8"):
         parse_config(data)
+
+
+def test_a_typo_in_gpaw_settings_is_a_config_error_naming_the_field() -> None:
+    data = yaml.safe_load((REPO / "configs" / "gpaw_small.yaml").read_text())
+    data["adapter"]["settings"] = {**data["adapter"].get("settings", {}), "cutof_ev": 300}
+    with pytest.raises(ConfigError, match=r"adapter\.gpaw\.settings.*settings\.cutof_ev"):
+        parse_config(data)
+    data["adapter"]["settings"] = {"cutoff_ev": -1}
+    with pytest.raises(ConfigError, match="settings.cutoff_ev"):
+        parse_config(data)
