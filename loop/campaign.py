@@ -123,6 +123,13 @@ class Campaign:
         cfg = self.config
         pool = load_pool(cfg.pool, cfg.targets, seed=cfg.seed)
         prior = load_pool(cfg.prior, cfg.targets, seed=cfg.seed) if cfg.prior else None
+        in_pool = set(pool.ids)
+        unknown = [c for c in cfg.initial_design.ids if c not in in_pool]
+        if unknown:
+            raise ConfigError(
+                f"initial_design.ids: {len(unknown)} id(s) are not in the candidate pool "
+                f"(invalid rows are left out): {unknown[:10]}"
+            )
         store = self._open_store()
         if store.n_candidates() == 0:
             store.add_candidates(zip(pool.ids, pool.scopes, strict=True))

@@ -15,6 +15,7 @@ from adapters.base import (
     MeasuredValue,
     Measurement,
 )
+from cloud_model.errors import ConfigError
 from loop.agent import CampaignView, Proposal
 from loop.campaign import Campaign
 from loop.config import parse_config
@@ -207,3 +208,12 @@ def test_resume_resubmits_unaccepted_jobs_by_key_and_tracks_the_others(
     ]  # accepted before: polled, not resubmitted
     assert executor.submitted[0] == "roles/c02"  # never accepted: submitted again with its key
     assert result.n_submitted == result.n_measured == 12
+
+
+def test_unknown_initial_design_ids_are_an_error_before_anything_is_created(
+    pool: Path, tmp_path: Path
+) -> None:
+    config = _config(pool, initial_design={"ids": ["c01", "nope-1", "nope-2"]})
+    with pytest.raises(ConfigError, match=r"initial_design.ids: 2 id\(s\).*nope-1"):
+        Campaign(config, tmp_path / "run").run(agent=FakeAgent(), executor=FakeExecutor())
+    assert not (tmp_path / "run").exists()
