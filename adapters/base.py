@@ -225,6 +225,9 @@ class EventKind(StrEnum):
     TIMED_OUT = "TIMED_OUT"  # exceeded its timeout and was cancelled at the adapter
     CANCELLED = "CANCELLED"
     LOST = "LOST"  # the adapter no longer knows the job
+    # the executor refused our credentials: not an experiment outcome; the job stays as the
+    # store knows it (never reached the lab, or still there) and the campaign stops until fixed
+    REFUSED = "REFUSED"
 
     @property
     def is_terminal(self) -> bool:

@@ -12,6 +12,8 @@ happen. The rules are the same for every transport:
 * a permanent error FAILS the job at once (``permanent=True``), and so does an
   exception the adapter was not supposed to raise (an adapter bug);
 * a poll or cancel of a job the adapter does not know makes it LOST;
+* refused credentials (:class:`~adapters.base.AuthError`) end the job here as
+  REFUSED: not an experiment outcome, the caller decides (the campaign stops);
 * a job running longer than its timeout is cancelled at the adapter and ends
   TIMED_OUT; a job cancelled before the adapter accepted it ends CANCELLED.
 
@@ -664,6 +666,8 @@ class JobEngine:
                 )
         elif outcome.error_kind == "not_found" and kind is not OpKind.SUBMIT:
             self._finish(job, EventKind.LOST, message=what)
+        elif outcome.error_kind == "refused":
+            self._finish(job, EventKind.REFUSED, message=what)
         else:
             self._finish(
                 job, self._ending_kind(job, EventKind.FAILED), message=what, permanent=True

@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from adapters.base import (
+    AuthError,
     ExperimentRequest,
     JobHandle,
     JobNotFoundError,
@@ -81,7 +82,7 @@ class AdapterOp(BaseModel):
     handle: JobHandle | None = None  # POLL, CANCEL
 
 
-ErrorKind = Literal["transient", "permanent", "not_found"]
+ErrorKind = Literal["transient", "permanent", "not_found", "refused"]
 
 
 class OpOutcome(BaseModel):
@@ -131,7 +132,8 @@ def run_op(adapter: LabAdapter, op: AdapterOp) -> OpOutcome:
     """Make one adapter call and turn what it returned or raised into an outcome.
 
     Transient errors (retry with the same key), an unknown job (``not_found``:
-    the engine reports the job LOST) and permanent errors are told apart; any
+    the engine reports the job LOST), refused credentials (``refused``: not an
+    experiment failure) and permanent errors are told apart; any
     other exception is an adapter bug and becomes a permanent error of this op
     only, so it cannot take the other ops of the batch down.
     """
@@ -149,6 +151,8 @@ def run_op(adapter: LabAdapter, op: AdapterOp) -> OpOutcome:
         return OpOutcome(op_id=op.op_id, error_kind="transient", error=str(exc))
     except JobNotFoundError as exc:
         return OpOutcome(op_id=op.op_id, error_kind="not_found", error=str(exc))
+    except AuthError as exc:  # credentials, not the experiment: the engine reports REFUSED
+        return OpOutcome(op_id=op.op_id, error_kind="refused", error=str(exc))
     except PermanentAdapterError as exc:
         return OpOutcome(op_id=op.op_id, error_kind="permanent", error=str(exc))
     except Exception as exc:  # an adapter bug: recorded as this job's permanent failure

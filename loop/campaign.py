@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from adapters.base import EventKind, Executor, ExperimentRequest, JobEvent, JobState
-from cloud_model.errors import ConfigError
+from cloud_model.errors import CloudlabError, ConfigError
 from loop.agent import Agent, CampaignView, Proposer
 from loop.config import CampaignConfig
 from loop.pool import Pool, load_pool
@@ -40,7 +40,7 @@ from loop.records import CampaignResult, Progress, Timings
 from loop.stop_rules import LoopState, first_reason, rules_for
 from loop.store import CREATED, STORE_FILENAME, CampaignStore
 
-__all__ = ["Campaign", "CampaignResult", "Progress", "Timings"]
+__all__ = ["Campaign", "CampaignResult", "LabRefusedError", "Progress", "Timings"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ _ENDED = {
 }
 _OPEN = (CREATED, JobState.QUEUED.value, JobState.RUNNING.value)
 _UNSUCCESSFUL = (JobState.FAILED.value, JobState.LOST.value, JobState.CANCELLED.value)
+
+
+class LabRefusedError(CloudlabError, PermissionError):
+    """The lab refused our credentials: nothing was spent; fix them and resume."""
 
 
 class Campaign:
@@ -257,6 +261,10 @@ class Campaign:
             logger.warning("interrupted: the store is consistent; `cloudlab resume` continues")
             executor.shutdown(graceful=False, cancel_in_flight=False)
             raise
+        except LabRefusedError as exc:
+            stop_reason = f"refused by the lab: {exc}"
+            executor.shutdown(graceful=False, cancel_in_flight=False)
+            raise
         else:
             executor.shutdown(graceful=True, cancel_in_flight=False)
         finally:
@@ -338,6 +346,12 @@ class Campaign:
             self.timings.dispatch += time.perf_counter() - t0
             for event in events:
                 self._record(event)
+            refused = [e for e in events if e.kind is EventKind.REFUSED]
+            if refused:
+                raise LabRefusedError(
+                    f"{refused[0].message}. No experiment was counted as failed; fix the "
+                    f"credentials and run `cloudlab resume {self.directory}`"
+                )
 
     def _submit_batch(self, agent: Proposer, executor: Executor, n_free: int) -> int:
         store = self._store()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cloud_model.errors import CloudlabError
-from loop.campaign import Campaign
+from loop.campaign import Campaign, LabRefusedError
 from loop.config import parse_config
 from loop.store import CampaignStore
 
@@ -207,7 +207,7 @@ def test_wrong_token_is_a_clear_error(
 ) -> None:
     from simulators.config import SimulatedLabConfig
     from simulators.ground_truth import GroundTruth
-    from tests.simulators.lab_server import TOKEN_ENV, start_server
+    from tests.simulators.lab_server import TOKEN, TOKEN_ENV, start_server
 
     rows = list(csv.DictReader(cv_pool.open()))
     truth = GroundTruth.from_rows(
@@ -219,15 +219,20 @@ def test_wrong_token_is_a_clear_error(
         data = _config(cv_pool)
         data["adapter"] = {"kind": "http", "base_url": server.url, "token_env": TOKEN_ENV}
         data["dispatch"] = {"mode": "inline", "wait_for": "all", "poll_interval_s": 0.05}
-        result = Campaign(parse_config(data), tmp_path / "run").run()
+        with pytest.raises(LabRefusedError, match=TOKEN_ENV):
+            Campaign(parse_config(data), tmp_path / "run").run()
+        # an auth failure is not an experiment failure: nothing FAILED, the batch waits unsent
+        _, values, counts = _outcome(tmp_path / "run")
+        assert not values and set(counts) == {"CREATED"}
+        with CampaignStore(tmp_path / "run", create=False) as store:
+            assert (store.get_meta("stop_reason") or "").startswith("refused by the lab")
+        # with the token fixed, resume continues and spends the whole budget
+        monkeypatch.setenv(TOKEN_ENV, TOKEN)
+        result = Campaign.resume(tmp_path / "run").run()
     finally:
         server.stop()
-    # every submission is refused with an auth error: recorded as failures, then the campaign stops
-    with CampaignStore(tmp_path / "run", create=False) as store:
-        messages = {j.message for j in store.jobs()}
-    assert result.n_measured == 0
-    assert any(TOKEN_ENV in (m or "") for m in messages), messages
-    assert "failed" in result.stop_reason
+    assert result.stop_reason == "experiment budget reached"
+    assert result.n_submitted == 24 and result.n_measured > 0
 
 
 def test_prior_data_trains_the_surrogate_from_the_first_decision(
