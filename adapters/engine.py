@@ -409,16 +409,25 @@ class JobEngine:
         """Foreground driving: run rounds until an event is emitted, time is up, or all is idle."""
         self._raise_if_failed()
         end = None if timeout is None or self.clock.is_virtual else self.clock.monotonic() + timeout
+        stalled = 0  # rounds on a virtual clock in which neither time nor any job moved
         while self._events.empty():
             self._take_commands(block=False)
             if not self._jobs:
                 return
+            before = (self.clock.monotonic(), self._op_seq)
             self._step()
             if not self._events.empty() or self._calls:
                 continue
             if end is not None and self.clock.monotonic() >= end:
                 return
             self._idle(end)
+            stalled = stalled + 1 if (self.clock.monotonic(), self._op_seq) == before else 0
+            if stalled > 1000:
+                raise DispatcherError(
+                    f"the job engine made no progress on its virtual clock at t={before[0]!r} "
+                    f"with {len(self._jobs)} job(s) outstanding (a clock that cannot reach its "
+                    "deadline)"
+                )
 
     def _step(self) -> None:
         now = self.clock.monotonic()

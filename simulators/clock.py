@@ -13,6 +13,7 @@ lazily which experiments have started or ended by then. Two clocks:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -143,7 +144,10 @@ class EngineTime:
     def sleep_until(self, deadline: float) -> None:
         # (t / scale) * scale may fall one ulp short of t: a deadline that came from
         # from_sim() (the lab's next completion) goes to that exact simulated instant
-        self.clock.advance_to(self._exact.get(deadline, deadline * self.scale))
+        target = self._exact.get(deadline, deadline * self.scale)
+        while target / self.scale < deadline:  # never wake a rounding error short of it
+            target = math.nextafter(target, math.inf)
+        self.clock.advance_to(target)
 
     def from_sim(self, sim_time: float) -> float:
         """Engine time of simulated time ``sim_time`` (sleeping until it reaches it exactly)."""

@@ -272,3 +272,22 @@ def test_history_replay_reproduces_jobs_and_measurements(
         if status.state is JobState.SUCCEEDED:
             assert restored.result(h).values == lab.result(h).values
     assert restored.total_cost == lab.total_cost > 0
+
+
+def test_engine_time_always_reaches_the_deadline_it_sleeps_until() -> None:
+    """(t / scale) * scale can fall an ulp short of t: the engine must still wake at t."""
+    import random as _random
+
+    from simulators.clock import EngineTime
+
+    rng = _random.Random(0)
+    for _ in range(2000):
+        scale = rng.choice([1.0, 3.0, 7200.0, 3600.0 * rng.random() + 1e-3])
+        clock = EngineTime(VirtualClock(), scale=scale)
+        deadline = rng.random() * 1e4
+        clock.sleep_until(deadline)
+        assert clock.monotonic() >= deadline
+        sim = rng.random() * 1e6
+        hinted = clock.from_sim(sim)
+        clock.sleep_until(hinted)  # a wake hint from the lab: exactly that simulated instant
+        assert clock.clock.now() >= sim
