@@ -1,8 +1,9 @@
 """Real DFT as an adapter: GPAW (plane waves, PBE) on small cells, one subprocess per job.
 
-:class:`GpawAdapter` implements the adapter contract on this machine. Every job
-runs in its own supervised subprocess (:mod:`adapters.local_jobs`) with its own
-working directory and timeout, so a crash or hang of GPAW cannot take the
+:class:`GpawAdapter` fills in the local-job template
+(:class:`adapters.local_adapter.LocalJobAdapter`). Every job runs in its own
+supervised subprocess (:mod:`adapters.local_jobs`) with its own working
+directory and timeout, so a crash or hang of GPAW cannot take the
 caller down, and its directory is named by the idempotency key, so a second
 submit (from this or a restarted process) returns the first job. The worker
 body is :mod:`adapters.dft_worker`.
@@ -28,26 +29,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.base import (
-    ExperimentRequest,
-    JobHandle,
-    JobState,
-    JobStatus,
-    LabAdapter,
-    MeasuredValue,
-    Measurement,
-    PermanentAdapterError,
-    ResultNotReadyError,
-)
-from adapters.local_jobs import JobSpec, SubprocessJobRunner, job_id_for_key
-from cloud_model.errors import ConfigError
+from adapters.local_adapter import LocalJobAdapter, LocalJobSettings, default_work_dir
 
 __all__ = ["GPAW_TARGET_UNITS", "GpawAdapter", "GpawJobResult", "GpawSettings", "default_work_dir"]
 
@@ -58,21 +45,11 @@ GPAW_TARGET_UNITS: dict[str, str] = {
     "energy_per_atom": "eV/atom",
     "formation_energy_per_atom": "eV/atom",
 }
-# Settings a request may not override (they belong to the adapter, not the calculation).
-_ADAPTER_ONLY = frozenset({"work_dir", "max_parallel", "setup_path"})
 
 
-def default_work_dir(code: str) -> Path:
-    """``$CLOUDLAB_CACHE_DIR/<code>`` (default ``~/.cache/cloudlab/<code>``): jobs and references."""
-    root = os.environ.get("CLOUDLAB_CACHE_DIR") or Path.home() / ".cache" / "cloudlab"
-    return Path(root) / code
-
-
-class GpawSettings(BaseModel):
+class GpawSettings(LocalJobSettings):
     """How GPAW computes one structure. Physics defaults aim at ~10-20 meV/atom in
     formation energies of sp and 3d compounds; tests use lower cutoffs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # --- physics (part of the reference-energy cache key) ---
     cutoff_ev: float = Field(default=400.0, gt=0, description="plane-wave cutoff (eV)")
@@ -123,9 +100,7 @@ class GpawSettings(BaseModel):
         default=3600.0, gt=0, description="per job, including any reference it computes"
     )
     threads: int = Field(default=1, ge=1, description="BLAS/OpenMP threads of each worker")
-    max_parallel: int = Field(
-        default=1, ge=1, description="workers running at once on this machine"
-    )
+    # max_parallel: see LocalJobSettings
     work_dir: Path = Field(default_factory=lambda: default_work_dir("gpaw"))
     setup_path: Path | None = Field(
         default=None, description="GPAW_SETUP_PATH; default: the gpaw-data wheel"
@@ -177,7 +152,7 @@ class GpawJobResult(BaseModel):
     settings: dict[str, Any]
 
 
-class GpawAdapter(LabAdapter):
+class GpawAdapter(LocalJobAdapter[GpawSettings, GpawJobResult]):
     """DFT with GPAW in supervised subprocesses; see the module docstring.
 
     Args:
@@ -187,121 +162,29 @@ class GpawAdapter(LabAdapter):
     """
 
     name = "gpaw"
+    code = "GPAW"
+    settings_model = GpawSettings
+    result_model = GpawJobResult
+    target_units = GPAW_TARGET_UNITS
+    worker_module = "adapters.dft_worker"
+    adapter_only = frozenset({"setup_path"})
 
-    def __init__(self, settings: GpawSettings | Mapping[str, Any] | None = None) -> None:
-        if settings is None or isinstance(settings, GpawSettings):
-            self.settings = settings or GpawSettings()
-        else:  # a JSON dict, e.g. from a campaign config crossing into a Ray actor
-            try:
-                self.settings = GpawSettings.model_validate(dict(settings))
-            except ValidationError as exc:
-                raise ConfigError(f"invalid {self.name} adapter settings: {exc}") from exc
-        self.capacity = self.settings.max_parallel
-        self.runner = SubprocessJobRunner(
-            self.settings.work_dir, max_parallel=self.settings.max_parallel
-        )
-
-    def job_settings(self, request: ExperimentRequest) -> GpawSettings:
-        """The default settings updated by ``request.parameters``."""
-        forbidden = _ADAPTER_ONLY & request.parameters.keys()
-        if forbidden:
-            raise PermanentAdapterError(f"request parameters may not set {sorted(forbidden)}")
-        try:
-            return GpawSettings.model_validate({**self.settings.model_dump(), **request.parameters})
-        except ValidationError as exc:
-            raise PermanentAdapterError(
-                f"invalid GPAW parameters in request {request.candidate_id!r}: {exc}"
-            ) from exc
-
-    def submit(self, request: ExperimentRequest, idempotency_key: str) -> JobHandle:
-        unknown = set(request.targets) - GPAW_TARGET_UNITS.keys()
-        if unknown:
-            raise PermanentAdapterError(
-                f"GPAW cannot measure {sorted(unknown)}; known targets: {sorted(GPAW_TARGET_UNITS)}"
-            )
-        if not request.structure_cif:
-            raise PermanentAdapterError(f"request {request.candidate_id!r} has no structure_cif")
-        _check_cif(request.structure_cif, request.candidate_id)
-        settings = self.job_settings(request)
+    def job_env(self, settings: GpawSettings) -> dict[str, str]:
         env = {
             "OMP_NUM_THREADS": str(settings.threads),
             "OPENBLAS_NUM_THREADS": str(settings.threads),
         }
         if settings.setup_path is not None:
             env["GPAW_SETUP_PATH"] = str(settings.setup_path)
-        spec = JobSpec(
-            job_id=job_id_for_key(idempotency_key),
-            idempotency_key=idempotency_key,
-            request=request,
-            settings=settings.model_dump(mode="json"),
-            worker_module="adapters.dft_worker",
-            timeout_s=settings.timeout_s,
-            env=env,
-        )
-        stored, created = self.runner.submit(spec)
-        if not created:
-            logger.info(
-                "key %r already has job %s; not starting another", idempotency_key, stored.job_id
-            )
-        return JobHandle(
-            adapter=self.name,
-            job_id=stored.job_id,
-            idempotency_key=idempotency_key,
-            candidate_id=stored.request.candidate_id,
-            submitted_at=stored.submitted_at,
-        )
+        return env
 
-    def poll(self, handle: JobHandle) -> JobStatus:
-        return self.runner.status(handle.job_id)
-
-    def result(self, handle: JobHandle) -> Measurement:
-        status = self.poll(handle)
-        if status.state is not JobState.SUCCEEDED:
-            raise ResultNotReadyError(f"job {handle.job_id} is {status.state}: {status.message}")
-        store = self.runner.store
-        spec = store.spec(handle.job_id)
-        record = store.record(handle.job_id)
-        out = store.read_result(handle.job_id, GpawJobResult)
-        values: dict[str, MeasuredValue] = {}
-        for target in spec.request.targets:
-            value = getattr(out, target)
-            if value is None:
-                raise PermanentAdapterError(f"job {handle.job_id} did not compute {target}")
-            values[target] = MeasuredValue(value=value, unit=GPAW_TARGET_UNITS[target])
-        provenance = {
-            "code": "GPAW",
+    def provenance(self, result: GpawJobResult, job_dir: Path) -> dict[str, Any]:
+        return {
+            "code": self.code,
             "energy_zero": "GPAW PAW reference atoms (only energy differences compare across codes)",
-            **out.model_dump(mode="json", exclude=set(GPAW_TARGET_UNITS)),
-            "job_dir": str(store.path(handle.job_id)),
+            **result.model_dump(mode="json", exclude=set(self.target_units)),
+            "job_dir": str(job_dir),
         }
-        return Measurement(
-            job_id=handle.job_id,
-            candidate_id=spec.request.candidate_id,
-            values=values,
-            cost=record.cpu_s or 0.0,
-            started_at=record.started_at,
-            finished_at=record.finished_at or record.updated_at,
-            provenance=provenance,
-        )
-
-    def cancel(self, handle: JobHandle) -> JobStatus:
-        return self.runner.cancel(handle.job_id)
-
-
-def _check_cif(cif: str, candidate_id: str) -> None:
-    """Parse ``cif`` once in the caller so that a bad request fails at submit, not in the worker."""
-    import warnings
-
-    from pymatgen.core import Structure
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            structure = Structure.from_str(cif, fmt="cif")
-    except (ValueError, IndexError, KeyError) as exc:
-        raise PermanentAdapterError(f"cannot parse the CIF of {candidate_id!r}: {exc}") from exc
-    if len(structure) == 0:
-        raise PermanentAdapterError(f"the CIF of {candidate_id!r} has no atoms")
 
 
 def gpaw_versions() -> tuple[str, str]:

@@ -6,18 +6,15 @@ formation energies against its own elemental references (the structures of
 :mod:`adapters.elemental_references`, relaxed with CHGNet, cached in
 ``<work_dir>/references/chgnet.json``).
 
-Jobs run **in process, on one worker thread**, not in a subprocess as GPAW's do:
-loading torch and the model costs ~4-6 s while a static CHGNet evaluation of a
-small cell takes ~0.05 s and a relaxation ~1-5 s, so a process per job would
-spend most of its time starting up. The dispatcher already runs each adapter
-inside a Ray actor (its own process), which is the isolation boundary if CHGNet
-ever crashes. Jobs are still durable and idempotent: each key gets a job
+It fills in the local-job template (:class:`adapters.local_adapter.LocalJobAdapter`)
+as GPAW's adapter does: each job runs in its own supervised worker process,
+``python -m adapters.mlip <job_dir>`` (:func:`main`), which loads torch and the
+model (~3 s of CPU), computes and writes ``result.json``. Timeout and cancel kill
+that process, so they stop the work (see the template's docstring for why one
+process per job). Jobs are durable and idempotent: each key gets a job
 directory (:class:`adapters.local_jobs.JobDirectory`) holding its spec, state
 and result, so a restarted caller reads finished jobs back, and a job whose
-process died mid-run is reported LOST rather than silently rerun.
-
-A thread cannot be killed: on timeout or cancel the job is marked FAILED or
-CANCELLED at once and its late result is discarded.
+supervisor died mid-run is reported LOST rather than silently rerun.
 
 Targets: ``total_energy`` (eV), ``energy_per_atom`` (eV/atom),
 ``formation_energy_per_atom`` (eV/atom), ``max_force`` (eV/A), ``pressure``
@@ -31,31 +28,15 @@ import contextlib
 import importlib.metadata
 import io
 import logging
-import os
-import threading
+import sys
 import time
 import warnings
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.base import (
-    ExperimentRequest,
-    JobHandle,
-    JobState,
-    JobStatus,
-    LabAdapter,
-    MeasuredValue,
-    Measurement,
-    PermanentAdapterError,
-    ResultNotReadyError,
-    utcnow,
-)
-from adapters.dft import default_work_dir
 from adapters.elemental_references import (
     ReferenceCache,
     ReferenceEnergy,
@@ -63,8 +44,8 @@ from adapters.elemental_references import (
     reference_structure,
     settings_hash,
 )
-from adapters.local_jobs import JobDirectory, JobSpec, job_id_for_key
-from cloud_model.errors import ConfigError
+from adapters.local_adapter import LocalJobAdapter, LocalJobSettings, default_work_dir, parse_cif
+from adapters.local_jobs import JobSpec, run_worker
 
 __all__ = ["CHGNET_TARGET_UNITS", "ChgnetAdapter", "ChgnetJobResult", "ChgnetSettings"]
 
@@ -77,13 +58,10 @@ CHGNET_TARGET_UNITS: dict[str, str] = {
     "max_force": "eV/A",
     "pressure": "GPa",
 }
-_ADAPTER_ONLY = frozenset({"work_dir", "model_version", "threads"})
 
 
-class ChgnetSettings(BaseModel):
+class ChgnetSettings(LocalJobSettings):
     """How CHGNet computes one structure."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_version: Literal["0.3.0", "0.2.0"] = Field(
         default="0.3.0", description="pretrained MPtrj weights shipped in the chgnet wheel"
@@ -97,8 +75,11 @@ class ChgnetSettings(BaseModel):
         default=True, description="relax elemental references (cheap; CHGNet stress is analytic)"
     )
     reference_cifs: dict[str, str] = Field(default_factory=dict, description="element -> CIF")
-    timeout_s: float = Field(default=600.0, gt=0)
+    timeout_s: float = Field(
+        default=600.0, gt=0, description="per job, including the worker's start (~3 s)"
+    )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None: torch's")
+    # max_parallel: see LocalJobSettings
     work_dir: Path = Field(default_factory=lambda: default_work_dir("chgnet"))
 
     def reference_settings(self, chgnet_version: str) -> dict[str, Any]:
@@ -144,213 +125,71 @@ class ChgnetJobResult(BaseModel):
     settings: dict[str, Any]
 
 
-class ChgnetAdapter(LabAdapter):
-    """CHGNet on a worker thread of this process; see the module docstring.
+class ChgnetAdapter(LocalJobAdapter[ChgnetSettings, ChgnetJobResult]):
+    """CHGNet in supervised worker processes; see the module docstring.
 
     Args:
         settings: defaults for every job, as settings or their JSON dict. A request's
-            ``parameters`` may override any field but ``work_dir``, ``model_version`` and
-            ``threads`` (e.g. ``{"relax": true}``).
+            ``parameters`` may override any field but ``work_dir``, ``max_parallel``,
+            ``model_version`` and ``threads`` (e.g. ``{"relax": true}``).
     """
 
     name = "chgnet"
-    capacity = 1
+    code = "CHGNet"
+    settings_model = ChgnetSettings
+    result_model = ChgnetJobResult
+    target_units = CHGNET_TARGET_UNITS
+    worker_module = "adapters.mlip"
+    adapter_only = frozenset({"model_version", "threads"})
 
-    def __init__(self, settings: ChgnetSettings | Mapping[str, Any] | None = None) -> None:
-        if settings is None or isinstance(settings, ChgnetSettings):
-            self.settings = settings or ChgnetSettings()
-        else:  # a JSON dict, e.g. from a campaign config crossing into a Ray actor
-            try:
-                self.settings = ChgnetSettings.model_validate(dict(settings))
-            except ValidationError as exc:
-                raise ConfigError(f"invalid {self.name} adapter settings: {exc}") from exc
-        self.store = JobDirectory(self.settings.work_dir)
-        self.references = ReferenceCache(self.settings.work_dir / "references" / "chgnet.json")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chgnet")
-        self._futures: dict[str, Future[None]] = {}
-        self._lock = threading.Lock()  # guards state transitions between caller and worker thread
+    def job_env(self, settings: ChgnetSettings) -> dict[str, str]:
+        if settings.threads is None:
+            return {}
+        n = str(settings.threads)
+        return {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+# --------------------------------------------------------------------------- worker process
+
+
+class ChgnetCalculator:
+    """The CHGNet model and its optimizers in a worker process, loaded on first use."""
+
+    def __init__(self, model_version: str, threads: int | None) -> None:
+        self.model_version = model_version
+        self.threads = threads
         self._model: Any = None
         self._optimizers: dict[str, Any] = {}  # optimizer name -> chgnet StructOptimizer
-        self._closed = False
-
-    # ------------------------------------------------------------------ contract
-
-    def job_settings(self, request: ExperimentRequest) -> ChgnetSettings:
-        """The default settings updated by ``request.parameters``."""
-        forbidden = _ADAPTER_ONLY & request.parameters.keys()
-        if forbidden:
-            raise PermanentAdapterError(f"request parameters may not set {sorted(forbidden)}")
-        try:
-            return ChgnetSettings.model_validate(
-                {**self.settings.model_dump(), **request.parameters}
-            )
-        except ValidationError as exc:
-            raise PermanentAdapterError(
-                f"invalid CHGNet parameters in request {request.candidate_id!r}: {exc}"
-            ) from exc
-
-    def submit(self, request: ExperimentRequest, idempotency_key: str) -> JobHandle:
-        if self._closed:
-            raise PermanentAdapterError("the CHGNet adapter is closed")
-        unknown = set(request.targets) - CHGNET_TARGET_UNITS.keys()
-        if unknown:
-            raise PermanentAdapterError(
-                f"CHGNet cannot measure {sorted(unknown)}; known targets: {sorted(CHGNET_TARGET_UNITS)}"
-            )
-        if not request.structure_cif:
-            raise PermanentAdapterError(f"request {request.candidate_id!r} has no structure_cif")
-        _parse_cif(request.structure_cif, request.candidate_id)
-        settings = self.job_settings(request)
-        spec = JobSpec(
-            job_id=job_id_for_key(idempotency_key),
-            idempotency_key=idempotency_key,
-            request=request,
-            settings=settings.model_dump(mode="json"),
-            worker_module="adapters.mlip",
-            timeout_s=settings.timeout_s,
-        )
-        with self._lock:
-            stored, created = self.store.create(spec)
-            if created:
-                self.store.adopt(spec.job_id, os.getpid())
-                self._futures[spec.job_id] = self._executor.submit(self._run, spec.job_id)
-            else:
-                logger.info(
-                    "key %r already has job %s; not starting another",
-                    idempotency_key,
-                    stored.job_id,
-                )
-        return JobHandle(
-            adapter=self.name,
-            job_id=stored.job_id,
-            idempotency_key=idempotency_key,
-            candidate_id=stored.request.candidate_id,
-            submitted_at=stored.submitted_at,
-        )
-
-    def poll(self, handle: JobHandle) -> JobStatus:
-        job_id = handle.job_id
-        with self._lock:
-            status = self.store.status(job_id)
-            if status.state is JobState.RUNNING:
-                record = self.store.record(job_id)
-                spec = self.store.spec(job_id)
-                started = record.started_at or record.updated_at
-                elapsed = (utcnow() - started).total_seconds()
-                if elapsed > spec.timeout_s:
-                    self.store.update(
-                        job_id,
-                        JobState.FAILED,
-                        f"timed out after {elapsed:.1f} s (limit {spec.timeout_s:g} s); result discarded",
-                    )
-                    status = self.store.status(job_id)
-        return status
-
-    def result(self, handle: JobHandle) -> Measurement:
-        status = self.poll(handle)
-        if status.state is not JobState.SUCCEEDED:
-            raise ResultNotReadyError(f"job {handle.job_id} is {status.state}: {status.message}")
-        spec = self.store.spec(handle.job_id)
-        record = self.store.record(handle.job_id)
-        out = self.store.read_result(handle.job_id, ChgnetJobResult)
-        values: dict[str, MeasuredValue] = {}
-        for target in spec.request.targets:
-            value = getattr(out, target)
-            if value is None:
-                raise PermanentAdapterError(f"job {handle.job_id} did not compute {target}")
-            values[target] = MeasuredValue(value=value, unit=CHGNET_TARGET_UNITS[target])
-        return Measurement(
-            job_id=handle.job_id,
-            candidate_id=spec.request.candidate_id,
-            values=values,
-            cost=record.cpu_s or 0.0,
-            started_at=record.started_at,
-            finished_at=record.finished_at or record.updated_at,
-            provenance={
-                "code": "CHGNet",
-                **out.model_dump(mode="json", exclude=set(CHGNET_TARGET_UNITS)),
-            },
-        )
-
-    def cancel(self, handle: JobHandle) -> JobStatus:
-        with self._lock:
-            future = self._futures.get(handle.job_id)
-            if future is not None and future.cancel():
-                self.store.update(handle.job_id, JobState.CANCELLED, "cancelled while queued")
-            else:
-                self.store.update(
-                    handle.job_id, JobState.CANCELLED, "cancelled; a running result is discarded"
-                )
-            return self.store.status(handle.job_id)
-
-    def close(self) -> None:
-        """Stop accepting jobs, cancel queued ones and wait for the running one."""
-        if self._closed:
-            return
-        self._closed = True
-        with self._lock:
-            for job_id, future in self._futures.items():
-                if future.cancel():
-                    self.store.update(
-                        job_id, JobState.CANCELLED, "adapter closed before the job ran"
-                    )
-        self._executor.shutdown(wait=True)
-
-    # ------------------------------------------------------------------ worker thread
-
-    @property
-    def model_loaded(self) -> bool:
-        """Whether this adapter has loaded the CHGNet weights (it does so on its first job)."""
-        return self._model is not None
 
     def model(self) -> Any:
-        """The CHGNet model, loaded on first use (~3 s) and kept."""
+        """The CHGNet model (~0.1 s to load once torch is imported)."""
         if self._model is None:
             from chgnet.model import CHGNet
 
             warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
-            if self.settings.threads is not None:
+            if self.threads is not None:
                 import torch
 
-                torch.set_num_threads(self.settings.threads)
+                torch.set_num_threads(self.threads)
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()) as captured:  # CHGNet prints its banner
                 self._model = CHGNet.load(
-                    model_name=self.settings.model_version, use_device="cpu", verbose=False
+                    model_name=self.model_version, use_device="cpu", verbose=False
                 )
-            logger.info("loaded CHGNet %s in %.1f s (%s)", self.settings.model_version,
+            logger.info("loaded CHGNet %s in %.1f s (%s)", self.model_version,
                         time.perf_counter() - t0, captured.getvalue().strip())  # fmt: skip
         return self._model
 
-    def _run(self, job_id: str) -> None:
-        with self._lock:
-            record = self.store.update(job_id, JobState.RUNNING, "computing", started_at=utcnow())
-        if record.state is not JobState.RUNNING:
-            return
-        cpu0 = time.thread_time()
-        try:
-            result = self._compute(self.store.spec(job_id))
-        except Exception as exc:  # thread boundary: every failure must reach the job's state
-            logger.exception("CHGNet job %s failed", job_id)
-            with self._lock:
-                self.store.update(job_id, JobState.FAILED, f"{type(exc).__name__}: {exc}")
-            return
-        with self._lock:
-            if not self.store.record(job_id).state.is_terminal:
-                self.store.write_result(job_id, result)
-                self.store.update(
-                    job_id, JobState.SUCCEEDED, "done", cpu_s=time.thread_time() - cpu0
-                )
-
-    def _compute(self, spec: JobSpec) -> ChgnetJobResult:
+    def compute(self, spec: JobSpec) -> ChgnetJobResult:
+        """One job: the (relaxed) structure's energy, forces, stress and formation energy."""
         from pymatgen.io.cif import CifWriter
 
         settings = ChgnetSettings.model_validate(spec.settings)
-        structure = _parse_cif(spec.request.structure_cif or "", spec.request.candidate_id)
+        structure = parse_cif(spec.request.structure_cif or "", spec.request.candidate_id)
         t0 = time.perf_counter()
         steps = 0
         if settings.relax:
-            structure, steps = self._relax(structure, settings, relax_cell=settings.relax_cell)
+            structure, steps = self.relax(structure, settings, relax_cell=settings.relax_cell)
         prediction = self.model().predict_structure(structure, task="efsm")
         wall = time.perf_counter() - t0
         energy_per_atom = float(prediction["e"])
@@ -363,12 +202,13 @@ class ChgnetAdapter(LabAdapter):
         t1 = time.perf_counter()
         if "formation_energy_per_atom" in spec.request.targets:
             ref_key = key = settings_hash(settings.reference_settings(_chgnet_version()))
+            cache = ReferenceCache(settings.work_dir / "references" / "chgnet.json")
             for element in sorted(composition):
 
                 def compute_this(el: str = element) -> ReferenceEnergy:
-                    return self._reference(el, settings, ref_key)
+                    return self.reference(el, settings, ref_key)
 
-                references[element] = self.references.get_or_compute(element, ref_key, compute_this)
+                references[element] = cache.get_or_compute(element, ref_key, compute_this)
         formation = None
         if references:
             formation = formation_energy_per_atom(
@@ -398,7 +238,7 @@ class ChgnetAdapter(LabAdapter):
             settings=settings.model_dump(mode="json"),
         )
 
-    def _relax(
+    def relax(
         self, structure: Any, settings: ChgnetSettings, *, relax_cell: bool
     ) -> tuple[Any, int]:
         from chgnet.model import StructOptimizer
@@ -419,14 +259,14 @@ class ChgnetAdapter(LabAdapter):
         trajectory: Any = out["trajectory"]
         return out["final_structure"], len(trajectory.energies)
 
-    def _reference(self, element: str, settings: ChgnetSettings, key: str) -> ReferenceEnergy:
+    def reference(self, element: str, settings: ChgnetSettings, key: str) -> ReferenceEnergy:
         from pymatgen.io.ase import AseAtomsAdaptor
 
         ref = reference_structure(element, custom_cif=settings.reference_cifs.get(element))
         structure = AseAtomsAdaptor.get_structure(ref.atoms)
         t0 = time.perf_counter()
         if settings.relax_references:
-            structure, _ = self._relax(structure, settings, relax_cell=ref.kind == "bulk")
+            structure, _ = self.relax(structure, settings, relax_cell=ref.kind == "bulk")
         energy = float(self.model().predict_structure(structure, task="e")["e"])
         return ReferenceEnergy(
             element=element,
@@ -442,22 +282,28 @@ class ChgnetAdapter(LabAdapter):
         )
 
 
-def _parse_cif(cif: str, candidate_id: str) -> Any:
-    from pymatgen.core import Structure
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            structure = Structure.from_str(cif, fmt="cif")
-    except (ValueError, IndexError, KeyError) as exc:
-        raise PermanentAdapterError(f"cannot parse the CIF of {candidate_id!r}: {exc}") from exc
-    if len(structure) == 0:
-        raise PermanentAdapterError(f"the CIF of {candidate_id!r} has no atoms")
-    return structure
-
-
 def _chgnet_version() -> str:
     try:
         return importlib.metadata.version("chgnet")
     except importlib.metadata.PackageNotFoundError:
         return "none"
+
+
+def compute(spec: JobSpec, job_dir: Path) -> ChgnetJobResult:
+    """The worker's job body (see :func:`adapters.local_jobs.run_worker`)."""
+    settings = ChgnetSettings.model_validate(spec.settings)
+    return ChgnetCalculator(settings.model_version, settings.threads).compute(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m adapters.mlip <job_dir>")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run_worker(Path(args[0]).resolve(), compute)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
