@@ -188,16 +188,43 @@ class Campaign:
             len(order), len(self.config.targets)
         )
 
-    def best(self) -> tuple[float | None, str | None]:
-        """Best feasible measured objective and its candidate."""
+    def _best(self) -> tuple[float | None, float | None, str | None]:
+        """Score (higher is better), objective target value and id of the best feasible one."""
         idx, y = self._measured()
         if idx.numel() == 0:
-            return None, None
+            return None, None, None
         score = self.spec.score(y)
         i = int(torch.argmax(score))
         if not torch.isfinite(score[i]) or self.pool is None:
-            return None, None
-        return float(score[i]), self.pool.ids[int(idx[i])]
+            return None, None, None
+        return float(score[i]), float(y[i, self.spec.primary]), self.pool.ids[int(idx[i])]
+
+    def best(self) -> tuple[float | None, str | None]:
+        """The best feasible candidate's measured objective target (its own value and sign)."""
+        _, value, cid = self._best()
+        return value, cid
+
+    def unit(self) -> str:
+        """Unit of the objective's target (as the pool states it), or "" when unknown."""
+        units = self.pool.units if self.pool is not None else {}
+        return str(units.get(self.config.objective.target, ""))
+
+    def finished(self) -> str | None:
+        """Why the campaign is over (a stop rule fired and nothing is in flight), or None."""
+        self.prepare()
+        store = self._store()
+        if store.open_jobs() or store.get_meta("stop_reason") in (None, "running", "interrupted"):
+            return None
+        counts = store.job_counts()
+        state = LoopState(
+            n_jobs=sum(counts.values()),
+            n_failed=sum(counts.get(s, 0) for s in _UNSUCCESSFUL),
+            pool_left=len(self._index) - sum(counts.values()),
+            elapsed_s=0.0,
+            cost_spent=sum(m.cost for m in store.measurements()) if self.config.budget.cost else 0.0,
+            decisions_without_improvement=0,
+        )
+        return first_reason(rules_for(self.config), state)
 
     def _view(self) -> CampaignView:
         jobs = self._store().jobs()
@@ -247,6 +274,9 @@ class Campaign:
         """
         pool = self.prepare()
         store = self._store()
+        if agent is None and executor is None and (done := self.finished()) is not None:
+            logger.info("the campaign is already complete (%s): nothing to run", done)
+            return self._result(done)  # no model, no Ray, no lab: a finished campaign stays so
         agent = agent or self.build_agent()
         if executor is None:
             from loop.wiring import build_executor
@@ -269,6 +299,10 @@ class Campaign:
             executor.shutdown(graceful=True, cancel_in_flight=False)
         finally:
             store.set_meta("stop_reason", stop_reason)
+        return self._result(stop_reason)
+
+    def _result(self, stop_reason: str) -> CampaignResult:
+        store = self._store()
         best_value, best_id = self.best()
         counts = store.job_counts()
         return CampaignResult(
@@ -368,9 +402,9 @@ class Campaign:
             n_pending=len(store.open_jobs()),
             seconds=time.perf_counter() - t0,
         )
-        best_value, _ = self.best()
-        if best_value is not None and (self._best_seen is None or best_value > self._best_seen):
-            self._best_seen, self._streak = best_value, 0
+        best_score, _, _ = self._best()
+        if best_score is not None and (self._best_seen is None or best_score > self._best_seen):
+            self._best_seen, self._streak = best_score, 0
         else:
             self._streak += 1
         for key, c in zip(keys, proposal.chosen, strict=True):

@@ -26,19 +26,25 @@ class Summary:
     counts: dict[str, int]
     n_measured: int
     budget: int
-    best_value: float | None
+    best_value: float | None  # the objective target's own measured value (its sign, its unit)
     best_id: str | None
     model_versions: int
     stop_reason: str | None
+    target: str = ""
+    unit: str = ""
 
     def rows(self) -> list[tuple[str, str]]:
         jobs = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "none"
-        best = "-" if self.best_value is None else f"{self.best_value:.4g} ({self.best_id})"
+        best = (
+            "-"
+            if self.best_value is None
+            else f"{self.best_value:.4g} {self.unit} ({self.best_id})".replace("  ", " ")
+        )
         return [
             ("objective", self.objective),
             ("jobs", jobs),
             ("measured / budget", f"{self.n_measured} / {self.budget}"),
-            ("best (objective units, higher is better)", best),
+            (f"best {self.target}".strip(), best),
             ("surrogate versions", str(self.model_versions)),
             ("state", self.stop_reason or "running or never run"),
         ]
@@ -73,12 +79,14 @@ def summarise(directory: str | Path) -> Summary:
     with store:
         spec = config.objective_spec()
         ids, y = _trajectory(store, config)
-        best_value = best_id = None
+        best_value, best_id, unit = None, None, ""
         if ids:
             score = spec.score(y)
             i = int(torch.argmax(score))
             if torch.isfinite(score[i]):
-                best_value, best_id = float(score[i]), ids[i]
+                best_value, best_id = float(y[i, spec.primary]), ids[i]
+                measured = store.measurements()[i].values.get(config.objective.target)
+                unit = measured.unit if measured is not None else ""
         latest = store.latest_model_version()
         return Summary(
             name=config.name,
@@ -90,6 +98,8 @@ def summarise(directory: str | Path) -> Summary:
             best_id=best_id,
             model_versions=0 if latest is None else latest[0],
             stop_reason=store.get_meta("stop_reason"),
+            target=config.objective.target,
+            unit=unit,
         )
 
 

@@ -14,14 +14,17 @@ def register(app: typer.Typer) -> None:
     app.command("report")(report)
 
 
-def _default_out(config_path: Path) -> Path:
-    return Path("runs") / config_path.stem
+def _default_out(name: str) -> Path:
+    return Path("runs") / name
 
 
 def run(
     config: Path = typer.Argument(..., help="Campaign YAML (see configs/)."),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Campaign directory (default runs/<config name>)."
+        None, "--out", "-o", help="Campaign directory (default runs/<the config's name:>)."
+    ),
+    budget: int | None = typer.Option(
+        None, "--budget", min=1, help="Override budget.experiments (a new config: use a new --out)."
     ),
     report_after: bool = typer.Option(
         True, "--report/--no-report", help="Write the report when done."
@@ -32,7 +35,13 @@ def run(
     from loop.config import load_config
 
     cfg = load_config(config)  # fails before anything starts
-    directory = out or _default_out(config)
+    if budget is not None:
+        from loop.config import parse_config
+
+        data = cfg.model_dump(mode="json")
+        data["budget"]["experiments"] = budget
+        cfg = parse_config(data, source=f"{config} with --budget {budget}")
+    directory = out or _default_out(cfg.name)
     _drive(Campaign(cfg, directory), directory, report_after)
 
 
@@ -56,6 +65,16 @@ def _drive(campaign: object, directory: Path, report_after: bool) -> None:
     assert isinstance(campaign, Campaign)
     console = Console(stderr=True)
     console.print(f"[bold]{campaign.config.name}[/]: {campaign.spec.describe()} -> {directory}")
+    target = campaign.config.objective.target
+    if (done := campaign.finished()) is not None:
+        value, cid = campaign.best()
+        best = "-" if value is None else f"{value:.4g} {campaign.unit()}".strip() + f" ({cid})"
+        console.print(f"already complete ({done}); best {target} {best}; nothing to do")
+        if report_after:
+            from loop.report import write_report
+
+            console.print(f"report: {write_report(directory)}")
+        return
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -68,8 +87,14 @@ def _drive(campaign: object, directory: Path, report_after: bool) -> None:
             "experiments", total=campaign.config.budget.experiments, info="preparing pool"
         )
 
+        unit = campaign.unit()
+
         def show(p: LoopProgress) -> None:
-            best = "-" if p.best_value is None else f"{p.best_value:.4g} ({p.best_id})"
+            best = (
+                "-"
+                if p.best_value is None
+                else f"{p.best_value:.4g} {unit}".strip() + f" ({p.best_id})"
+            )
             info = (
                 f"measured {p.n_measured}, failed {p.n_failed}, in flight {p.n_in_flight}, "
                 f"model v{p.model_version or 0}, best {best}"
@@ -83,7 +108,13 @@ def _drive(campaign: object, directory: Path, report_after: bool) -> None:
             raise typer.Exit(130) from None
     console.print(
         f"stopped: {result.stop_reason}; {result.n_measured} measured, {result.n_failed} failed; "
-        f"best {result.best_value} ({result.best_id})"
+        f"best {target} "
+        + (
+            "-"
+            if result.best_value is None
+            else f"{result.best_value:.4g} {campaign.unit()}".strip()
+        )
+        + f" ({result.best_id})"
     )
     t = result.timings
     console.print(

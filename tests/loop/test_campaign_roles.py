@@ -217,3 +217,45 @@ def test_unknown_initial_design_ids_are_an_error_before_anything_is_created(
     with pytest.raises(ConfigError, match=r"initial_design.ids: 2 id\(s\).*nope-1"):
         Campaign(config, tmp_path / "run").run(agent=FakeAgent(), executor=FakeExecutor())
     assert not (tmp_path / "run").exists()
+
+
+def test_best_is_the_targets_own_value_for_a_minimisation(pool: Path, tmp_path: Path) -> None:
+    config = _config(pool, objective={"target": "y", "sense": "minimize"})
+    result = Campaign(config, tmp_path / "run").run(agent=FakeAgent(), executor=FakeExecutor())
+    assert (result.best_value, result.best_id) == (0.0, "c00")  # not the negated score
+    executor = FakeExecutor()
+    config = _config(pool, objective={"target": "y", "sense": "minimize"})
+    campaign = Campaign(config, tmp_path / "other")
+    campaign.run(agent=FakeAgent(), executor=executor)
+    assert campaign.best() == (0.0, "c00") and campaign.unit() == ""
+
+
+_RESUME_SCRIPT = """
+import sys
+from loop.cli import main
+sys.argv = ["cloudlab", "resume", sys.argv[1], "--no-report"]
+try:
+    main()
+finally:
+    print("modules:", sorted(m for m in ("ray",) if m in sys.modules))
+"""
+
+
+def test_resume_of_a_finished_campaign_does_nothing_and_starts_no_ray(
+    pool: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    Campaign(_config(pool), tmp_path / "run").run(agent=FakeAgent(), executor=FakeExecutor())
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _RESUME_SCRIPT, str(tmp_path / "run")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "already complete (experiment budget reached)" in done.stderr
+    assert "modules: []" in done.stdout
