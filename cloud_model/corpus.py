@@ -269,14 +269,15 @@ def encode_dataset_full(
 
     Raises:
         DatasetNotFoundError: unknown dataset.
-        DataError: a resource name, or ``variant="native"`` for a dataset that only has
-            published (cloud-variant) strings.
+        DataError: a resource name, a formula dataset (no structures to encode), or
+            ``variant="native"`` for a dataset that only has published (cloud-variant) strings.
     """
     from cloud_model.datasets import get_spec, load_dataset
 
     spec = get_spec(name)
     if spec.kind == "resource":
         raise DataError(f"{name!r} is a resource file, not a dataset of crystals")
+    spec.require_structures("SCOPE encoding")
     if spec.kind == "scope":
         if variant != "cloud":
             raise DataError(f"{name!r} holds published CLOUD strings only; it has no {variant!r} variant")

@@ -2,7 +2,9 @@
 
 Every dataset of ``../shared/data/SOURCES.md`` is registered by name in
 :data:`REGISTRY` (the table itself is :mod:`cloud_model.registry_data`) with its
-files, public URLs, sha256, targets (with units), licence and citation.
+files, public URLs, sha256, targets (with units), licence and citation. CIF and
+SCOPE sets give records with a structure; formula sets (``crabnet_*``) give records
+with a chemical formula (:attr:`CrystalRecord.formula`) and targets only.
 
 A file is resolved in this order, and its sha256 is checked wherever it comes from:
 
@@ -259,6 +261,9 @@ class CrystalRecord:
         targets: target name -> value in the unit of its :class:`TargetSpec`; NaN when empty.
         cif: the P1 CIF text (CIF sets), else None.
         scope: the published-format SCOPE string (SCOPE sets), else None.
+        formula: the chemical formula as the file writes it, not reduced (formula sets,
+            which have no structure; parse it with pymatgen ``Composition``), else None.
+            CIF sets that list a formula keep it in ``extra["formula"]``.
         extra: other useful columns, typed (``formula``, ``year``, ``n_atoms``,
             ``spacegroup.number``, ``elements``...); None where empty.
     """
@@ -268,6 +273,7 @@ class CrystalRecord:
     targets: dict[str, float]
     cif: str | None
     scope: str | None
+    formula: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __hash__(self) -> int:  # the dict fields are unhashable; ids are unique per dataset
@@ -276,7 +282,8 @@ class CrystalRecord:
     def structure(self) -> Structure:
         """The pymatgen Structure parsed from :attr:`cif`; :class:`DataError` if none or invalid."""
         if self.cif is None:
-            raise DataError(f"record {self.id!r} has no CIF (it is a SCOPE-string record)")
+            what = "a formula record, no structure" if self.formula is not None else "a SCOPE-string record"
+            raise DataError(f"record {self.id!r} has no CIF (it is {what})")
         structure, problem = _parse_cif(self.cif)
         if structure is None:
             raise DataError(f"record {self.id!r}: {problem}")
@@ -303,6 +310,24 @@ def _parse_cif(cif: str) -> tuple[Structure | None, str]:
     if len(structure) == 0:
         return None, "CIF has no sites"
     return structure, ""
+
+
+def _formula_problem(text: str) -> str | None:
+    """Why ``text`` is not a usable chemical formula, or None (pymatgen ``Composition``)."""
+    from pymatgen.core import Composition, Element
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            composition = Composition(text)
+    except Exception as exc:  # pymatgen raises ValueError, KeyError... on bad formulas
+        return f"formula does not parse: {type(exc).__name__}: {exc}".strip()
+    unknown = [getattr(s, "symbol", str(s)) for s in composition if not isinstance(s, Element)]
+    if unknown:
+        return f"formula {text[:60]!r} has symbols that are not elements: {unknown}"
+    if composition.num_atoms <= 0:
+        return f"formula has no atoms: {text[:60]!r}"
+    return None
 
 
 def _scope_problem(text: str) -> str | None:
@@ -338,9 +363,10 @@ def read_csv(
 ) -> LoadResult:
     """Parse one CSV (optionally gzipped) of ``spec`` into records.
 
-    Rows with an empty id, structure or duplicate id, a non-numeric target or a malformed extra
-    column go to ``invalid``; with ``validate`` every CIF is parsed by pymatgen (every SCOPE
-    string checked for its three parts) and failures go there too. ``seen`` carries the ids
+    Rows with an empty id, structure (formula) or duplicate id, a non-numeric target or a
+    malformed extra column go to ``invalid``; with ``validate`` every CIF is parsed by pymatgen
+    (every SCOPE string checked for its three parts, every formula parsed as a pymatgen
+    ``Composition``) and failures go there too. ``seen`` carries the ids
     of earlier splits so that ids stay unique across a whole dataset (it is updated).
     """
     csv.field_size_limit(1 << 26)
@@ -349,8 +375,8 @@ def read_csv(
     seen = set() if seen is None else seen
     with _open_text(path) as fh:
         reader = csv.DictReader(fh)
-        needed = [spec.structure_column, spec.id_column, *(t.column for t in spec.targets.values()),
-                  *spec.extra_columns]
+        needed = [spec.structure_column, spec.formula_column, spec.id_column,
+                  *(t.column for t in spec.targets.values()), *spec.extra_columns]
         absent = [c for c in needed if c is not None and c not in (reader.fieldnames or ())]
         if absent:
             raise DataError(f"dataset {spec.name!r}, {path}: missing columns {absent}; "
@@ -382,8 +408,9 @@ def _row_problem(spec: DatasetSpec, row: dict[str | Any, Any], rid: str, seen: s
         return f"empty id column {spec.id_column!r}"
     if rid in seen:
         return "duplicate id"
-    if spec.structure_column is not None and not row[spec.structure_column].strip():
-        return f"empty {spec.structure_column!r} column"
+    for column in (spec.structure_column, spec.formula_column):
+        if column is not None and not row[column].strip():
+            return f"empty {column!r} column"
     return None
 
 
@@ -403,6 +430,13 @@ def _make_record(spec: DatasetSpec, split: str, rid: str, row: dict[str, str], v
             extra[_EXTRA_KEYS.get(column, column)] = _EXTRA_PARSERS.get(column, str)(raw) if raw else None
         except (ValueError, KeyError):
             raise ValueError(f"column {column!r} is malformed: {raw[:40]!r}") from None
+    if spec.formula_column is not None:  # a formula set: no structure
+        formula = row[spec.formula_column].strip()
+        problem = _formula_problem(formula) if validate else None
+        if problem:
+            raise ValueError(problem)
+        return CrystalRecord(id=rid, split=split, targets=targets, cif=None, scope=None,
+                             formula=formula, extra=extra)
     text = row[spec.structure_column] if spec.structure_column else None
     is_cif = spec.structure_column == "cif"
     if validate and text is not None:
@@ -417,14 +451,14 @@ _LOADED: dict[tuple[str, tuple[str, ...], bool, tuple[Path, ...]], LoadResult] =
 
 
 def load_dataset(name: str, splits: Sequence[str] | None = None, *, validate: bool = False) -> LoadResult:
-    """Load typed records of a CIF or SCOPE dataset, resolving (and if needed downloading) its files.
+    """Load typed records of a CIF, SCOPE or formula dataset, resolving (and if needed downloading) its files.
 
     Args:
         name: registered dataset name (not a resource).
         splits: which splits, in this order; None -> all, in registry order.
-        validate: parse every CIF with pymatgen (slow: milliseconds per row) and report
-            failures in ``invalid``; without it only cheap checks run (empty/duplicate ids,
-            empty structures, non-numeric targets).
+        validate: parse every CIF (formula) with pymatgen (slow: milliseconds per CIF) and
+            report failures in ``invalid``; without it only cheap checks run (empty/duplicate
+            ids, empty structures or formulas, non-numeric targets).
 
     Returns:
         A :class:`LoadResult`; results are cached in-process per (name, splits, validate, files),

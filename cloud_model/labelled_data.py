@@ -25,8 +25,9 @@ with :func:`load_labelled`, so they agree on these rules:
   Registry rows whose target cell is not a number are already left out by the
   registry (:func:`cloud_model.datasets.read_csv`); its empty cells are NaN.
 * **Errors.** Every problem with the source itself (a missing file or column, an
-  unknown target, no usable rows) is a :class:`~cloud_model.errors.DataError` whose
-  message names the file or dataset, the column and, for rows, the row's id.
+  unknown target, no usable rows, a registry formula set, which has no structures)
+  is a :class:`~cloud_model.errors.DataError` whose message names the file or
+  dataset, the column and, for rows, the row's id.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ def _from_registry(
 
     name = source.dataset or ""
     spec = get_spec(name)
+    spec.require_structures("loading labelled crystals (pools, fine-tuning, pretraining)")
     unknown = [t for t in source.targets if t not in spec.targets]
     if unknown and require_targets:
         raise DataError(

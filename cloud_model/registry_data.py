@@ -4,19 +4,27 @@ Re-exported by :mod:`cloud_model.datasets`, which resolves and loads the files. 
 are those of the offline mirror (``../shared/data/SHA256SUMS``); URLs follow
 ``https://raw.githubusercontent.com/OWNER/REPO/COMMIT/PATH`` with the commits named in
 ``../shared/data/SOURCES.md`` (``main`` where it names none; the CLOUD commit for every
-CLOUD file).
+CLOUD file), percent-encoded where the upstream path needs it (CrabNet's
+``elasticity_log10(G_VRH).csv``).
+
+Kinds: ``cif`` and ``scope`` sets hold structures (a CIF text or a SCOPE string per
+row); ``formula`` sets (the CrabNet composition-only label sets) hold a chemical
+formula and targets per row and no structure; a ``resource`` is a single file
+(a lookup table, a licence) read with ``resource_path``.
 """
 
 from __future__ import annotations
 
 import difflib
 from typing import Any, Literal
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cloud_model.errors import DataError, DatasetNotFoundError
 
-DatasetKind = Literal["cif", "scope", "resource"]
+# cif / scope: one structure per row; formula: one chemical formula per row, no structure
+DatasetKind = Literal["cif", "scope", "formula", "resource"]
 
 
 class _Frozen(BaseModel):
@@ -49,11 +57,40 @@ class DatasetSpec(_Frozen):
     files: tuple[DatasetFile, ...]
     id_column: str | None = Field(description="None -> ids are f'{name}:{split}:{row}'")
     id_prefix: str = Field(default="", description="prepended to values of id_column")
-    structure_column: str | None = Field(description="'cif' for CIF sets, 'cloud' for SCOPE sets")
+    structure_column: str | None = Field(
+        description="'cif' for CIF sets, 'cloud' for SCOPE sets, None for formula sets and resources"
+    )
+    formula_column: str | None = Field(
+        default=None, description="the formula column of formula sets ('formula'); None otherwise"
+    )
     targets: dict[str, TargetSpec]
     extra_columns: tuple[str, ...]
     licence: str
     citation: str
+
+    @model_validator(mode="after")
+    def _formula_sets_have_formulas_only(self) -> DatasetSpec:
+        if (self.kind == "formula") != (self.formula_column is not None):
+            raise ValueError(f"dataset {self.name!r}: formula_column is set exactly for formula sets")
+        if self.kind == "formula" and self.structure_column is not None:
+            raise ValueError(f"dataset {self.name!r}: a formula set has no structure_column")
+        return self
+
+    def require_structures(self, needed_by: str) -> None:
+        """Refuse a formula set where structures are needed.
+
+        Args:
+            needed_by: what needs them, for the message (e.g. "SCOPE encoding").
+
+        Raises:
+            DataError: the dataset is a formula set.
+        """
+        if self.kind == "formula":
+            raise DataError(
+                f"dataset {self.name!r} has formulas only, no structures; {needed_by} needs a "
+                "CIF or SCOPE dataset (read formula sets with load_dataset: records carry "
+                ".formula and .targets)"
+            )
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -106,7 +143,7 @@ def _file(split: str, relpath: str, source: tuple[str, str], src_path: str, sha2
     return {
         "split": split,
         "relpath": relpath,
-        "url": f"{_RAW}/{repo}/{commit}/{src_path}",
+        "url": f"{_RAW}/{repo}/{commit}/{quote(src_path)}",  # '(' -> %28, ')' -> %29
         "sha256": sha256,
     }
 
@@ -165,6 +202,156 @@ def _aflow_spec(task: str) -> dict[str, Any]:
         "extra_columns": (),
         "licence": "AFLOW data (cite Toher et al. 2014/2017); WyckoffTransformer repo Apache-2.0",
         "citation": f"{_CITE_AFLOW} {_CITE_WT}",
+    }
+
+
+# ---------------------------------------------------------------- CrabNet composition-only sets
+
+_CRABNET = ("anthony-wang/CrabNet", "457b4d4835737ecbe4dd33e53174bd818bd82143")
+_CITE_CRABNET = (
+    "Wang, A. Y.-T., Kauwe, S. K., Murdock, R. J., Sparks, T. D. Compositionally restricted "
+    "attention-based network for materials property predictions. npj Comput. Mater. 7, 77 (2021)."
+)
+_CITE_MATBENCH = (
+    "Dunn, A., Wang, Q., Ganose, A., Dopp, D., Jain, A. Benchmarking materials property prediction "
+    "methods: the Matbench test set and Automatminer reference algorithm. npj Comput. Mater. 6, "
+    "138 (2020)."
+)
+_CITE_MP_ELASTIC = (
+    "de Jong, M. et al. Charting the complete elastic properties of inorganic crystalline "
+    "compounds. Sci. Data 2, 150009 (2015)."
+)
+_CITE_EXPT_GAP = (
+    "Zhuo, Y., Mansouri Tehrani, A., Brgoch, J. Predicting the band gaps of inorganic solids by "
+    "machine learning. J. Phys. Chem. Lett. 9, 1668 (2018)."
+)
+_CITE_AFLOW_DB = (
+    "Curtarolo, S. et al. AFLOW: An automatic framework for high-throughput materials discovery. "
+    "Comput. Mater. Sci. 58, 218 (2012)."
+)
+_CITE_OQMD = (
+    "Saal, J. E., Kirklin, S., Aykol, M., Meredig, B., Wolverton, C. Materials design and discovery "
+    "with high-throughput density functional theory: the Open Quantum Materials Database (OQMD). "
+    "JOM 65, 1501 (2013); Kirklin, S. et al. The Open Quantum Materials Database (OQMD): assessing "
+    "the accuracy of DFT formation energies. npj Comput. Mater. 1, 15010 (2015)."
+)
+_LIC_CRABNET = "MIT (CrabNet repo, crabnet/LICENSE.md)"
+_ORIGINS: dict[str, tuple[str, str]] = {  # origin -> (data licence note, citation of the source)
+    "mp": ("Materials Project data CC-BY-4.0", f"{_CITE_MP} {_CITE_MATBENCH}"),
+    "mp_elastic": ("Materials Project data CC-BY-4.0", f"{_CITE_MP_ELASTIC} {_CITE_MP} {_CITE_MATBENCH}"),
+    "expt_gap": ("experimental data of Zhuo et al. 2018", f"{_CITE_EXPT_GAP} {_CITE_MATBENCH}"),
+    "mp_bench": ("Materials Project data CC-BY-4.0", _CITE_MP),
+    "mp_elastic_bench": ("Materials Project data CC-BY-4.0", f"{_CITE_MP_ELASTIC} {_CITE_MP}"),
+    "aflow": ("AFLOW data (cite Curtarolo et al. 2012)", _CITE_AFLOW_DB),
+    "oqmd": ("OQMD data (cite Saal et al. 2013, Kirklin et al. 2015)", _CITE_OQMD),
+}
+_SplitHashes = dict[str, str]  # split -> sha256
+# name -> (upstream path under data/, mirror path under crabnet/, sha256 of one file, or of each
+#          split's file in that folder); a one-file set has the single split "train"
+_CRABNET_FILES: dict[str, tuple[str, str, str | _SplitHashes]] = {
+    "mp_e_form": ("matbench/mp_e_form.csv", "matbench/mp_e_form.csv",
+                  "90e895635c96447c5be4e9070d26f26e1b4d17925102a6597ae3c4d79c32555b"),
+    "mp_gap": ("matbench/mp_gap.csv", "matbench/mp_gap.csv",
+               "4084e584467e6f81ec8bf12c438eeb2c049ae39e11401bae694ef6a9983b9d9f"),
+    "expt_gap": ("matbench/expt_gap.csv", "matbench/expt_gap.csv",
+                 "3de82c37f1db3ab9bbd92366c96633f131913ded5db0969eb36216bdd11cef2f"),
+    "log10_gvrh": ("matbench/elasticity_log10(G_VRH).csv", "matbench/log10_gvrh.csv",
+                   "6eda504f98a3b98308bb4f1353810f2703475daa85540b15aebe1fedf313304a"),
+    "log10_kvrh": ("matbench/elasticity_log10(K_VRH).csv", "matbench/log10_kvrh.csv",
+                   "b4e2620ca797b9eca83a6633d4b94dc3ae047bba3f0eacd5cdb446a75d07d087"),
+    "mp_e_hull": ("benchmark_data/mp_e_hull", "mp_e_hull", {
+        "train": "b3badcdc96484d4ae7c622bf098e75db628a23e89c48b44b0b0af8084e9bb7ae",
+        "val": "fbeba63de5701a2e300c52f5192673cbd7737e3b762f2d9a2d2056b982d7fe41",
+        "test": "236e6fe8f6406ef28a6805d26e508be0b4d45da1d22aebe779c93d3291c599a0"}),
+    "mp_bulk_modulus": ("benchmark_data/mp_bulk_modulus", "mp_bulk_modulus", {
+        "train": "00d2d02073ca945d357f834eb5a2d7361e8bd8b86f14f8fed2321db585baf731",
+        "val": "fd0702d7e1b32f109c8dbc89cbbce6f541fe6bad0fb45cc86d2a35ab4e994906",
+        "test": "f205ffa36b5ce2eaf1f066e7b6d2a6931f7bcd233697456dbcbae4c79f911a44"}),
+    "mp_shear_modulus": ("benchmark_data/mp_shear_modulus", "mp_shear_modulus", {
+        "train": "22f18b123f6d4c1b180c96ee56a0618c35f868e1cb9f9bd758180330b5e95cdf",
+        "val": "094b720096cc4d451535d2a227c8186904069d4d7566cb82aebc9c3d777c8036",
+        "test": "7ee01a44644916c3df8d1e42212fc4d9be5028b67d51754becb477e72c048317"}),
+    "aflow_egap": ("benchmark_data/aflow__Egap", "aflow_egap", {
+        "train": "54cfdde0f9dc313acf2ffb22f49c9861d8d0e1fc5ee3938b8810785db65c1c17",
+        "val": "798bd5b2d16cca829be8873a483872910de4c948a1bc55ae89c70efb9be0c545",
+        "test": "d2096c4b87dcc1f13407532f048552544cd389d49486770b9b065dffd5cc92ef"}),
+    "aflow_energy_atom": ("benchmark_data/aflow__energy_atom", "aflow_energy_atom", {
+        "train": "5ff635bff649b9a68e5cf572125bf4f527751fd49b98d680fb1182a1ca275ad5",
+        "val": "ce5c8f7b3175c9c370891c5e29bdf1e0c5e56c103f391f0a538c629ef319b81a",
+        "test": "f393d89ac7a506b2415645b9ee4e69e2d15af1469ece679e945f7098d51a6e99"}),
+    "oqmd_bandgap": ("benchmark_data/OQMD_Bandgap", "oqmd_bandgap", {
+        "train": "8611a9f1f76ad06d846890d2234e6b37909abd941c156cdc339447bbcce3ada7",
+        "val": "7838750eb3b5b09ec296b0fbf194271f6588b4bcd4653e392aba6df04c645002",
+        "test": "59206d9cf13387a6cbf5a155f5b350043aee2f190663bb9baf97a6ee85e63d55"}),
+    "oqmd_formation_enthalpy": ("benchmark_data/OQMD_Formation_Enthalpy", "oqmd_formation_enthalpy", {
+        "val": "af138c2bfed3a8eb8fc2e202690fae94190e0e64258625ce1612df45298193d4",
+        "test": "773275807866c98cef1d36887e2f33cf3a3bb0428fc8faf6912cdcff19961172"}),
+    "oqmd_volume_per_atom": ("benchmark_data/OQMD_Volume_per_atom", "oqmd_volume_per_atom", {
+        "val": "ca3c843b42a8628d330c3bed198fce1de012ce544d1f5bf4c6a93ef7e9e0224d",
+        "test": "5b20ae50b3d28408ab87d153012b58a5eb4fb926392c836a094eac47c6dc2cef"}),
+}
+# name -> (target name, unit, meaning, origin key of _ORIGINS, what the set is)
+_CRABNET_TARGETS: dict[str, tuple[str, str, str, str, str]] = {
+    "mp_e_form": ("formation_energy_per_atom", "eV/atom", "DFT (PBE) formation energy per atom",
+                  "mp", "Materials Project formation energies (matbench_mp_e_form), one row per "
+                  "structure: polymorphs share a formula"),
+    "mp_gap": ("band_gap", "eV", "DFT (PBE) band gap", "mp",
+               "Materials Project band gaps (matbench_mp_gap), one row per structure: polymorphs "
+               "share a formula"),
+    "expt_gap": ("band_gap", "eV", "experimentally measured band gap", "expt_gap",
+                 "experimental band gaps of inorganic solids (matbench_expt_gap, Zhuo et al. 2018)"),
+    "log10_gvrh": ("log10_shear_modulus", "log10(GPa)",
+                   "base-10 logarithm of the Voigt-Reuss-Hill shear modulus in GPa (DFT elastic tensor)",
+                   "mp_elastic", "Materials Project shear moduli (matbench_log_gvrh), one row per "
+                   "structure: polymorphs share a formula"),
+    "log10_kvrh": ("log10_bulk_modulus", "log10(GPa)",
+                   "base-10 logarithm of the Voigt-Reuss-Hill bulk modulus in GPa (DFT elastic tensor)",
+                   "mp_elastic", "Materials Project bulk moduli (matbench_log_kvrh), one row per "
+                   "structure: polymorphs share a formula"),
+    "mp_e_hull": ("e_above_hull", "eV/atom", "DFT energy above the convex hull", "mp_bench",
+                  "Materials Project energies above the hull, one row per formula"),
+    "mp_bulk_modulus": ("bulk_modulus", "GPa", "Voigt-Reuss-Hill bulk modulus (DFT elastic tensor)",
+                        "mp_elastic_bench", "Materials Project bulk moduli, one row per formula"),
+    "mp_shear_modulus": ("shear_modulus", "GPa", "Voigt-Reuss-Hill shear modulus (DFT elastic tensor)",
+                         "mp_elastic_bench", "Materials Project shear moduli, one row per formula"),
+    "aflow_egap": ("band_gap", "eV", "DFT (PBE) band gap (AFLOW Egap)", "aflow",
+                   "AFLOW band gaps, one row per formula"),
+    "aflow_energy_atom": ("energy_per_atom", "eV/atom", "DFT (PBE) total energy per atom (AFLOW energy_atom)",
+                          "aflow", "AFLOW total energies per atom, one row per formula"),
+    "oqmd_bandgap": ("band_gap", "eV", "DFT band gap", "oqmd", "OQMD band gaps, one row per formula"),
+    "oqmd_formation_enthalpy": ("formation_enthalpy", "eV/atom", "DFT formation enthalpy per atom",
+                                "oqmd", "OQMD formation enthalpies, one row per formula (the train "
+                                "split is not mirrored)"),
+    "oqmd_volume_per_atom": ("volume_per_atom", "A^3/atom", "DFT (relaxed) volume per atom", "oqmd",
+                             "OQMD volumes per atom, one row per formula (the train split is not "
+                             "mirrored)"),
+}
+
+
+def _crabnet_spec(key: str) -> dict[str, Any]:
+    upstream, mirror, hashes = _CRABNET_FILES[key]
+    target, unit, meaning, origin, what = _CRABNET_TARGETS[key]
+    if isinstance(hashes, str):  # one file, no upstream split
+        files = [_file("train", f"crabnet/{mirror}", _CRABNET, f"data/{upstream}", hashes)]
+        what += "; the whole set is the one split 'train'"
+    else:
+        files = [
+            _file(split, f"crabnet/{mirror}/{split}.csv", _CRABNET, f"data/{upstream}/{split}.csv", sha)
+            for split, sha in hashes.items()
+        ]
+    data_licence, source_citation = _ORIGINS[origin]
+    return {
+        "name": f"crabnet_{key}",
+        "description": f"{what}; chemical formula + target only, no structures (CrabNet data)",
+        "kind": "formula",
+        "files": files,
+        "id_column": None,
+        "structure_column": None,
+        "formula_column": "formula",
+        "targets": {target: _target("target", unit, meaning)},
+        "extra_columns": (),
+        "licence": f"{_LIC_CRABNET}; {data_licence}",
+        "citation": f"{_CITE_CRABNET} {source_citation}",
     }
 
 
@@ -358,6 +545,22 @@ SPECS: list[dict[str, Any]] = [
         "extra_columns": (),
         "licence": "MIT",
         "citation": _CITE_CLOUD,
+    },
+    *(_crabnet_spec(key) for key in _CRABNET_FILES),
+    {
+        "name": "crabnet_licence",
+        "description": "the MIT licence of the CrabNet repository, which covers every crabnet_* file",
+        "kind": "resource",
+        "files": [
+            _file("file", "crabnet/LICENSE.md", _CRABNET, "LICENSE.md",
+                  "fa5ec26308b1458d0480f897d9fa8be3afe8e436b81aa5e1d94f890864e0169b"),
+        ],
+        "id_column": None,
+        "structure_column": None,
+        "targets": {},
+        "extra_columns": (),
+        "licence": "MIT",
+        "citation": _CITE_CRABNET,
     },
 ]
 

@@ -54,7 +54,11 @@ def _rows(spec: DatasetSpec) -> str:
 
 @data_app.command("list")
 def list_datasets() -> None:
-    """Table of every registered dataset: kind, rows per split, targets, where it resolves from."""
+    """Table of every registered dataset: kind, rows per split, targets, where it resolves from.
+
+    The kind says what a row holds: ``cif`` or ``scope`` (a structure), ``formula`` (a
+    chemical formula only), ``resource`` (a single file, no rows).
+    """
     table = Table(title=f"{len(datasets.REGISTRY)} registered datasets")
     table.add_column("name", no_wrap=True)
     for column in ("kind", "splits", "rows", "targets (unit)", "resolves from"):
@@ -84,10 +88,12 @@ def info(name: str = typer.Argument(..., help="Registered dataset name.")) -> No
         if spec.id_column is not None
         else f"'{spec.name}:<split>:<row>'"
     )
-    console.print(
-        f"ids: {id_how}; structure column: {spec.structure_column}; "
-        f"extra columns: {', '.join(spec.extra_columns) or '-'}"
+    holds = (
+        f"formula column: {spec.formula_column} (formulas only, no structures)"
+        if spec.formula_column is not None
+        else f"structure column: {spec.structure_column}"
     )
+    console.print(f"ids: {id_how}; {holds}; extra columns: {', '.join(spec.extra_columns) or '-'}")
     if spec.targets:
         targets = Table(title="targets")
         for column in ("name", "column", "unit", "description"):

@@ -17,6 +17,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -45,8 +46,25 @@ EXPECTED_ROWS: dict[str, dict[str, int]] = {
     "aflow_thermal_expansion": {"train": 3426, "val": 734, "test": 735},
     "cloud_cv": {"train_and_val": 1213, "test": 299},
     "cloud_pretrain_10k": {"train": 10000},
+    # formula sets (SOURCES.md, "Composition-only label sets"); one-file sets are split "train"
+    "crabnet_mp_e_form": {"train": 132752},
+    "crabnet_mp_gap": {"train": 106113},
+    "crabnet_expt_gap": {"train": 4604},
+    "crabnet_log10_gvrh": {"train": 10987},
+    "crabnet_log10_kvrh": {"train": 10987},
+    "crabnet_mp_e_hull": {"train": 39663, "val": 8499, "test": 8500},
+    "crabnet_mp_bulk_modulus": {"train": 4414, "val": 946, "test": 947},
+    "crabnet_mp_shear_modulus": {"train": 4328, "val": 928, "test": 928},
+    "crabnet_aflow_egap": {"train": 19330, "val": 4125, "test": 4122},
+    "crabnet_aflow_energy_atom": {"train": 19346, "val": 4118, "test": 4115},
+    "crabnet_oqmd_bandgap": {"train": 239125, "val": 51241, "test": 51242},
+    "crabnet_oqmd_formation_enthalpy": {"val": 51255, "test": 51255},
+    "crabnet_oqmd_volume_per_atom": {"val": 51255, "test": 51255},
 }
 TABLES = [name for name, spec in REGISTRY.items() if spec.kind != "resource"]
+FORMULA_SETS = [name for name, spec in REGISTRY.items() if spec.kind == "formula"]
+# mirrored files that SHA256SUMS does not list; their registered hash is checked on the file
+UNLISTED_IN_SHA256SUMS = {"crabnet/LICENSE.md"}
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -111,12 +129,24 @@ def test_registry_holds_every_mirrored_file_with_its_sha256(data_dir: Path) -> N
         digest, rel = line.split()
         sums[rel.removeprefix("./")] = digest
     registered = {f.relpath: f.sha256 for spec in REGISTRY.values() for f in spec.files}
-    assert registered == sums
+    assert {rel: sha for rel, sha in registered.items() if rel in sums} == sums
+    assert set(registered) - set(sums) == UNLISTED_IN_SHA256SUMS
+    for rel in UNLISTED_IN_SHA256SUMS:
+        assert hashlib.sha256((data_dir / rel).read_bytes()).hexdigest() == registered[rel]
     assert set(EXPECTED_ROWS) == set(TABLES)
 
 
 def test_urls_are_raw_github_at_the_documented_commits() -> None:
-    pattern = re.compile(r"^https://raw\.githubusercontent\.com/([\w.-]+/[\w.-]+)/(\w+)/(\S+)$")
+    # the path may carry percent-encoded characters ('(' -> %28), never raw parentheses or spaces
+    pattern = re.compile(
+        r"^https://raw\.githubusercontent\.com/([\w.-]+/[\w.-]+)/(\w+)/([\w./%-]+)$"
+    )
+    crabnet = "457b4d4835737ecbe4dd33e53174bd818bd82143"
+    # mirror path -> upstream file name, where the mirror renamed the file
+    renamed = {
+        "crabnet/matbench/log10_gvrh.csv": "elasticity_log10(G_VRH).csv",
+        "crabnet/matbench/log10_kvrh.csv": "elasticity_log10(K_VRH).csv",
+    }
     commits = {
         "mp_20_pilot": "85bd47b3",
         "aflow_debye_temperature": "1b7d0d13",
@@ -129,9 +159,21 @@ def test_urls_are_raw_github_at_the_documented_commits() -> None:
         for f in spec.files:
             match = pattern.match(f.url)
             assert match is not None, f.url
-            assert match.group(3).endswith(Path(f.relpath).name)
+            assert unquote(match.group(3)).endswith(renamed.get(f.relpath, Path(f.relpath).name))
             if spec.name in commits:
                 assert match.group(2) == commits[spec.name]
+            if spec.name.startswith("crabnet_"):
+                assert match.group(1) == "anthony-wang/CrabNet" and match.group(2) == crabnet
+    assert set(renamed) <= {f.relpath for s in REGISTRY.values() for f in s.files}
+    assert REGISTRY["crabnet_log10_gvrh"].files[0].url == (
+        f"https://raw.githubusercontent.com/anthony-wang/CrabNet/{crabnet}/data/matbench/"
+        "elasticity_log10%28G_VRH%29.csv"
+    )
+    assert REGISTRY["crabnet_aflow_egap"].file("val").url == (
+        f"https://raw.githubusercontent.com/anthony-wang/CrabNet/{crabnet}/data/benchmark_data/"
+        "aflow__Egap/val.csv"
+    )
+    assert REGISTRY["crabnet_licence"].files[0].url.endswith(f"/{crabnet}/LICENSE.md")
     assert REGISTRY["carbon_24"].files[0].url == (
         "https://raw.githubusercontent.com/txie-93/cdvae/main/data/carbon_24/val.csv"
     )
@@ -145,9 +187,38 @@ def test_targets_carry_units_and_specs_round_trip_through_json() -> None:
     }
     assert REGISTRY["cloud_cv"].targets["cv"].unit == "J/(mol K)"
     assert REGISTRY["aflow_thermal_expansion"].targets["thermal_expansion"].unit == "1/K"
+    assert {
+        n: {t: (s.column, s.unit) for t, s in REGISTRY[n].targets.items()}
+        for n in ("crabnet_mp_e_form", "crabnet_log10_kvrh", "crabnet_oqmd_volume_per_atom")
+    } == {
+        "crabnet_mp_e_form": {"formation_energy_per_atom": ("target", "eV/atom")},
+        "crabnet_log10_kvrh": {"log10_bulk_modulus": ("target", "log10(GPa)")},
+        "crabnet_oqmd_volume_per_atom": {"volume_per_atom": ("target", "A^3/atom")},
+    }
+    for name in FORMULA_SETS:
+        spec = REGISTRY[name]
+        assert spec.formula_column == "formula" and spec.structure_column is None
+        assert len(spec.targets) == 1
+        assert spec.splits in (("train",), ("train", "val", "test"), ("val", "test"))
+        assert spec.licence.startswith("MIT (CrabNet repo") and "Wang, A. Y.-T." in spec.citation
+    assert "Zhuo, Y." in REGISTRY["crabnet_expt_gap"].citation
+    assert "OQMD" in REGISTRY["crabnet_oqmd_bandgap"].citation
+    assert "Curtarolo" in REGISTRY["crabnet_aflow_egap"].citation
     for spec in REGISTRY.values():
         assert spec.licence and spec.citation
         assert type(spec).model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_a_formula_set_has_a_formula_column_and_no_structure_column() -> None:
+    spec = REGISTRY["crabnet_expt_gap"].model_dump()
+    with pytest.raises(ValueError, match="no structure_column"):
+        type(REGISTRY["crabnet_expt_gap"]).model_validate({**spec, "structure_column": "cif"})
+    with pytest.raises(ValueError, match="formula_column is set exactly for formula sets"):
+        type(REGISTRY["crabnet_expt_gap"]).model_validate({**spec, "formula_column": None})
+    with pytest.raises(ValueError, match="formula_column is set exactly for formula sets"):
+        type(REGISTRY["perov_5"]).model_validate(
+            {**REGISTRY["perov_5"].model_dump(), "formula_column": "formula"}
+        )
 
 
 def test_unknown_names_and_splits_are_clear_errors() -> None:
@@ -185,11 +256,14 @@ def test_every_dataset_resolves_from_the_mirror_and_loads(name: str, data_dir: P
         assert not any(math.isnan(v) for v in record.targets.values()), record.id
         if spec.kind == "cif":
             assert record.cif is not None and record.cif.startswith("# generated using pymatgen")
-            assert record.scope is None
+            assert record.scope is None and record.formula is None
+        elif spec.kind == "formula":
+            assert record.cif is None and record.scope is None and record.formula
         else:
             assert (
                 record.cif is None and record.scope is not None and record.scope.count(" | ") == 2
             )
+            assert record.formula is None
 
 
 def test_records_are_typed(data_dir: Path) -> None:
@@ -220,11 +294,58 @@ def test_records_are_typed(data_dir: Path) -> None:
     assert debye == bulk
 
 
+def test_formula_records_carry_the_formula_as_written_and_the_target() -> None:
+    from pymatgen.core import Composition
+
+    records = load_dataset("crabnet_expt_gap").records
+    first = records[0]
+    assert (first.id, first.split, first.formula) == (
+        "crabnet_expt_gap:train:0",
+        "train",
+        "Ag(AuS)2",
+    )
+    assert first.targets == {"band_gap": 0.0} and first.extra == {}
+    assert first.cif is None and first.scope is None
+    assert Composition(first.formula).as_dict() == {"Ag": 1.0, "Au": 2.0, "S": 2.0}
+    assert max(r.targets["band_gap"] for r in records) == pytest.approx(11.7)
+    with pytest.raises(DataError, match="formula record, no structure"):
+        first.structure()
+    hull = load_dataset("crabnet_mp_e_hull", ["test"]).records[0]
+    assert (hull.id, hull.formula) == ("crabnet_mp_e_hull:test:0", "LiMg6Co")
+    assert hull.targets["e_above_hull"] == pytest.approx(0.14129024796875012)
+    # the matbench files list one row per structure: polymorphs repeat a formula
+    gvrh = [r.formula for r in load_dataset("crabnet_log10_gvrh").records]
+    assert len(gvrh) == 10987 and len(set(gvrh)) == 10432
+    assert load_dataset("crabnet_expt_gap", validate=True).invalid == []
+
+
+def test_formula_sets_are_refused_where_structures_are_needed() -> None:
+    from cloud_model.corpus import encode_dataset_full
+    from cloud_model.labelled_data import DataSource, load_labelled
+    from loop.config import PoolConfig
+    from loop.pool import load_pool
+
+    message = r"dataset 'crabnet_expt_gap' has formulas only, no structures"
+    with pytest.raises(DataError, match=message + "; SCOPE encoding needs a CIF or SCOPE"):
+        encode_dataset_full("crabnet_expt_gap")
+    with pytest.raises(DataError, match=message):
+        load_labelled(DataSource(dataset="crabnet_expt_gap", targets=("band_gap",)))
+    with pytest.raises(DataError, match=message):  # also a small selection, encoded on its own
+        load_labelled(
+            DataSource(dataset="crabnet_expt_gap", targets=("band_gap",)),
+            only_ids=["crabnet_expt_gap:train:0"],
+        )
+    with pytest.raises(DataError, match=message):
+        load_pool(PoolConfig(dataset="crabnet_expt_gap"), ("band_gap",))
+
+
 def test_resources_resolve_to_the_published_tables() -> None:
     generators = json.loads(resource_path("cloud_generators").read_text())
     assert len(generators) == 230 and generators["1"] == "000"
     multiplicities = json.loads(resource_path("cloud_wyckoff_multiplicities").read_text())
     assert multiplicities["225"]["a"] == "4"
+    licence = resource_path("crabnet_licence").read_text()
+    assert licence.startswith("MIT License") and "Anthony Yu-Tung Wang" in licence
 
 
 def test_load_is_cached_and_returns_fresh_lists() -> None:
@@ -304,6 +425,27 @@ def test_missing_columns_are_a_data_error(tmp_path: Path) -> None:
     path.write_text("material_id,cif\n1,x\n")
     with pytest.raises(DataError, match=r"missing columns \['heat_ref'"):
         read_csv(REGISTRY["perov_5"], "val", path)
+    path.write_text("composition,target\nNaCl,1.0\n")
+    with pytest.raises(DataError, match=r"missing columns \['formula'\]"):
+        read_csv(REGISTRY["crabnet_expt_gap"], "train", path)
+
+
+def test_broken_formula_rows_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "formulas.csv"
+    path.write_text("formula,target\nNaCl,8.5\n,1.0\nSr(AlH)2,\nQq3,2.0\nKBr,n/a\nNa(Cl,0\n")
+    spec = REGISTRY["crabnet_expt_gap"]
+    fast = read_csv(spec, "train", path)
+    assert [r.formula for r in fast.records] == ["NaCl", "Sr(AlH)2", "Qq3", "Na(Cl"]
+    assert math.isnan(fast.records[1].targets["band_gap"])  # empty target -> NaN
+    reasons = dict(fast.invalid)
+    assert set(reasons) == {"crabnet_expt_gap:train:1", "crabnet_expt_gap:train:4"}
+    assert "empty 'formula'" in reasons["crabnet_expt_gap:train:1"]
+    assert "not a number" in reasons["crabnet_expt_gap:train:4"]
+    checked = read_csv(spec, "train", path, validate=True)
+    assert [r.formula for r in checked.records] == ["NaCl", "Sr(AlH)2"]
+    reasons = dict(checked.invalid)
+    assert "not elements: ['Qq']" in reasons["crabnet_expt_gap:train:3"]
+    assert "formula does not parse" in reasons["crabnet_expt_gap:train:5"]
 
 
 @pytest.mark.slow

@@ -66,6 +66,13 @@ def test_list_shows_rows_targets_and_sources(app: typer.Typer) -> None:
     assert "3426 + 734 + 735" in lines["aflow_thermal_expansion"]
     assert "cv (J/(mol K))" in lines["cloud_cv"] and "1213 + 299" in lines["cloud_cv"]
     assert all("mirror" in line for line in lines.values())
+    kinds = {name: line.split("│")[2].strip() for name, line in lines.items() if name in REGISTRY}
+    assert kinds == {name: spec.kind for name, spec in REGISTRY.items()}
+    assert kinds["crabnet_expt_gap"] == "formula" and kinds["crabnet_licence"] == "resource"
+    assert "4604" in lines["crabnet_expt_gap"] and "band_gap (eV)" in lines["crabnet_expt_gap"]
+    assert "239125 + 51241 + 51242" in lines["crabnet_oqmd_bandgap"]
+    assert "51255 + 51255" in lines["crabnet_oqmd_volume_per_atom"]
+    assert "log10_shear_modulus (log10(GPa))" in lines["crabnet_log10_gvrh"]
 
 
 def test_info_shows_files_urls_hashes_and_paths(app: typer.Typer, data_dir: Path) -> None:
@@ -75,6 +82,17 @@ def test_info_shows_files_urls_hashes_and_paths(app: typer.Typer, data_dir: Path
         assert f.url in result.output and f.sha256 in result.output
         assert f"mirror {data_dir / f.relpath}" in result.output
     assert "licence: MIT" in result.output and "Castelli" in result.output
+
+
+def test_info_of_a_formula_set_says_it_has_no_structures(app: typer.Typer) -> None:
+    result = CliRunner().invoke(app, ["data", "info", "crabnet_log10_gvrh"])
+    assert result.exit_code == 0, result.output
+    assert "crabnet_log10_gvrh (formula)" in result.output
+    assert "formula column: formula (formulas only, no structures)" in result.output
+    assert "elasticity_log10%28G_VRH%29.csv" in result.output
+    assert "crabnet/matbench/log10_gvrh.csv" in result.output
+    assert "licence: MIT (CrabNet repo" in result.output
+    assert "citation: Wang, A. Y.-T., Kauwe, S. K." in result.output
 
 
 def test_fetch_downloads_into_the_cache_then_list_reports_it(
