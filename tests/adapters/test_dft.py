@@ -1,5 +1,8 @@
 """GPAW adapter: real DFT in supervised subprocesses (skipped when GPAW is not installed).
 
+Also the tests of the local-job template (adapters/local_adapter.py) on both of its
+adapters, GPAW and CHGNet: timeout, crash, cancel and a vanished supervisor.
+
 Reference value for bulk Si (2 atoms, a = 5.43 A, PW 300 eV, 4x4x4 Monkhorst-Pack,
 Fermi-Dirac 0.05 eV, PBE, gpaw 26.7 / gpaw-data 1.2.1): -5.39378 eV/atom, measured
 once with plain GPAW. GPAW energies are relative to its spin-paired PAW reference
@@ -19,6 +22,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +38,7 @@ from adapters.base import (  # noqa: E402
     ResultNotReadyError,
 )
 from adapters.dft import GpawAdapter, GpawSettings  # noqa: E402
+from adapters.local_adapter import LocalJobAdapter  # noqa: E402
 from adapters.local_jobs import process_alive  # noqa: E402
 
 pytestmark = pytest.mark.dft
@@ -60,7 +65,9 @@ def mp_record(data_dir: Path, material_id: str) -> dict[str, str]:
     raise LookupError(material_id)
 
 
-def wait(adapter: GpawAdapter, handle: JobHandle, *, timeout_s: float = 300.0) -> JobStatus:
+def wait(
+    adapter: LocalJobAdapter[Any, Any], handle: JobHandle, *, timeout_s: float = 300.0
+) -> JobStatus:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = adapter.poll(handle)
@@ -70,11 +77,11 @@ def wait(adapter: GpawAdapter, handle: JobHandle, *, timeout_s: float = 300.0) -
     raise TimeoutError(f"job {handle.job_id} still {status.state} after {timeout_s} s")
 
 
-def wait_running(adapter: GpawAdapter, handle: JobHandle) -> int:
+def wait_running(adapter: LocalJobAdapter[Any, Any], handle: JobHandle) -> int:
     """Wait until the worker runs; returns its pid."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        record = adapter.runner.store.record(handle.job_id)
+        record = adapter.store.record(handle.job_id)
         if record.state is JobState.RUNNING and record.worker_pid:
             return record.worker_pid
         time.sleep(0.05)
@@ -166,19 +173,64 @@ def test_bad_requests_fail_at_submit(tmp_path: Path) -> None:
     assert list((tmp_path / "jobs").iterdir()) == []
 
 
-def _long_request() -> ExperimentRequest:
-    """Si relaxed at 600 eV on a dense grid: minutes of work, killed long before."""
-    return ExperimentRequest(
+# --------------------------------------------------------------------------- the local-job template
+# The same supervision tests on both adapters of adapters/local_adapter.py: each case is a
+# real calculation that would run for minutes, and a file that shows it is computing.
+
+
+def _gpaw_case(work_dir: Path) -> tuple[LocalJobAdapter[Any, Any], ExperimentRequest, str]:
+    """Si relaxed at 600 eV on a dense grid: minutes of work; GPAW writes gpaw.txt as it runs."""
+    request = ExperimentRequest(
         candidate_id="Si-long",
         targets=("energy_per_atom",),
         structure_cif=si_cif(5.6),
         parameters={"cutoff_ev": 600.0, "kpoint_density": 8.0, "relax": True},
     )
+    return GpawAdapter(GpawSettings(work_dir=work_dir, timeout_s=120)), request, "gpaw.txt"
 
 
-def test_timeout_kills_hung_job(tmp_path: Path) -> None:
-    adapter = GpawAdapter(GpawSettings(work_dir=tmp_path, timeout_s=3.0))
-    handle = adapter.submit(_long_request(), "long")
+def _chgnet_case(work_dir: Path) -> tuple[LocalJobAdapter[Any, Any], ExperimentRequest, str]:
+    """A rattled 64-atom Si cell relaxed to 1e-6 eV/A: never converges within the test."""
+    pytest.importorskip("chgnet")
+    from ase.build import bulk
+    from pymatgen.io.ase import AseAtomsAdaptor
+    from pymatgen.io.cif import CifWriter
+
+    from adapters.mlip import ChgnetAdapter, ChgnetSettings
+
+    atoms = bulk("Si", "diamond", a=5.6, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.1, seed=0)
+    request = ExperimentRequest(
+        candidate_id="Si64-long",
+        targets=("energy_per_atom",),
+        structure_cif=str(CifWriter(AseAtomsAdaptor.get_structure(atoms))),
+        parameters={"relax": True, "fmax_ev_per_a": 1e-6, "max_relax_steps": 100_000},
+    )
+    adapter = ChgnetAdapter(ChgnetSettings(work_dir=work_dir, timeout_s=120))
+    return adapter, request, "loaded CHGNet"
+
+
+LOCAL_CASES = {"gpaw": _gpaw_case, "chgnet": _chgnet_case}
+
+
+def wait_computing(adapter: LocalJobAdapter[Any, Any], handle: JobHandle, marker: str) -> int:
+    """Wait until the worker computes (``marker``: a file it writes or a line of its log)."""
+    worker = wait_running(adapter, handle)
+    job_dir = adapter.store.path(handle.job_id)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        log = job_dir / "worker.log"
+        if (job_dir / marker).exists() or (log.exists() and marker in log.read_text()):
+            return worker
+        time.sleep(0.1)
+    raise TimeoutError(f"the worker never reached {marker!r}")
+
+
+@pytest.mark.parametrize("code", sorted(LOCAL_CASES))
+def test_timeout_kills_the_worker(tmp_path: Path, code: str) -> None:
+    adapter, request, _ = LOCAL_CASES[code](tmp_path)
+    request = request.model_copy(update={"parameters": {**request.parameters, "timeout_s": 3.0}})
+    handle = adapter.submit(request, "long")
     worker = wait_running(adapter, handle)
     t0 = time.monotonic()
     status = wait(adapter, handle, timeout_s=60)
@@ -186,26 +238,28 @@ def test_timeout_kills_hung_job(tmp_path: Path) -> None:
     assert "timed out" in (status.message or "") and "limit 3 s" in (status.message or "")
     assert time.monotonic() - t0 < 15  # killed at 3 s (+ SIGTERM grace), not left running
     assert not process_alive(worker, None)
+    assert not (adapter.store.path(handle.job_id) / "result.json").exists()
     with pytest.raises(ResultNotReadyError):
         adapter.result(handle)
 
 
-def test_crash_cancel_and_lost(tmp_path: Path) -> None:
-    adapter = GpawAdapter(GpawSettings(work_dir=tmp_path, timeout_s=120))
-    store = adapter.runner.store
+@pytest.mark.parametrize("code", sorted(LOCAL_CASES))
+def test_crash_cancel_and_lost(tmp_path: Path, code: str) -> None:
+    adapter, request, marker = LOCAL_CASES[code](tmp_path)
+    store = adapter.store
     # a worker that dies (segfault, OOM killer) -> FAILED with the signal
-    crash = adapter.submit(_long_request(), "crash")
+    crash = adapter.submit(request, "crash")
     os.kill(wait_running(adapter, crash), signal.SIGKILL)
     status = wait(adapter, crash, timeout_s=30)
     assert status.state is JobState.FAILED and "SIGKILL" in (status.message or "")
-    # cancel -> CANCELLED, worker gone
-    cancelled = adapter.submit(_long_request(), "cancel")
-    worker = wait_running(adapter, cancelled)
+    # cancel while computing -> CANCELLED, the worker is gone (the work stopped)
+    cancelled = adapter.submit(request, "cancel")
+    worker = wait_computing(adapter, cancelled, marker)
     assert adapter.cancel(cancelled).state is JobState.CANCELLED
     assert not process_alive(worker, None)
     assert adapter.cancel(cancelled).state is JobState.CANCELLED  # idempotent
     # the supervisor itself vanishes (kill -9, reboot) -> LOST, never silently resubmitted
-    lost = adapter.submit(_long_request(), "lost")
+    lost = adapter.submit(request, "lost")
     worker = wait_running(adapter, lost)
     supervisor = store.record(lost.job_id).owner_pid
     assert supervisor is not None
@@ -213,7 +267,7 @@ def test_crash_cancel_and_lost(tmp_path: Path) -> None:
     try:
         status = wait(adapter, lost, timeout_s=30)
         assert status.state is JobState.LOST and "resubmit" in (status.message or "")
-        assert adapter.submit(_long_request(), "lost") == lost
+        assert adapter.submit(request, "lost") == lost
         assert adapter.poll(lost).state is JobState.LOST
     finally:
         os.killpg(worker, signal.SIGKILL)  # the orphaned worker (its own process group)

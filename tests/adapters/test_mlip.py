@@ -159,11 +159,16 @@ def test_idempotent_and_durable_across_adapters(adapter: ChgnetAdapter, work_dir
     assert adapter.submit(request, "si-idem") == first
     assert wait(adapter, first).state is JobState.SUCCEEDED
     measurement = adapter.result(first)
+    job_dir = adapter.store.path(first.job_id)
+    record, result_written = adapter.store.record(first.job_id), (job_dir / "result.json").stat()
     restarted = ChgnetAdapter({"work_dir": str(work_dir)})  # JSON settings, as from a config
     try:
         assert restarted.submit(request, "si-idem") == first
         assert restarted.result(first) == measurement
-        assert not restarted.model_loaded  # nothing was recomputed
+        # nothing was recomputed: the job's state and result are the first run's
+        assert restarted.store.record(first.job_id) == record
+        assert (job_dir / "result.json").stat().st_mtime_ns == result_written.st_mtime_ns
+        assert len(list((work_dir / "jobs").glob(f"{first.job_id}*"))) == 1
         other = ExperimentRequest(
             candidate_id="Si", targets=("energy_per_atom",), structure_cif=si_cif(5.5)
         )
@@ -202,7 +207,7 @@ def test_cancel_timeout_and_bad_requests(adapter: ChgnetAdapter) -> None:
     ):
         with pytest.raises(PermanentAdapterError):
             adapter.submit(bad, "bad")
-    # once the worker thread is idle: the late result was discarded, the cancelled job never ran
+    # the timed-out worker was killed before a result, the cancelled job never ran
     probe = adapter.submit(
         ExperimentRequest(candidate_id="Si", targets=("pressure",), structure_cif=si_cif()), "probe"
     )
