@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
@@ -27,6 +26,7 @@ from cloud_model.ensemble import CloudEnsemble, EnsembleConfig, FitReport
 from cloud_model.ensemble_runtime import EpochCallback
 from cloud_model.errors import ConfigError, DataError
 from cloud_model.finetune_data import DataSource, LabelledData, load_labelled, split_rows
+from cloud_model.yaml_file import read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,10 @@ class FinetuneJob(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> FinetuneJob:
         """Read and validate a YAML job file (``ConfigError`` naming the file if invalid)."""
+        raw = read_yaml(path, what="fine-tuning config")
         try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             return cls.model_validate(raw)
-        except (OSError, yaml.YAMLError, ValidationError) as exc:
+        except ValidationError as exc:
             raise ConfigError(f"{path}: invalid fine-tuning config: {exc}") from exc
 
 

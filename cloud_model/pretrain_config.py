@@ -6,11 +6,11 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cloud_model.configs import ModelSize
 from cloud_model.errors import ConfigError
+from cloud_model.yaml_file import InvalidYamlError, read_yaml
 
 
 class _Strict(BaseModel):
@@ -98,11 +98,9 @@ class PretrainConfig(_Strict):
         """
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+            raw = read_yaml(path, what="pretraining config")
+        except InvalidYamlError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc.detail})") from None
         try:
             return cls.model_validate(raw or {})
         except ValidationError as exc:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_model.errors import ConfigError
+from cloud_model.yaml_file import read_yaml
 from loop import metrics as M
 from loop.config import CampaignConfig, format_validation_error, load_config, parse_config
 
@@ -93,10 +93,8 @@ def load_bench(path: str | Path) -> tuple[BenchConfig, dict[str, Any]]:
         ConfigError: naming the file and field.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"benchmark config {path} not found")
     try:
-        bench = BenchConfig.model_validate(yaml.safe_load(path.read_text()))
+        bench = BenchConfig.model_validate(read_yaml(path, what="benchmark config"))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from None
     base_path = bench.campaign if bench.campaign.is_absolute() else path.parent / bench.campaign

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -111,10 +110,10 @@ class SurrogateConfig(_Section):
     kind: Literal["cloud_ensemble", "gp", "random"] = "cloud_ensemble"
     # pretrained checkpoint directory; "default" = the shipped cloud-small; null = no pretraining
     checkpoint: str | None = "default"
-    n_members: int = Field(default=5, ge=1)  # K of the deep ensemble
+    n_members: int = Field(default=5, ge=1, le=64)  # K of the deep ensemble; 5 is usual
     head: Literal["regression", "debye"] = "regression"
     # gp: training rows kept (own measurements first, then a random share of prior data)
-    gp_max_train: int = Field(default=500, ge=2)
+    gp_max_train: int = Field(default=500, ge=2, le=20_000)  # exact GP: O(n^3) per fit
     ensemble: EnsembleConfig = Field(
         default_factory=lambda: EnsembleConfig(
             n_trainable_blocks=0, epochs=60, warm_start_epochs=30
@@ -124,11 +123,11 @@ class SurrogateConfig(_Section):
 
 class AcquisitionConfig(_Section):
     kind: AcquisitionKind = "qlogei"
-    batch_size: int = Field(default=8, ge=1)  # q: candidates chosen per decision
+    batch_size: int = Field(default=8, ge=1, le=4096)  # q: candidates chosen per decision
     beta: float = Field(default=2.0, gt=0)  # qUCB exploration weight
     # candidates the pending-aware batch optimisation runs over (see loop.acquisition.select_batch);
     # None: 2,048 for ensembles (cached predictions), 256 for the GP (exact joint posteriors)
-    shortlist: int | None = Field(default=None, ge=16)
+    shortlist: int | None = Field(default=None, ge=16, le=100_000)
 
     def shortlist_for(self, surrogate_kind: str) -> int:
         """The shortlist size used with a surrogate of ``surrogate_kind``."""
@@ -140,12 +139,12 @@ class AcquisitionConfig(_Section):
 class InitialDesignConfig(_Section):
     """Experiments before the surrogate has data: random ones, or given ids."""
 
-    n_random: int = Field(default=16, ge=0)
+    n_random: int = Field(default=16, ge=0, le=1_000_000)
     ids: list[str] = Field(default_factory=list)
 
 
 class BudgetConfig(_Section):
-    experiments: int = Field(default=100, ge=1)  # jobs submitted, failures included
+    experiments: int = Field(default=100, ge=1, le=1_000_000)  # jobs submitted, failures included
     cost: float | None = Field(default=None, gt=0)  # in the adapter's cost unit
     wall_time_s: float | None = Field(default=None, gt=0)
 
@@ -220,7 +219,7 @@ class CampaignConfig(_Section):
 
     schema_version: Literal[1] = 1
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)  # numpy and torch generators take it
     pool: PoolConfig
     # labelled data the surrogate trains on from the start (e.g. materials published before a
     # cut-off year); never selectable, never counted as experiments
@@ -298,13 +297,10 @@ def load_config(path: str | Path) -> CampaignConfig:
     """Read and validate a campaign YAML file.
 
     Raises:
-        ConfigError: the file is missing, is not YAML, or does not validate.
+        ConfigError: the file is missing, is not UTF-8 YAML, repeats a key, or does not
+            validate.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"campaign config {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    from cloud_model.yaml_file import read_yaml
+
+    data = read_yaml(path, what="campaign config")
     return parse_config(data, source=str(path))

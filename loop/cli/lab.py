@@ -56,17 +56,14 @@ def build_config(path: Path | None, overrides: dict[str, Any]) -> SimulatedLabCo
     Raises:
         ConfigError: the file is unreadable or the result is invalid.
     """
-    import yaml
     from pydantic import ValidationError
 
+    from cloud_model.yaml_file import read_yaml
     from simulators.config import SimulatedLabConfig
 
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read lab config {path}: {exc}") from exc
+        data = read_yaml(path, what="lab config") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"lab config {path} must be a mapping of SimulatedLabConfig fields")
     for dotted, value in overrides.items():
