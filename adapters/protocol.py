@@ -22,16 +22,23 @@ Every other answer is an :class:`ErrorResponse`. See ``docs/lab_protocol.md``.
 
 from __future__ import annotations
 
+import json
+import unicodedata
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from adapters.base import ExperimentRequest, JobHandle, JobState, JobStatus
 
 __all__ = [
     "API_PREFIX",
     "DEFAULT_TOKEN_ENV",
+    "MAX_BODY_BYTES",
+    "MAX_FIELD_CHARS",
+    "MAX_KEY_CHARS",
+    "MAX_PARAMETERS_BYTES",
     "PROTOCOL_VERSION",
     "ErrorCode",
     "ErrorResponse",
@@ -46,12 +53,29 @@ API_PREFIX = "/v1"
 DEFAULT_TOKEN_ENV = "CLOUDLAB_LAB_TOKEN"
 MAX_PAGE_SIZE = 1000
 
+# Size limits (a lab persists every accepted request and replays it on each start, so an
+# unbounded body would grow its state for good). The server answers 413 to a larger body and
+# 422 to a longer field, naming the limit; nothing of a refused request is stored.
+MAX_BODY_BYTES = 1024 * 1024  # default request body limit of the server (configurable there)
+MAX_KEY_CHARS = 256  # idempotency key
+MAX_PARAMETERS_BYTES = 64 * 1024  # ExperimentRequest.parameters, as compact JSON
+MAX_TARGETS = 64  # targets per request
+MAX_FIELD_CHARS: dict[str, int] = {  # string fields of ExperimentRequest
+    "candidate_id": 256,
+    "targets": 128,  # each name
+    "structure_cif": 512 * 1024,  # a few hundred atoms in P1
+    "scope": 64 * 1024,
+    "formula": 1024,
+    "campaign": 256,
+}
+
 ErrorCode = Literal[
     "unauthorized",  # 401: missing or wrong bearer token
     "not_found",  # 404: unknown job id or route
     "result_not_ready",  # 409: result asked of a job that has not SUCCEEDED
     "invalid_request",  # 422: body/query invalid, unknown candidate or target, key reused
     "method_not_allowed",  # 405
+    "body_too_large",  # 413: request body over the server's limit
     "internal_error",  # 500
     "unavailable",  # 503: the lab cannot take requests now; retry later
 ]
@@ -70,7 +94,54 @@ class SubmitJobBody(_Wire):
     """
 
     request: ExperimentRequest
-    idempotency_key: str = Field(min_length=1, max_length=256)
+    idempotency_key: str = Field(
+        min_length=1,
+        max_length=MAX_KEY_CHARS,
+        description="printable text, not only whitespace, no control characters",
+    )
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _printable_key(cls, key: str) -> str:
+        if not key.strip():
+            raise PydanticCustomError("blank_key", "the idempotency key is only whitespace")
+        for position, char in enumerate(key):
+            if unicodedata.category(char) in ("Cc", "Cs"):  # control chars, lone surrogates
+                raise PydanticCustomError(
+                    "control_character",
+                    "the idempotency key holds control character U+{code} at position "
+                    "{position}; use printable text",
+                    {"code": f"{ord(char):04X}", "position": position},
+                )
+        return key
+
+    @field_validator("request")
+    @classmethod
+    def _within_limits(cls, request: ExperimentRequest) -> ExperimentRequest:
+        if len(request.targets) > MAX_TARGETS:
+            raise _too_long("targets", len(request.targets), MAX_TARGETS, "names")
+        for field, limit in MAX_FIELD_CHARS.items():
+            value = getattr(request, field)
+            for text in value if isinstance(value, tuple) else (value,):
+                if text is not None and len(text) > limit:
+                    raise _too_long(field, len(text), limit, "characters")
+        try:
+            size = len(json.dumps(request.parameters, separators=(",", ":")).encode())
+        except (RecursionError, ValueError, TypeError):
+            raise PydanticCustomError(
+                "not_serialisable", "request.parameters is not JSON-serialisable or too deep"
+            ) from None
+        if size > MAX_PARAMETERS_BYTES:
+            raise _too_long("parameters", size, MAX_PARAMETERS_BYTES, "bytes of JSON")
+        return request
+
+
+def _too_long(field: str, size: int, limit: int, unit: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "too_long",
+        "request.{field} has {size} {unit}, more than the limit of {limit}",
+        {"field": field, "size": size, "unit": unit, "limit": limit},
+    )
 
 
 class JobResource(_Wire):

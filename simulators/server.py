@@ -2,7 +2,8 @@
 
 :func:`create_app` wraps a :class:`~simulators.lab.SimulatedLab` in a FastAPI
 app serving the routes of :mod:`adapters.protocol` under ``/v1``, with bearer
-token auth (``/v1/health`` excepted), pydantic-validated bodies and
+token auth (``/v1/health`` excepted), a request body limit (413 above
+``max_body_bytes``), pydantic-validated bodies with field limits (422) and
 :class:`~adapters.protocol.ErrorResponse` bodies for every error.
 :func:`serve` runs it with uvicorn on a lab opened by
 :func:`simulators.journal.open_lab`, persisted in a state directory.
@@ -16,10 +17,11 @@ Run from the command line (the truth table is a :class:`GroundTruth` JSON file;
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from adapters.base import (
     AdapterError,
@@ -41,6 +44,8 @@ from adapters.base import (
 from adapters.protocol import (
     API_PREFIX,
     DEFAULT_TOKEN_ENV,
+    MAX_BODY_BYTES,
+    MAX_KEY_CHARS,
     MAX_PAGE_SIZE,
     PROTOCOL_VERSION,
     ErrorCode,
@@ -68,7 +73,8 @@ _DESCRIPTION = (
 )
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
-    422: {"model": ErrorResponse, "description": "invalid body or query"},
+    413: {"model": ErrorResponse, "description": "request body over the server's size limit"},
+    422: {"model": ErrorResponse, "description": "invalid body or query, or a field too long"},
     500: {"model": ErrorResponse, "description": "lab error; retry with the same key"},
     503: {"model": ErrorResponse, "description": "lab unavailable; retry later"},
 }
@@ -107,10 +113,98 @@ class _TokenCheck:
 
 
 def _error(
-    status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
+    status: int, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     body = ErrorResponse(code=code, message=message).model_dump(mode="json")
     return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+_Message = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[_Message]]
+_Send = Callable[[_Message], Awaitable[None]]
+_ASGIApp = Callable[[MutableMapping[str, Any], _Receive, _Send], Awaitable[None]]
+
+
+class _BodySizeLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before any route sees it.
+
+    A declared ``Content-Length`` over the limit is refused without reading the body; a
+    chunked body is read up to the limit and refused as soon as it passes it. Bodies within
+    the limit are buffered (at most ``max_bytes``) and replayed to the app.
+    """
+
+    def __init__(self, app: _ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(
+        self, scope: MutableMapping[str, Any], receive: _Receive, send: _Send
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, send, f"{int(declared):,} bytes")
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, send, f"more than {self.max_bytes:,} bytes")
+                return
+            chunks.append(chunk)
+            more = bool(message.get("more_body", False))
+        replayed = False
+
+        async def replay() -> _Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: MutableMapping[str, Any], send: _Send, size: str) -> None:
+        message = (
+            f"request body of {size} is over this lab's limit of {self.max_bytes:,} bytes "
+            f"({scope['method']} {scope['path']}); send a smaller request"
+        )
+        body = json.dumps(
+            ErrorResponse(code="body_too_large", message=message).model_dump()
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),  # the rest of the body is never read
+        ]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One validation problem as ``where: what``."""
+    loc = [str(p) for p in error.get("loc", ())]
+    if error.get("type") == "json_invalid":  # loc is ("body", character offset)
+        reason = error.get("ctx", {}).get("error", "")
+        return f"body: not valid JSON at character {loc[-1] if len(loc) > 1 else 0}: {reason}"
+    return f"{'.'.join(loc)}: {error.get('msg', '')}"
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at ``request``'s path (for the ``Allow`` header of a 405)."""
+    methods: set[str] = set()
+    for route in request.app.state.routes:  # every Route, those of included routers too
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -130,21 +224,27 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def invalid(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        parts = [
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors
-        ]
+        parts = [_describe(e) for e in errors]
         return _error(422, "invalid_request", "; ".join(parts) or str(exc))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
         detail = exc.detail if isinstance(exc, StarletteHTTPException) else str(exc)
+        headers = exc.headers if isinstance(exc, StarletteHTTPException) else None
+        if status == 405:  # Starlette names the methods of one route only; the path may have more
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        if status == 400:  # FastAPI could not parse the body (e.g. JSON nested too deeply)
+            status, detail = (
+                422,
+                "the body could not be parsed as JSON (malformed or nested too deeply)",
+            )
         codes: dict[int, ErrorCode] = {
             404: "not_found",
             405: "method_not_allowed",
             401: "unauthorized",
         }
         code = codes.get(status, "internal_error" if status >= 500 else "invalid_request")
-        return _error(status, code, f"{detail} ({request.method} {request.url.path})")
+        return _error(status, code, f"{detail} ({request.method} {request.url.path})", headers)
 
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error in %s %s", request.method, request.url.path)
@@ -165,6 +265,7 @@ def create_app(
     *,
     token_env: str = DEFAULT_TOKEN_ENV,
     faults: Sequence[Fault] = (),
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The FastAPI app serving ``lab`` over the lab protocol.
 
@@ -173,12 +274,15 @@ def create_app(
         token: the bearer token every route but ``/v1/health`` requires.
         token_env: the variable the token came from, named in 401 messages.
         faults: a test-only schedule of injected faults (see :mod:`simulators.faults`).
+        max_body_bytes: larger request bodies get 413 and never reach the lab.
 
     Raises:
-        ConfigError: ``token`` is empty.
+        ConfigError: ``token`` is empty or ``max_body_bytes`` is not positive.
     """
     if not token:
         raise ConfigError(f"the lab server needs a non-empty bearer token (set ${token_env})")
+    if max_body_bytes < 1:
+        raise ConfigError(f"max_body_bytes must be positive, got {max_body_bytes}")
     app = FastAPI(
         title="cloudlab lab protocol",
         version=PROTOCOL_VERSION,
@@ -211,7 +315,7 @@ def create_app(
     )
     def list_jobs(
         state: JobState | None = None,
-        idempotency_key: Annotated[str | None, Query(max_length=256)] = None,
+        idempotency_key: Annotated[str | None, Query(max_length=MAX_KEY_CHARS)] = None,
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 100,
     ) -> JobPage:
@@ -265,8 +369,10 @@ def create_app(
         return HealthResponse(lab=lab.name, capacity=lab.capacity)
 
     app.include_router(jobs)
+    app.state.routes = [r for r in (*app.routes, *jobs.routes) if isinstance(r, Route)]
     if faults:
         app.add_middleware(FaultInjector, schedule=list(faults))  # type: ignore[arg-type]
+    app.add_middleware(_BodySizeLimit, max_bytes=max_body_bytes)  # type: ignore[arg-type]
     return app
 
 
@@ -287,8 +393,9 @@ def serve(
     token_env: str = DEFAULT_TOKEN_ENV,
     faults: Sequence[Fault] = (),
     log_level: str = "info",
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> None:
-    """Serve a simulated lab with uvicorn until interrupted.
+    """Serve a simulated lab with uvicorn until interrupted (bodies over ``max_body_bytes``: 413).
 
     Raises:
         ConfigError: ``$token_env`` is unset or empty, or ``state_dir`` belongs
@@ -303,7 +410,9 @@ def serve(
         )
     lab = open_lab(truth, config, state_dir)
     try:
-        app = create_app(lab, token, token_env=token_env, faults=faults)
+        app = create_app(
+            lab, token, token_env=token_env, faults=faults, max_body_bytes=max_body_bytes
+        )
         logger.info(
             "simulated lab %r on http://%s:%d%s (%d candidates, targets %s, state %s)",
             lab.name, host, port, API_PREFIX, len(truth.values), sorted(truth.units), state_dir,
@@ -330,6 +439,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--faults", default=os.environ.get(FAULTS_ENV, ""), help="test-only fault schedule"
     )
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get 413"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -348,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         token_env=args.token_env,
         faults=parse_faults(args.faults),
         log_level=args.log_level,
+        max_body_bytes=args.max_body_bytes,
     )
 
 
