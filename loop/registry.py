@@ -80,8 +80,9 @@ class ModelRegistry:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         digest = directory_sha256(target)
+        relative = target.relative_to(self.directory).as_posix()
         version = self.store.record_model_version(
-            path=str(target.relative_to(self.directory)),
+            path=relative,
             sha256=digest,
             n_train=n_train,
             metrics=metrics,
@@ -93,7 +94,7 @@ class ModelRegistry:
         for old in self.root.glob("v*"):
             if old.is_dir() and old.name[1:].isdigit() and int(old.name[1:]) <= number - _KEEP:
                 shutil.rmtree(old, ignore_errors=True)
-        return ModelVersion(version=version, n_train=n_train, path=target.name, sha256=digest)
+        return ModelVersion(version=version, n_train=n_train, path=relative, sha256=digest)
 
     def restore(self, surrogate: Surrogate) -> ModelVersion | None:
         """Load the newest intact version into ``surrogate``; None if there is none to load."""

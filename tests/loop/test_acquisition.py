@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,6 +26,12 @@ class _Cached(Surrogate):
 
     def samples(self, idx: torch.Tensor) -> torch.Tensor:
         return self._model.predictions[:, idx]
+
+    def save(self, directory: Path) -> None:
+        raise NotImplementedError("never versioned in these tests")
+
+    def load(self, directory: Path) -> None:
+        raise NotImplementedError("never versioned in these tests")
 
 
 def _pool(n: int = 300, seed: int = 0) -> torch.Tensor:
