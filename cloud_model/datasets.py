@@ -8,7 +8,9 @@ with a chemical formula (:attr:`CrystalRecord.formula`) and targets only.
 
 A file is resolved in this order, and its sha256 is checked wherever it comes from:
 
-1. the mirror ``$CLOUDLAB_DATA_DIR/<relpath>`` (only when the variable is set);
+1. the mirror ``$CLOUDLAB_DATA_DIR/<relpath>``; when the variable is unset, the
+   ``shared/data`` folder beside the checkout (``../shared/data`` seen from the
+   repository) if it exists; ``CLOUDLAB_DATA_DIR=`` (empty) turns the mirror off;
 2. the user cache ``$CLOUDLAB_CACHE_DIR/data/<relpath>`` (default ``~/.cache/cloudlab``);
 3. a download into the cache from the file's URL, or from ``$CLOUDLAB_DATA_URL/<relpath>``
    when that variable names another server laid out like the mirror.
@@ -71,10 +73,19 @@ ProgressCallback = Callable[["DatasetFile", int, "int | None"], None]
 # ---------------------------------------------------------------- locations and hashes
 
 
+_BESIDE_CHECKOUT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
 def mirror_dir() -> Path | None:
-    """The offline mirror named by ``$CLOUDLAB_DATA_DIR``, or None when unset."""
+    """The offline mirror: ``$CLOUDLAB_DATA_DIR``, else ``../shared/data`` beside the checkout.
+
+    Returns None when the variable is set but empty (mirror off) or when it is unset
+    and no ``shared/data`` folder sits beside the repository.
+    """
     value = os.environ.get(DATA_DIR_ENV)
-    return Path(value).expanduser() if value else None
+    if value is not None:
+        return Path(value).expanduser() if value else None
+    return _BESIDE_CHECKOUT if _BESIDE_CHECKOUT.is_dir() else None
 
 
 def cache_dir() -> Path:

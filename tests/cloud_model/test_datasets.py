@@ -97,7 +97,7 @@ def _copy_from_mirror(mirror: Path, dest_root: Path, relpaths: list[str]) -> Non
 @pytest.fixture()
 def offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No mirror, an empty temp cache; returns the cache root (files land in <root>/data)."""
-    monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv(datasets.DATA_DIR_ENV, "")  # mirror off
     monkeypatch.setenv(datasets.CACHE_DIR_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
@@ -538,7 +538,7 @@ def test_corrupt_mirror_is_an_error_and_corrupt_cache_is_refetched(
     monkeypatch.setenv(datasets.DATA_DIR_ENV, str(mirror))
     with pytest.raises(DataError, match=r"mirror .*does not match the registered"):
         resource_path("cloud_generators")
-    monkeypatch.delenv(datasets.DATA_DIR_ENV)
+    monkeypatch.setenv(datasets.DATA_DIR_ENV, "")  # mirror off
     cached = offline_env / "data" / rel
     cached.parent.mkdir(parents=True)
     cached.write_text("{}")
@@ -546,3 +546,17 @@ def test_corrupt_mirror_is_an_error_and_corrupt_cache_is_refetched(
         resolve("cloud_generators", download=False)
     assert resource_path("cloud_generators") == cached  # re-downloaded from the local server
     assert len(json.loads(cached.read_text())) == 230
+
+
+def test_the_mirror_beside_the_checkout_is_found_without_the_variable(
+    monkeypatch: pytest.MonkeyPatch, data_dir: Path
+) -> None:
+    """A new user who never set CLOUDLAB_DATA_DIR gets the README's default, ../shared/data."""
+    monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
+    beside = Path(datasets.__file__).resolve().parents[2] / "shared" / "data"
+    if not beside.is_dir():
+        pytest.skip("no shared/data beside this checkout")
+    assert datasets.mirror_dir() == beside
+    assert {loc.source for loc in datasets.locate("perov_5")} == {"mirror"}
+    monkeypatch.setenv(datasets.DATA_DIR_ENV, "")
+    assert datasets.mirror_dir() is None

@@ -37,7 +37,7 @@ def app() -> typer.Typer:
 @pytest.fixture()
 def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No mirror and an empty cache; returns the cache's data folder."""
-    monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv(datasets.DATA_DIR_ENV, "")  # mirror off
     monkeypatch.setenv(datasets.CACHE_DIR_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache" / "data"
 
