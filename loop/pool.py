@@ -139,3 +139,26 @@ def _subset(pool: Pool, keep: list[int]) -> Pool:
         units=pool.units,
         invalid=pool.invalid,
     )
+
+
+def load_prior(
+    config: PoolConfig, targets: tuple[str, ...], pool_ids: list[str], *, seed: int = 0
+) -> tuple[list[str], torch.Tensor]:
+    """Labelled prior data: SCOPE strings and ``p x m`` labels (NaN where missing).
+
+    Rows without any label, and rows whose id is a candidate of the pool (a label
+    of the pool must never be known in advance), are left out.
+    """
+    prior = load_pool(config, targets, seed=seed)
+    in_pool = set(pool_ids)
+    rows = [
+        (scope, prior.truth[cid])
+        for cid, scope in zip(prior.ids, prior.scopes, strict=True)
+        if prior.truth.get(cid) and cid not in in_pool
+    ]
+    y = torch.tensor(
+        [[labels.get(name, float("nan")) for name in targets] for _, labels in rows],
+        dtype=torch.float64,
+    ).reshape(len(rows), len(targets))
+    logger.info("%d labelled prior records join every fit", len(rows))
+    return [scope for scope, _ in rows], y
