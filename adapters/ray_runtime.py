@@ -55,7 +55,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
 
     Args:
         address: a Ray cluster address to join; ``None`` starts (or reuses) a
-            local Ray sized to the machine.
+            local Ray sized to the machine that listens on 127.0.0.1 only
+            (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` keeps Ray's default of
+            listening on all interfaces).
         num_cpus: CPUs of a new local Ray (default: ``os.cpu_count()``).
 
     Returns:
@@ -74,12 +76,32 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
         if address is not None:
             ray.init(address=address, configure_logging=False, log_to_driver=False)
         else:
-            ray.init(
-                num_cpus=num_cpus or os.cpu_count() or 1,
-                include_dashboard=False,
-                configure_logging=False,
-                log_to_driver=False,  # actor logs: /tmp/ray/session_latest/logs
-            )
+            # Loopback only. Every Ray server (GCS, raylet and its object manager, workers,
+            # dashboard and runtime-env agents) binds 127.0.0.1 when the node IP is 127.0.0.1,
+            # and Ray takes that IP only in its local-only mode (the default on macOS/Windows),
+            # switched by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; ``_node_ip_address="127.0.0.1"``
+            # is rewritten to the machine's IP otherwise. The processes Ray starts read the
+            # variable; this process read it into a constant when ray was imported (perhaps
+            # before this call), so both are set for the duration of ray.init. A user's own
+            # value of the variable (``1``: all interfaces) is kept.
+            from ray._private import ray_constants
+
+            switch = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+            user_value = os.environ.get(switch)
+            imported_value = ray_constants.ENABLE_RAY_CLUSTER
+            os.environ[switch] = user_value if user_value is not None else "0"
+            ray_constants.ENABLE_RAY_CLUSTER = os.environ[switch].lower() in ("1", "true")
+            try:
+                ray.init(
+                    num_cpus=num_cpus or os.cpu_count() or 1,
+                    include_dashboard=False,
+                    configure_logging=False,
+                    log_to_driver=False,  # actor logs: /tmp/ray/session_latest/logs
+                )
+            finally:
+                ray_constants.ENABLE_RAY_CLUSTER = imported_value
+                if user_value is None:
+                    del os.environ[switch]
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
         raise RayRuntimeError(
