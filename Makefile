@@ -2,6 +2,10 @@
 # `make campaign` and `make test` create .venv on first use (torch CPU wheel first).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# torch is installed first, alone: here pip finds a CPU wheel on disk; elsewhere pass
+# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for the CPU-only build
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 export CLOUDLAB_DATA_DIR ?= $(abspath ../shared/data)
 
 .PHONY: setup setup-dft campaign test test-all lint bench clean
@@ -9,7 +13,7 @@ export CLOUDLAB_DATA_DIR ?= $(abspath ../shared/data)
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -581,5 +581,5 @@ def get_spec(name: str) -> DatasetSpec:
     close += [n for n in REGISTRY if name and name.lower() in n and n not in close]
     hint = f"did you mean {', '.join(close[:4])}? " if close else ""
     raise DatasetNotFoundError(
-        f"unknown dataset {name!r}; {hint}(`cloudlab data list` shows all {len(REGISTRY)})"
+        f"unknown dataset {name!r}. {hint}(`cloudlab data list` shows all {len(REGISTRY)})"
     )

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from cloud_model.errors import ConfigError
 from loop.config import parse_config
-from loop.store import CampaignStore
+from loop.store import STORE_FILENAME, CampaignStore
 
 
 @dataclass
@@ -51,10 +52,15 @@ class Summary:
 
 
 def _open(directory: Path) -> tuple[CampaignStore, object]:
+    if not (directory / STORE_FILENAME).is_file():
+        raise ConfigError(
+            f"{directory} is not a campaign directory (no {STORE_FILENAME}); give the --out "
+            "directory of a `cloudlab run`"
+        )
     store = CampaignStore(directory, create=False)
     text = store.get_meta("config")
     if text is None:
-        raise FileNotFoundError(f"{directory} holds no campaign config")
+        raise ConfigError(f"{directory} holds no campaign config")
     return store, parse_config(json.loads(text), source=str(directory))
 
 
@@ -113,9 +119,9 @@ def write_report(directory: str | Path) -> Path:
     from loop.config import CampaignConfig
 
     directory = Path(directory)
+    summary = summarise(directory)  # fails first if the directory holds no campaign
     out = directory / "report"
     out.mkdir(exist_ok=True)
-    summary = summarise(directory)
     store, config = _open(directory)
     assert isinstance(config, CampaignConfig)
     spec = config.objective_spec()

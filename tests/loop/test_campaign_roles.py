@@ -259,3 +259,23 @@ def test_resume_of_a_finished_campaign_does_nothing_and_starts_no_ray(
     assert done.returncode == 0, done.stderr[-2000:]
     assert "already complete (experiment budget reached)" in done.stderr
     assert "modules: []" in done.stdout
+
+
+def test_report_and_status_of_a_directory_without_a_campaign_are_one_line_errors(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    for command in ("report", "status"):
+        done = subprocess.run(
+            [sys.executable, "-m", "loop", command, str(tmp_path / "nope")],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and "not a campaign directory" in done.stderr
+        assert not (tmp_path / "nope").exists()

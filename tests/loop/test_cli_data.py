@@ -138,6 +138,6 @@ def test_entry_point_prints_one_line_and_exits_2_on_unknown_name() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown dataset 'carbon24'; did you mean carbon_24? (`cloudlab data list` shows all "
+        "error: unknown dataset 'carbon24'. did you mean carbon_24? (`cloudlab data list` shows all "
         f"{len(REGISTRY)})"
     ]
