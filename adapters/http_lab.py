@@ -14,7 +14,10 @@ A robotic-lab orchestrator that implements the protocol of :mod:`adapters.protoc
   result :class:`ResultNotReadyError`, other 4xx :class:`PermanentAdapterError`,
   and retries that run out a :class:`TransientAdapterError` saying what went wrong;
 * every response body is validated with the protocol's pydantic models;
-* TLS certificates are verified unless the config says otherwise.
+* TLS certificates are verified unless the config says otherwise;
+* :meth:`HttpLabAdapter.probe` is one short authenticated request that tells an
+  unreachable lab (:class:`LabUnreachableError`) or a refused token
+  (:class:`AuthError`) apart in seconds, before anything is submitted.
 """
 
 from __future__ import annotations
@@ -53,13 +56,23 @@ from adapters.protocol import (
     SubmitJobBody,
 )
 
-__all__ = ["HttpLabAdapter", "HttpLabConfig"]
+__all__ = ["HttpLabAdapter", "HttpLabConfig", "LabUnreachableError"]
 
 logger = logging.getLogger(__name__)
 
 _Model = TypeVar("_Model", bound=BaseModel)
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+_PROBE_CONNECT_S = 3.0  # a lab that is up accepts a connection in well under this
+_PROBE_READ_S = 10.0  # listing one job is the cheapest authenticated call
+
+
+class LabUnreachableError(TransientAdapterError, ConnectionError):
+    """The lab did not answer at all (connection refused, unknown host, timeout) or not sanely.
+
+    Transient by nature (the lab may come back), but raised only by
+    :meth:`HttpLabAdapter.probe`, before anything was submitted.
+    """
 
 
 class HttpLabConfig(BaseModel):
@@ -171,6 +184,65 @@ class HttpLabAdapter(LabAdapter):
         return self
 
     # -------------------------------------------------------------------- extras
+    def probe(self) -> None:
+        """Check that the lab answers and accepts our token: one request, no retries.
+
+        ``GET /v1/jobs?limit=1`` (``/v1/health`` needs no token, so it cannot
+        check one), with at most 3 s to connect and 10 s to answer (less when the
+        config's timeouts are shorter).
+
+        Raises:
+            LabUnreachableError: no connection (refused, unknown host), a timeout, or
+                HTTP 429/5xx; the message names the URL and what to check.
+            AuthError: the lab refused the token (HTTP 401/403).
+            PermanentAdapterError: HTTP 404 or a body that is not a job page (base_url is
+                not a lab's root), or any other refusal.
+        """
+        cfg = self.config
+        url = f"{cfg.base_url}{API_PREFIX}/jobs?limit=1"
+        timeout = httpx.Timeout(
+            min(cfg.read_timeout_s, _PROBE_READ_S),
+            connect=min(cfg.connect_timeout_s, _PROBE_CONNECT_S),
+        )
+        check = (
+            f"check that the lab is running and that base_url ({cfg.base_url}) is its root "
+            "(host, port, http or https, no /v1)"
+        )
+        try:
+            response = self._client.get("/jobs", params={"limit": 1}, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise LabUnreachableError(
+                f"lab at {cfg.base_url} did not answer GET {url} within {timeout.connect:g} s "
+                f"to connect and {timeout.read:g} s to reply ({type(exc).__name__}); {check}, "
+                "and that no firewall or proxy drops the connection"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise LabUnreachableError(
+                f"lab at {cfg.base_url} is unreachable: GET {url} failed "
+                f"({type(exc).__name__}: {exc}); {check}"
+            ) from exc
+        status = response.status_code
+        if status in _RETRY_STATUSES:
+            raise LabUnreachableError(
+                f"lab at {cfg.base_url} is up but not serving: GET {url} answered HTTP {status} "
+                f"({_message(response)}); check the lab's own logs, then run again"
+            )
+        if status == 404:
+            raise PermanentAdapterError(
+                f"lab at {cfg.base_url}: GET {url} answered HTTP 404 ({_message(response)}); "
+                f"{check}"
+            )
+        if status != 200:
+            raise self._refusal(f"GET {url}", response)
+        try:
+            JobPage.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise PermanentAdapterError(
+                f"{url} answered HTTP 200 with a body that is not a job page ({_summary(exc)}): "
+                f"base_url ({cfg.base_url}) does not look like a cloudlab lab protocol server"
+            ) from exc
+        logger.info("lab at %s answered the probe", cfg.base_url)
+
     def health(self) -> HealthResponse:
         """The lab's liveness answer (name, capacity, protocol version)."""
         return self._call("GET", "/health", HealthResponse)

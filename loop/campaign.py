@@ -71,6 +71,7 @@ class Campaign:
         self._prior_scopes: list[str] = []
         self._prior_y = torch.zeros(0, len(config.targets), dtype=torch.float64)
         self._streak, self._best_seen = 0, float("-inf")
+        self._last_warning: str | None = None  # the latest RETRYING message, for Progress
         if (self.directory / STORE_FILENAME).is_file():
             self._open_store()
 
@@ -271,6 +272,7 @@ class Campaign:
                         best_value=value,
                         best_id=cid,
                         model_version=agent.model_version,
+                        last_warning=self._last_warning,
                     )
                 )
             state = ledger.loop_state(
@@ -292,6 +294,10 @@ class Campaign:
             events = executor.next_events(timeout=5.0)
             self.timings.dispatch += time.perf_counter() - t0
             for event in events:
+                if event.kind == EventKind.RETRYING:
+                    self._last_warning = event.message
+                elif event.kind in (EventKind.SUBMITTED, EventKind.STATE, EventKind.SUCCEEDED):
+                    self._last_warning = None  # the lab answered again
                 self._record(event)
 
     def _submit_batch(self, agent: Proposer, executor: Executor, n_free: int) -> int:

@@ -21,6 +21,7 @@ class Progress(BaseModel):
     best_id: str | None
     model_version: int | None
     stage: str = "running"
+    last_warning: str | None = None  # the latest retry message (e.g. the lab is unreachable)
 
 
 class Timings(BaseModel):

@@ -91,17 +91,47 @@ def engine_config(config: CampaignConfig) -> DispatchConfig:
 
 
 def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Executor:
-    """The job engine over the campaign's adapter, inline or over Ray."""
+    """The job engine over the campaign's adapter, inline or over Ray.
+
+    An HTTP lab is probed first (:meth:`HttpLabAdapter.probe`, one short request
+    from this process), so that an unreachable lab or a refused token stops the
+    campaign within seconds, before any job exists and before Ray starts.
+
+    Raises:
+        LabUnreachableError: the HTTP lab did not answer the probe.
+        LabRefusedError: the HTTP lab refused the token.
+    """
+    from adapters.base import AuthError
+    from loop.campaign import LabRefusedError
+
+    def probed(adapter: HttpLabAdapter) -> HttpLabAdapter:
+        try:
+            adapter.probe()
+        except AuthError as exc:
+            adapter.close()
+            raise LabRefusedError(
+                f"{exc}. Nothing was submitted; fix the credentials and run "
+                f"`cloudlab resume {directory}`"
+            ) from exc
+        except BaseException:
+            adapter.close()
+            raise
+        return adapter
+
     truth = ground_truth(config, pool) if isinstance(config.adapter, SimulatedLabConfig) else None
     settings = engine_config(config)
     if config.dispatch.mode == "ray":
         from adapters.dispatch import Dispatcher
 
+        if isinstance(config.adapter, HttpLabConfig):  # the actors build their own adapters
+            probed(HttpLabAdapter(config.adapter)).close()
         factory = functools.partial(build_adapter, config.adapter, directory=directory, truth=truth)
         return Dispatcher(factory, settings)
     virtual = isinstance(config.adapter, SimulatedLabConfig)
     adapter = build_adapter(config.adapter, directory=directory, truth=truth, virtual_time=virtual)
     if not virtual:
+        if isinstance(adapter, HttpLabAdapter):
+            probed(adapter)
         return JobEngine(InProcessTransport(adapter), settings)
     from simulators.clock import EngineTime, VirtualClock
     from simulators.lab import SimulatedLab

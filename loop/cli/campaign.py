@@ -57,6 +57,7 @@ def resume(
 
 def _drive(campaign: object, directory: Path, report_after: bool) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from loop.campaign import Campaign
@@ -99,6 +100,13 @@ def _drive(campaign: object, directory: Path, report_after: bool) -> None:
                 f"measured {p.n_measured}, failed {p.n_failed}, in flight {p.n_in_flight}, "
                 f"model v{p.model_version or 0}, best {best}"
             )
+            if p.last_warning:  # the tail holds the cause and "retry i/n in s"
+                tail = (
+                    p.last_warning if len(p.last_warning) <= 120 else "..." + p.last_warning[-117:]
+                )
+                info = escape(info) + f"\n[yellow]warning: {escape(tail)}[/]"
+            else:
+                info = escape(info)
             bar.update(task, completed=p.n_submitted, info=info)
 
         try:

@@ -8,6 +8,7 @@ real socket; ``httpx.MockTransport`` covers exact answers a healthy server never
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
@@ -28,7 +29,7 @@ from adapters.base import (
     ResultNotReadyError,
     TransientAdapterError,
 )
-from adapters.http_lab import HttpLabAdapter, HttpLabConfig
+from adapters.http_lab import HttpLabAdapter, HttpLabConfig, LabUnreachableError
 from cloud_model.datasets import load_dataset
 from simulators.clock import VirtualClock
 from simulators.config import SimulatedLabConfig
@@ -319,6 +320,65 @@ def test_cli_serves_a_registry_dataset(tmp_path: Path, monkeypatch: pytest.Monke
             )  # no noise set
             with pytest.raises(PermanentAdapterError, match="unknown target 'heat_ref'"):
                 client.submit(_request(record.id, "heat_ref"), "cli-key-2")
+    finally:
+        running.stop()
+
+
+# ---------------------------------------------------------------- the probe before a campaign
+def test_probe_passes_a_lab_and_refuses_a_wrong_token_or_url(
+    server: LabServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _client(server.url, monkeypatch) as client:
+        client.probe()  # answers, accepts the token: no error
+    with _client(server.url, monkeypatch, token="wrong-token") as client:
+        with pytest.raises(AuthError, match=f"jobs\\?limit=1.*HTTP 401.*\\${TOKEN_ENV}"):
+            client.probe()
+    with _client(server.url + "/v1", monkeypatch) as client:  # the /v1 belongs to the protocol
+        with pytest.raises(PermanentAdapterError, match="HTTP 404.*no /v1") as refused:
+            client.probe()
+        assert not isinstance(refused.value, JobNotFoundError)
+
+
+def test_probe_names_an_unreachable_lab_within_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    for url, cause in ((closed, "ConnectError"), ("http://lab.invalid:8080", "ConnectError")):
+        with _client(url, monkeypatch, max_attempts=5, backoff_initial_s=1.0) as client:
+            started = time.monotonic()
+            with pytest.raises(LabUnreachableError) as unreachable:
+                client.probe()
+            assert time.monotonic() - started < 1.0  # one try, none of the 5 retries
+        message = str(unreachable.value)
+        assert message.startswith(f"lab at {url} is unreachable: GET {url}/v1/jobs?limit=1")
+        assert cause in message and "check that the lab is running" in message
+        assert isinstance(unreachable.value, TransientAdapterError | ConnectionError)
+
+
+def test_probe_gives_up_on_a_silent_lab(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with _client(url, monkeypatch, read_timeout_s=0.5) as client:
+            started = time.monotonic()
+            with pytest.raises(LabUnreachableError, match=r"within 3 s to connect and 0.5 s"):
+                client.probe()
+            assert 0.5 <= time.monotonic() - started < 2.0
+
+
+def test_probe_sorts_a_sick_lab_from_a_wrong_one(
+    tmp_path: Path, truth: GroundTruth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = start_server(tmp_path, truth, SimulatedLabConfig(seed=5), faults="503,invalid,drop")
+    try:
+        with _client(running.url, monkeypatch) as client:
+            with pytest.raises(LabUnreachableError, match="up but not serving.*HTTP 503"):
+                client.probe()
+            with pytest.raises(PermanentAdapterError, match="not a job page") as wrong:
+                client.probe()
+            assert not isinstance(wrong.value, TransientAdapterError)
+            with pytest.raises(LabUnreachableError, match="RemoteProtocolError"):
+                client.probe()
+            client.probe()  # the schedule is used up
     finally:
         running.stop()
 
