@@ -86,11 +86,16 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
             # value of the variable (``1``: all interfaces) is kept.
             from ray._private import ray_constants
 
-            switch = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+            switch = getattr(
+                ray_constants, "ENABLE_RAY_CLUSTERS_ENV_VAR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+            )
             user_value = os.environ.get(switch)
-            imported_value = ray_constants.ENABLE_RAY_CLUSTER
+            imported_value = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+            if imported_value is None:  # another Ray release: only the variable is set
+                logger.warning("this Ray has no local-only switch we know; it may listen widely")
             os.environ[switch] = user_value if user_value is not None else "0"
-            ray_constants.ENABLE_RAY_CLUSTER = os.environ[switch].lower() in ("1", "true")
+            if imported_value is not None:
+                ray_constants.ENABLE_RAY_CLUSTER = os.environ[switch].lower() in ("1", "true")
             try:
                 ray.init(
                     num_cpus=num_cpus or os.cpu_count() or 1,
@@ -99,7 +104,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
                     log_to_driver=False,  # actor logs: /tmp/ray/session_latest/logs
                 )
             finally:
-                ray_constants.ENABLE_RAY_CLUSTER = imported_value
+                if imported_value is not None:
+                    ray_constants.ENABLE_RAY_CLUSTER = imported_value
                 if user_value is None:
                     del os.environ[switch]
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
