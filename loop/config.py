@@ -107,7 +107,8 @@ class ObjectiveConfig(_Section):
 class SurrogateConfig(_Section):
     """The model inside the acquisition loop."""
 
-    kind: Literal["cloud_ensemble", "gp", "random"] = "cloud_ensemble"
+    # gp_cloud: the GP with a composition block and a block on the checkpoint's CLOUD embeddings
+    kind: Literal["cloud_ensemble", "gp", "gp_cloud", "random"] = "cloud_ensemble"
     # pretrained checkpoint directory; "default" = the shipped cloud-small; null = no pretraining
     checkpoint: str | None = "default"
     n_members: int = Field(default=5, ge=1, le=64)  # K of the deep ensemble; 5 is usual
@@ -133,7 +134,7 @@ class AcquisitionConfig(_Section):
         """The shortlist size used with a surrogate of ``surrogate_kind``."""
         if self.shortlist is not None:
             return self.shortlist
-        return 256 if surrogate_kind == "gp" else 2048
+        return 256 if surrogate_kind in ("gp", "gp_cloud") else 2048
 
 
 class InitialDesignConfig(_Section):

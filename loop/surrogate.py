@@ -374,11 +374,28 @@ def build_surrogate(config: CampaignConfig, scopes: list[str], n_pool: int) -> S
     sc = config.surrogate
     if sc.kind == "random":
         return RandomSurrogate()
-    if sc.kind == "gp":
+    if sc.kind in ("gp", "gp_cloud"):
         from loop.features import composition_features
 
         feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
-        return GPSurrogate(feats, seed=config.seed, max_train=sc.gp_max_train, n_pool=n_pool)
+        if sc.kind == "gp":
+            return GPSurrogate(feats, seed=config.seed, max_train=sc.gp_max_train, n_pool=n_pool)
+        from cloud_model.checkpoint import resolve_checkpoint
+        from cloud_model.errors import ConfigError
+        from loop.gp_blocks import CLOUD_DIMS, BlockGPSurrogate, cloud_block_features
+
+        checkpoint = resolve_checkpoint(sc.checkpoint)
+        if checkpoint is None:
+            raise ConfigError("surrogate.kind gp_cloud needs a pretrained surrogate.checkpoint")
+        cloud = cloud_block_features(scopes, checkpoint, n_fit=n_pool, dims=CLOUD_DIMS)
+        d = feats.shape[-1]
+        return BlockGPSurrogate(
+            torch.cat([feats, cloud], dim=-1),
+            [(0, d), (d, d + cloud.shape[-1])],
+            seed=config.seed,
+            max_train=sc.gp_max_train,
+            n_pool=n_pool,
+        )
     from cloud_model.checkpoint import resolve_checkpoint
     from cloud_model.ensemble import CloudEnsemble
 
