@@ -24,8 +24,10 @@ LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}",
     "bench_aflow_debye": "AFLOW lowest theta, {budget} of {pool:,}",
     "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1 vs 8",
+    "bench_aflow_debye_gp_cloud": "AFLOW lowest theta, {budget} of {pool:,}, CLOUD + GP",
     "bench_mpts52": "mpts_52 time split, {budget} of {pool:,}",
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}",
+    "bench_carbon24_gp_cloud": "carbon_24 lowest E, {budget} of {pool:,}, CLOUD + GP",
 }
 
 
