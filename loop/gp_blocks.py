@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from botorch.models.model import Model
@@ -120,7 +121,7 @@ class BlockGPSurrogate(GPSurrogate):
         """Each block's outputscale after the last fit (how much of the signal it carries)."""
         if self._model is None:
             return []
-        covar = self._model.base.covar_module  # type: ignore[union-attr]
+        covar: Any = self._model.base.covar_module  # an AdditiveKernel of ScaleKernels
         return [float(k.outputscale.detach().reshape(-1)[0]) for k in covar.kernels]
 
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
