@@ -48,6 +48,9 @@ class BenchConfig(BaseModel):
     # fractions of the top set whose AF (experiments random needs / the strategy needs) is reported
     af_levels: list[float] = Field(default_factory=lambda: [0.5, 0.9], min_length=1)
     parallel: int = Field(default=2, ge=1)  # runs at once (Ray tasks)
+    # a benchmark of extra strategies on another benchmark's pool, budget and seeds: its rows
+    # compare with that benchmark's (which holds the random baseline)
+    compare_with: str | None = None
 
 
 class RunTimings(BaseModel):

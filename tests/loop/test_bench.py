@@ -37,7 +37,13 @@ def test_metrics_have_known_values() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_benchmark_configs_load(path: Path) -> None:
     bench, base = load_bench(path)
-    assert "random" in bench.strategies and base["budget"]["experiments"] > 0
+    assert base["budget"]["experiments"] > 0
+    if bench.compare_with is None:
+        assert "random" in bench.strategies  # every benchmark carries its random baseline
+    else:  # ... or extends one that does, on the same campaign and seeds
+        ref, ref_base = load_bench(path.parent / f"{bench.compare_with}.yaml")
+        assert "random" in ref.strategies and ref.campaign == bench.campaign
+        assert ref.seeds == bench.seeds and ref_base["budget"] == base["budget"]
 
 
 def test_batch_size_sets_dispatch_and_refit_cadence() -> None:
