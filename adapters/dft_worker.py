@@ -9,7 +9,6 @@ needs for a formation energy, through the shared cache) and writes
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from adapters.elemental_references import (
     reference_structure,
     settings_hash,
 )
-from adapters.local_jobs import JobSpec, run_worker
+from adapters.local_jobs import JobSpec, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -293,13 +292,7 @@ def compute(spec: JobSpec, job_dir: Path) -> GpawJobResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m adapters.dft_worker <job_dir>")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run_worker(Path(args[0]).resolve(), compute)
+    return worker_main("adapters.dft_worker", compute, argv)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ __all__ = [
     "WorkerError",
     "job_id_for_key",
     "run_worker",
+    "worker_main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -263,6 +264,19 @@ class JobDirectory:
 
     def read_result(self, job_id: str, model: type[_M]) -> _M:
         return model.model_validate_json((self.path(job_id) / "result.json").read_text())
+
+
+def worker_main(
+    module: str, compute: Callable[[JobSpec, Path], BaseModel], argv: list[str] | None = None
+) -> int:
+    """The ``main`` of a worker module: ``python -m <module> <job_dir>`` runs :func:`run_worker`."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit(f"usage: python -m {module} <job_dir>")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run_worker(Path(args[0]).resolve(), compute)
 
 
 def run_worker(job_dir: Path, compute: Callable[[JobSpec, Path], BaseModel]) -> int:

@@ -28,7 +28,6 @@ import contextlib
 import importlib.metadata
 import io
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +44,7 @@ from adapters.elemental_references import (
     settings_hash,
 )
 from adapters.local_adapter import LocalJobAdapter, LocalJobSettings, default_work_dir, parse_cif
-from adapters.local_jobs import JobSpec, run_worker
+from adapters.local_jobs import JobSpec, worker_main
 
 __all__ = ["CHGNET_TARGET_UNITS", "ChgnetAdapter", "ChgnetJobResult", "ChgnetSettings"]
 
@@ -297,13 +296,7 @@ def compute(spec: JobSpec, job_dir: Path) -> ChgnetJobResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m adapters.mlip <job_dir>")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run_worker(Path(args[0]).resolve(), compute)
+    return worker_main("adapters.mlip", compute, argv)
 
 
 if __name__ == "__main__":

@@ -170,10 +170,7 @@ class EnsembleSurrogate(Surrogate):
         finally:
             torch.set_num_threads(threads)
         self._fitted_once = True
-        t0 = time.perf_counter()
-        preds = self.ensemble.predict(self.scopes).to(torch.float64)  # S x N x m
-        self.last_score_seconds = time.perf_counter() - t0
-        self._model = LookupEnsembleModel(preds)
+        self._model = self._score()
         metrics = {k: float(v) for k, v in _as_dict(report).items() if isinstance(v, int | float)}
         metrics["score_seconds"] = self.last_score_seconds
         return metrics
@@ -182,11 +179,15 @@ class EnsembleSurrogate(Surrogate):
         if self._model is None:
             if not self._fitted_once:
                 raise RuntimeError("the ensemble surrogate has not been fitted yet")
-            t0 = time.perf_counter()  # restored by load(): score the pool once
-            preds = self.ensemble.predict(self.scopes).to(torch.float64)  # S x N x m
-            self.last_score_seconds = time.perf_counter() - t0
-            self._model = LookupEnsembleModel(preds)
+            self._model = self._score()  # restored by load(): score the pool once
         return self._model
+
+    def _score(self) -> LookupEnsembleModel:
+        """Predict the whole pool with every member (timed in ``last_score_seconds``)."""
+        t0 = time.perf_counter()
+        preds = self.ensemble.predict(self.scopes).to(torch.float64)  # S x N x m
+        self.last_score_seconds = time.perf_counter() - t0
+        return LookupEnsembleModel(preds)
 
     def samples(self, idx: Tensor) -> Tensor:
         return self.model().predictions[:, idx.long()]
