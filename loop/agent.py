@@ -190,7 +190,7 @@ class Agent:
             measured_y=view.measured_y,
             generator=gen,
             beta=acq.beta,
-            shortlist=acq.shortlist_for(self.config.surrogate.kind),
+            shortlist=acq.shortlist_for(self.surrogate.active_name),
         )
         self.timings.acquisition += time.perf_counter() - t0
         chosen_idx = torch.tensor([p.index for p in picks], dtype=torch.long)
@@ -202,6 +202,7 @@ class Agent:
                     acquisition_value=p.value,
                     predicted_mean=mean[k].tolist(),
                     predicted_std=std[k].tolist(),
+                    surrogate=self.surrogate.active_name,
                 )
                 for k, p in enumerate(picks)
             ],

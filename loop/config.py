@@ -104,22 +104,44 @@ class ObjectiveConfig(_Section):
         return self
 
 
+LearningKind = Literal["cloud_ensemble", "gp", "gp_cloud"]
+
+
 class SurrogateConfig(_Section):
     """The model inside the acquisition loop."""
 
-    # gp_cloud: the GP with a composition block and a block on the checkpoint's CLOUD embeddings
-    kind: Literal["cloud_ensemble", "gp", "gp_cloud", "random"] = "cloud_ensemble"
+    # gp_cloud: the GP with a composition block and a block on the checkpoint's CLOUD embeddings;
+    # auto: every kind in `candidates` is fitted, the one whose predictions of each batch (made
+    # before it was measured) were most likely so far makes the decisions (loop.auto_surrogate)
+    kind: Literal["auto", "cloud_ensemble", "gp", "gp_cloud", "random"] = "cloud_ensemble"
+    candidates: list[LearningKind] = Field(
+        default_factory=lambda: list[LearningKind](["gp", "cloud_ensemble"])  # first: until scored
+    )
     # pretrained checkpoint directory; "default" = the shipped cloud-small; null = no pretraining
     checkpoint: str | None = "default"
     n_members: int = Field(default=5, ge=1, le=64)  # K of the deep ensemble; 5 is usual
     head: Literal["regression", "debye"] = "regression"
     # gp: training rows kept (own measurements first, then a random share of prior data)
     gp_max_train: int = Field(default=500, ge=2, le=20_000)  # exact GP: O(n^3) per fit
+    # gp, gp_cloud: model Yeo-Johnson-warped values (fitted per refit; loop/warp.py)
+    gp_warp: bool = False
     ensemble: EnsembleConfig = Field(
         default_factory=lambda: EnsembleConfig(
             n_trainable_blocks=0, epochs=60, warm_start_epochs=30
         )
     )
+
+    @model_validator(mode="after")
+    def _check_candidates(self) -> SurrogateConfig:
+        if self.kind == "auto":
+            if len(set(self.candidates)) < 2 or len(set(self.candidates)) != len(self.candidates):
+                raise ValueError(
+                    f"surrogate.candidates {self.candidates} must name two or more different "
+                    "kinds for surrogate.kind auto"
+                )
+            if "gp_cloud" in self.candidates and self.checkpoint is None:
+                raise ValueError("surrogate.candidates gp_cloud needs a surrogate.checkpoint")
+        return self
 
 
 class AcquisitionConfig(_Section):

@@ -191,11 +191,52 @@ def write_report(directory: str | Path) -> Path:
                 f"90 % interval coverage {cover:.0%}",
                 "",
             ]
+        lines += _calibration_section(decisions, ids, y, out)
         if config.surrogate.head == "debye" and ids:
             lines += _debye_curves(config, ids, y, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _calibration_section(
+    decisions: list[dict[str, object]], ids: list[str], y: torch.Tensor, out: Path
+) -> list[str]:
+    """Per model version: how its own picks came out against what it predicted of them."""
+    import matplotlib.pyplot as plt
+
+    from loop.calibration import calibration_by_version
+
+    measured = {cid: float(y[i, 0]) for i, cid in enumerate(ids)}
+    rows = [c for c in calibration_by_version(decisions, measured) if c.version is not None]
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.axhspan(0.80, 0.95, color="tab:green", alpha=0.15, label="0.80-0.95")
+    ax.plot(
+        [c.version or 0 for c in rows], [c.coverage90 for c in rows], "o-", label="90 % coverage"
+    )
+    ax.set_xlabel("model version (one refit)")
+    ax.set_ylabel("coverage of its own picks")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "calibration_by_version.png", dpi=120)
+    plt.close(fig)
+    lines = [
+        "## Calibration per model version (each refit's picks, predicted before measuring)",
+        "",
+        "![calibration](calibration_by_version.png)",
+        "",
+        "| version | model | picks measured | NLL | 90 % coverage | MAE | mean predicted std |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| v{c.version} | {c.surrogate or '-'} | {c.n} | {c.nll:.3g} | {c.coverage90:.0%} | "
+        f"{c.mae:.4g} | {c.mean_std:.4g} |"
+        for c in rows
+    ]
+    return [*lines, ""]
 
 
 def _debye_curves(config: object, ids: list[str], y: torch.Tensor, out: Path) -> list[str]:

@@ -97,6 +97,7 @@ class ChosenCandidate(BaseModel):
     acquisition_value: float | None = None
     predicted_mean: list[float] | None = None  # per target
     predicted_std: list[float] | None = None
+    surrogate: str | None = None  # the model that chose it (``auto`` names its current pick)
 
 
 class CampaignStore:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from loop.config import CampaignConfig
+    from loop.warp import YeoJohnson
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,11 @@ class Surrogate(abc.ABC):
 
     name: str = "surrogate"
     learns: bool = True
+
+    @property
+    def active_name(self) -> str:
+        """The model that makes the decisions (a choosing surrogate names its current pick)."""
+        return self.name
 
     @abc.abstractmethod
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
@@ -218,6 +224,7 @@ class GPSurrogate(Surrogate):
             a seeded random subset of the others (prior data) fills the rest.
         n_pool: feature rows ``[0, n_pool)`` are the pool; rows beyond are prior data.
         fit_maxiter: L-BFGS-B iterations of a hyperparameter fit at most.
+        warp: model Yeo-Johnson-warped values (:mod:`loop.warp`), refitted at every fit.
     """
 
     name = "gp"
@@ -231,8 +238,11 @@ class GPSurrogate(Surrogate):
         max_train: int = 500,
         n_pool: int | None = None,
         fit_maxiter: int = 300,
+        warp: bool = False,
     ) -> None:
         self.features = features.to(torch.float64)
+        self.warp = warp
+        self._warp: YeoJohnson | None = None
         self.n_samples = n_samples
         self.seed = seed
         self.max_train = max_train
@@ -259,7 +269,11 @@ class GPSurrogate(Surrogate):
         from gpytorch.mlls import ExactMarginalLogLikelihood
 
         train_idx, train_y = self._subsample(train_idx.long(), train_y)
-        gp = self._gp(train_idx, train_y)
+        if self.warp:
+            from loop.warp import YeoJohnson
+
+            self._warp = YeoJohnson.fit(train_y)
+        gp = self._gp(train_idx, self._modelled(train_y))
         mll = ExactMarginalLogLikelihood(gp.likelihood, gp)
         try:
             # L-BFGS-B without a cap ran ~4,000 steps a fit on mpts_52 (300 rows x 95 ARD
@@ -273,7 +287,14 @@ class GPSurrogate(Surrogate):
         gp.eval()
         self._model = IndexedModel(gp, self.features)
         self._train = (train_idx, train_y.to(torch.float64))
-        return {"n_train": float(len(train_idx))}
+        metrics = {"n_train": float(len(train_idx))}
+        if self._warp is not None:
+            metrics["warp_lambda"] = float(self._warp.lam[0])
+        return metrics
+
+    def _modelled(self, y: Tensor) -> Tensor:
+        """The values the GP models: warped when warping is on."""
+        return y if self._warp is None else self._warp.forward(y.to(torch.float64))
 
     def _gp(self, train_idx: Tensor, train_y: Tensor) -> Model:
         from botorch.models import SingleTaskGP
@@ -297,6 +318,8 @@ class GPSurrogate(Surrogate):
         tensors = {"train_idx": self._train[0], "train_y": self._train[1]}
         for name, value in self._model.base.state_dict().items():
             tensors[f"state.{name}"] = value.detach().clone().contiguous()
+        if self._warp is not None:
+            tensors.update(self._warp.state())
         save_file(tensors, str(directory / _GP_FILE))
 
     def load(self, directory: Path) -> None:
@@ -311,7 +334,14 @@ class GPSurrogate(Surrogate):
         train_idx, train_y = tensors["train_idx"].long(), tensors["train_y"]
         if train_idx.numel() and int(train_idx.max()) >= len(self.features):
             raise CheckpointError(f"{path}: trained on rows this campaign's features do not have")
-        gp = self._gp(train_idx, train_y)
+        from loop.warp import YeoJohnson
+
+        self._warp = YeoJohnson.from_state(tensors)
+        if self.warp != (self._warp is not None):
+            raise CheckpointError(
+                f"{path}: saved with warp={not self.warp}, configured {self.warp}"
+            )
+        gp = self._gp(train_idx, self._modelled(train_y))
         gp.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
         gp.eval()
         self._model = IndexedModel(gp, self.features)
@@ -320,22 +350,36 @@ class GPSurrogate(Surrogate):
     def model(self) -> IndexedModel:
         if self._model is None:
             raise RuntimeError("the GP surrogate has not been fitted yet")
+        if self._warp is not None:
+            from loop.warp import WarpedModel
+
+            return IndexedModel(WarpedModel(self._model.base, self._warp), self.features)
         return self._model
 
-    def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+    def _own_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and std of the modelled (possibly warped) values, in chunks."""
+        if self._model is None:
+            raise RuntimeError("the GP surrogate has not been fitted yet")
         means, stds = [], []
         with torch.no_grad():
             for chunk in idx.long().split(4096):
-                post = self.model().base.posterior(self.features[chunk])  # n x m
+                post = self._model.base.posterior(self.features[chunk])  # n x m
                 means.append(post.mean)  # type: ignore[attr-defined]
                 stds.append(post.variance.clamp_min(0).sqrt())  # type: ignore[attr-defined]
         return torch.cat(means), torch.cat(stds)
 
+    def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        mean, std = self._own_mean_std(idx)
+        if self._warp is None:
+            return mean, std
+        return self._warp.inverse(mean), self._warp.inverse_slope(mean).abs() * std
+
     def samples(self, idx: Tensor) -> Tensor:
-        mean, std = self.mean_std(idx)
+        mean, std = self._own_mean_std(idx)
         gen = torch.Generator().manual_seed(self.seed)
         eps = torch.randn((self.n_samples, *mean.shape), generator=gen, dtype=mean.dtype)
-        return mean + std * eps  # S x n x m (independent per candidate)
+        draws = mean + std * eps  # S x n x m (independent per candidate)
+        return draws if self._warp is None else self._warp.inverse(draws)
 
 
 class RandomSurrogate(Surrogate):
@@ -375,12 +419,31 @@ def build_surrogate(config: CampaignConfig, scopes: list[str], n_pool: int) -> S
     sc = config.surrogate
     if sc.kind == "random":
         return RandomSurrogate()
-    if sc.kind in ("gp", "gp_cloud"):
+    if sc.kind == "auto":
+        from loop.auto_surrogate import AutoSurrogate
+
+        members: dict[str, Surrogate] = {
+            str(k): _build_one(k, config, scopes, n_pool) for k in sc.candidates
+        }
+        return AutoSurrogate(members, n_pool=n_pool)
+    return _build_one(sc.kind, config, scopes, n_pool)
+
+
+def _build_one(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int) -> Surrogate:
+    """One learning surrogate of ``kind`` (``gp``, ``gp_cloud`` or ``cloud_ensemble``)."""
+    sc = config.surrogate
+    if kind in ("gp", "gp_cloud"):
         from loop.features import composition_features
 
         feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
-        if sc.kind == "gp":
-            return GPSurrogate(feats, seed=config.seed, max_train=sc.gp_max_train, n_pool=n_pool)
+        if kind == "gp":
+            return GPSurrogate(
+                feats,
+                seed=config.seed,
+                max_train=sc.gp_max_train,
+                n_pool=n_pool,
+                warp=sc.gp_warp,
+            )
         from cloud_model.checkpoint import resolve_checkpoint
         from cloud_model.errors import ConfigError
         from loop.gp_blocks import CLOUD_DIMS, BlockGPSurrogate, cloud_block_features
@@ -396,7 +459,10 @@ def build_surrogate(config: CampaignConfig, scopes: list[str], n_pool: int) -> S
             seed=config.seed,
             max_train=sc.gp_max_train,
             n_pool=n_pool,
+            warp=sc.gp_warp,
         )
+    if kind != "cloud_ensemble":
+        raise ValueError(f"unknown surrogate kind {kind!r}")
     from cloud_model.checkpoint import resolve_checkpoint
     from cloud_model.ensemble import CloudEnsemble
 

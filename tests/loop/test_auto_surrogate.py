@@ -1,0 +1,224 @@
+"""``surrogate.kind: auto`` on real SCOPE strings: prequential scores, the choice, recalibration, save/load."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from loop.acquisition import select_batch
+from loop.auto_surrogate import AutoSurrogate, PrequentialRecord, calibrated_log_likelihood
+from loop.campaign import Campaign
+from loop.config import parse_config
+from loop.store import CampaignStore
+from loop.surrogate import build_surrogate
+
+
+def _record(mean: torch.Tensor, std: torch.Tensor, y: torch.Tensor) -> PrequentialRecord:
+    rec = PrequentialRecord()
+    rec.extend(mean.view(-1, 1), std.view(-1, 1), y.view(-1, 1))
+    return rec
+
+
+def test_calibrated_likelihood_forgives_a_global_scale_but_not_misplaced_uncertainty() -> None:
+    gen = torch.Generator().manual_seed(0)
+    std = 0.2 + torch.rand(400, generator=gen, dtype=torch.float64)  # heteroscedastic
+    y = torch.randn(400, generator=gen, dtype=torch.float64) * std
+    mean = torch.zeros(400, dtype=torch.float64)
+    honest, a_honest = calibrated_log_likelihood(_record(mean, std, y), 1e-9)
+    # the same model, ten times overconfident: the fitted scale undoes it exactly
+    proud, a_proud = calibrated_log_likelihood(_record(mean, std / 10, y), 1e-9)
+    assert a_honest == pytest.approx(1.0, abs=0.1) and a_proud == pytest.approx(10 * a_honest)
+    assert proud == pytest.approx(honest, abs=1e-9)
+    # uninformative stds cost no more than the squared error of the mean alone
+    noisy = std * torch.rand(400, generator=gen, dtype=torch.float64).mul(6).exp()
+    const = calibrated_log_likelihood(_record(mean, torch.ones(400, dtype=torch.float64), y), 1e-9)[
+        0
+    ]
+    assert calibrated_log_likelihood(_record(mean, noisy, y), 1e-9)[0] >= const - 1e-9
+    # stds that do not follow the errors (shuffled) are worse, as is a worse mean
+    shuffled = std[torch.randperm(400, generator=gen)]
+    assert calibrated_log_likelihood(_record(mean, shuffled, y), 1e-9)[0] < honest - 0.05
+    assert calibrated_log_likelihood(_record(mean + 0.5, std, y), 1e-9)[0] < honest - 0.05
+    # NaN values are skipped, not scored
+    rec = _record(mean[:3], std[:3], torch.tensor([0.1, math.nan, 0.2], dtype=torch.float64))
+    assert len(rec) == 2
+
+
+def _cv(data_dir: Path, n: int = 50) -> tuple[list[str], torch.Tensor]:
+    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:n]
+    return [r["cloud"] for r in rows], torch.tensor(
+        [[float(r["cv"])] for r in rows], dtype=torch.float64
+    )
+
+
+def _auto_config(**surrogate: object) -> dict:
+    return {
+        "name": "auto",
+        "pool": {"file": "x.csv", "structure_format": "scope"},
+        "objective": {"target": "cv", "sense": "maximize"},
+        "surrogate": {
+            "kind": "auto",
+            "checkpoint": None,
+            "n_members": 3,
+            "ensemble": {"model_size": "tiny", "epochs": 10, "warm_start_epochs": 4},
+            **surrogate,
+        },
+    }
+
+
+def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    scopes, y = _cv(data_dir)
+    config = parse_config(_auto_config())
+    auto = build_surrogate(config, scopes, len(scopes))
+    assert isinstance(auto, AutoSurrogate) and list(auto.members) == ["gp", "cloud_ensemble"]
+    first = torch.arange(16)
+    metrics = auto.fit(first, y[first])
+    assert auto.chosen == "gp" and auto.scale == 1.0  # nothing scored yet: the fallback
+    assert all(len(r) == 0 for r in auto.records.values())
+    # what each member predicted for the next rows before they were measured
+    nxt = torch.arange(16, 28)
+    before = {n: m.mean_std(nxt) for n, m in auto.members.items()}
+    metrics = auto.fit(torch.arange(28), y[:28])
+    for name, (mean, std) in before.items():
+        rec = auto.records[name]
+        assert len(rec) == 12
+        assert torch.allclose(torch.tensor(rec.mean, dtype=torch.float64), mean.view(-1))
+        assert torch.allclose(torch.tensor(rec.std, dtype=torch.float64), std.view(-1))
+    best = max(auto.scores, key=auto.scores.__getitem__)
+    assert auto.chosen == best and metrics["chosen_index"] == list(auto.members).index(best)
+    assert {"gp.prequential_ll", "cloud_ensemble.prequential_ll", "std_scale"} <= set(metrics)
+    # the choice acts through the chosen member, its stds scaled by the recalibration factor
+    idx = torch.arange(28, 50)
+    m_auto, s_auto = auto.mean_std(idx)
+    m_member, s_member = auto.members[best].mean_std(idx)
+    assert torch.allclose(m_auto, m_member) and torch.allclose(s_auto, s_member * auto.scale)
+    draws = auto.samples(idx)
+    assert draws.shape[1:] == (22, 1) and draws.shape[0] >= 2
+    picks = select_batch(
+        kind="qlogei",
+        surrogate=auto,
+        spec=config.objective_spec(),
+        q=4,
+        available=idx,
+        pending=torch.tensor([], dtype=torch.long),
+        measured_idx=torch.arange(28),
+        measured_y=y[:28],
+        generator=torch.Generator().manual_seed(0),
+        beta=2.0,
+        shortlist=config.acquisition.shortlist_for(auto.active_name),
+    )
+    assert len({p.index for p in picks}) == 4 and all(28 <= p.index < 50 for p in picks)
+    # save / load: same choice, scale and beliefs
+    auto.save(tmp_path / "v2")
+    restored = build_surrogate(config, scopes, len(scopes))
+    restored.load(tmp_path / "v2")
+    assert isinstance(restored, AutoSurrogate)
+    assert restored.chosen == auto.chosen and restored.scale == pytest.approx(auto.scale)
+    m2, s2 = restored.mean_std(idx)
+    assert torch.allclose(m_auto, m2, atol=1e-6) and torch.allclose(s_auto, s2, atol=1e-6)
+
+
+def test_auto_switches_to_the_member_whose_predictions_were_likelier(data_dir: Path) -> None:
+    """A property of the SCOPE string's symmetry alone: composition cannot explain it."""
+    scopes, _ = _cv(data_dir)
+    config = parse_config(_auto_config(candidates=["gp", "gp_cloud"], checkpoint="default"))
+    auto = build_surrogate(config, scopes, len(scopes))
+    assert isinstance(auto, AutoSurrogate)
+    cloud = auto.members["gp_cloud"].features[:, -16:]  # type: ignore[attr-defined]
+    target = (cloud[:, :1] + 0.5 * cloud[:, 1:2] ** 2).to(torch.float64)
+    auto.fit(torch.arange(20), target[:20])
+    auto.fit(torch.arange(35), target[:35])
+    assert auto.scores["gp_cloud"] > auto.scores["gp"]
+    assert auto.chosen == "gp_cloud" and auto.active_name == "gp_cloud"
+
+
+def test_auto_config_needs_two_different_candidates() -> None:
+    from cloud_model.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="candidates"):
+        parse_config(_auto_config(candidates=["gp"]))
+    with pytest.raises(ConfigError, match="candidates"):
+        parse_config(_auto_config(candidates=["gp", "gp"]))
+    with pytest.raises(ConfigError, match="gp_cloud needs"):
+        parse_config(_auto_config(candidates=["gp", "gp_cloud"]))
+
+
+def test_auto_campaign_records_which_model_chose_each_candidate(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:60]
+    pool = tmp_path / "pool.csv"
+    with pool.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "scope", "cv"])
+        for i, r in enumerate(rows):
+            w.writerow([f"cv-{i}", r["cloud"], r["cv"]])
+    data = _auto_config()
+    data["pool"] = {
+        "file": str(pool),
+        "id_column": "id",
+        "structure_column": "scope",
+        "structure_format": "scope",
+    }
+    data.update(
+        acquisition={"kind": "qlogei", "batch_size": 4},
+        initial_design={"n_random": 8},
+        budget={"experiments": 24},
+        adapter={"kind": "simulated", "seed": 1, "capacity": 4, "noise": {"sigma": 1.0}},
+        dispatch={"mode": "inline", "wait_for": "all", "poll_interval_s": 0.01},
+        finetune={"every_n_results": 4},
+    )
+    Campaign(parse_config(data), tmp_path / "run").run()
+    with CampaignStore(tmp_path / "run", create=False) as store:
+        decisions = store.decisions()
+    chosen = [c for d in decisions if d["acquisition"] == "qlogei" for c in d["chosen"]]
+    assert len(chosen) == 16
+    assert {c.surrogate for c in chosen} <= {"gp", "cloud_ensemble"}
+    assert chosen[0].surrogate == "gp"  # nothing scored before the first model decision
+    assert all(c.predicted_std is not None for c in chosen)
+    # every refit's picks are scored against what was predicted of them, in the report too
+    from loop.calibration import calibration_by_version, pick_calibration
+    from loop.report import write_report
+
+    with CampaignStore(tmp_path / "run", create=False) as store:
+        values = {m.candidate_id: m.values["cv"].value for m in store.measurements()}
+    per_version = calibration_by_version(decisions, values)
+    overall = pick_calibration(decisions, values)
+    assert overall is not None and overall.n == sum(c.n for c in per_version)
+    assert all(0.0 <= c.coverage90 <= 1.0 and c.mean_std > 0 for c in per_version)
+    report = write_report(tmp_path / "run").read_text()
+    assert "Calibration per model version" in report
+    assert (tmp_path / "run" / "report" / "calibration_by_version.png").is_file()
+    for c in per_version:
+        assert f"| v{c.version} | {c.surrogate} | {c.n} |" in report
+
+
+def test_calibration_scores_predictions_against_measurements() -> None:
+    from loop.calibration import calibration_by_version, pick_calibration
+    from loop.store import ChosenCandidate
+
+    def pick(cid: str, mean: float, sd: float) -> ChosenCandidate:
+        return ChosenCandidate(
+            candidate_id=cid, predicted_mean=[mean], predicted_std=[sd], surrogate="gp"
+        )
+
+    decisions = [
+        {"model_version": 1, "chosen": [pick("a", 0.0, 1.0), pick("b", 0.0, 1.0)]},
+        {"model_version": 2, "chosen": [pick("c", 1.0, 0.5), pick("d", 5.0, 0.1)]},
+        {"model_version": None, "chosen": [ChosenCandidate(candidate_id="e")]},  # initial design
+    ]
+    measured = {"a": 0.5, "b": 3.0, "c": 1.0, "d": 5.0, "e": 9.0}
+    v1, v2 = calibration_by_version(decisions, measured)
+    assert (v1.version, v1.n, v1.coverage90, v1.mae) == (1, 2, 0.5, 1.75)
+    assert v2.coverage90 == 1.0 and v2.mean_std == pytest.approx(0.3)
+    nll_a = 0.5 * 0.25 + 0.5 * math.log(2 * math.pi)
+    nll_b = 0.5 * 9.0 + 0.5 * math.log(2 * math.pi)
+    assert v1.nll == pytest.approx((nll_a + nll_b) / 2)
+    overall = pick_calibration(decisions, measured)
+    assert overall is not None and overall.n == 4 and overall.coverage90 == 0.75
