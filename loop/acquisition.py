@@ -8,6 +8,9 @@ indices of jobs still in flight (``X_pending``). The strategies:
   enters the acquisition value; nothing is filtered after the fact);
 * ``qlognei``  — ``qLogNoisyExpectedImprovement`` with the measured candidates as baseline;
 * ``qucb``     — ``qUpperConfidenceBound`` on a ``ConstrainedMCObjective``;
+* ``qlognehvi`` — ``qLogNoisyExpectedHypervolumeImprovement`` over two or more objectives
+  (the campaign's ``objectives``), with constraints and the measured candidates as
+  baseline; the reference point is inferred from the measured Pareto front;
 * ``thompson`` — per batch slot, one draw of the belief (one ensemble member, or one GP
   draw per candidate), argmax of its constrained objective;
 * ``greedy``   — top-q by the posterior mean of the constrained objective;
@@ -30,6 +33,8 @@ from botorch.acquisition import (
     qUpperConfidenceBound,
 )
 from botorch.acquisition.acquisition import AcquisitionFunction
+from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+from botorch.acquisition.multi_objective.objective import GenericMCMultiOutputObjective
 from botorch.acquisition.objective import ConstrainedMCObjective, GenericMCObjective
 from botorch.models.model import Model
 from botorch.optim.optimize import optimize_acqf_discrete
@@ -172,6 +177,20 @@ def _build_acqf(
             sampler=sampler,
             cache_root=False,
         )
+    if kind == "qlognehvi":
+        if measured_idx.numel() == 0:
+            raise ValueError("qlognehvi needs at least one measured candidate as its baseline")
+        return qLogNoisyExpectedHypervolumeImprovement(
+            model,
+            ref_point=reference_point(spec, measured_y).tolist(),
+            X_baseline=measured_idx.to(torch.float64).view(-1, 1),
+            objective=GenericMCMultiOutputObjective(_VectorObjective(spec)),
+            constraints=constraints or None,
+            X_pending=x_pending,
+            prune_baseline=False,
+            sampler=sampler,
+            cache_root=False,
+        )
     if kind == "qucb":
         mc_objective = (
             ConstrainedMCObjective(objective=_ScalarObjective(spec), constraints=constraints)
@@ -232,6 +251,9 @@ class EnsembleMemberSampler(MCSampler):
         values = posterior.values  # type: ignore[attr-defined]  # batch x S x q x m
         return values.movedim(-3, 0)  # S x batch x q x m
 
+    def _update_base_samples(self, posterior: Posterior, base_sampler: MCSampler) -> None:
+        """Nothing to share: every member is used, in order (NEHVI's baseline reuse)."""
+
 
 @dataclass(frozen=True)
 class _ScalarObjective:
@@ -241,6 +263,54 @@ class _ScalarObjective:
 
     def __call__(self, Y: Tensor, X: Tensor | None = None) -> Tensor:
         return self.spec.objective(Y)
+
+
+@dataclass(frozen=True)
+class _VectorObjective:
+    """BoTorch multi-output objective: ``sample x batch x q x m`` -> ``... x k`` objectives."""
+
+    spec: ObjectiveSpec
+
+    def __call__(self, Y: Tensor, X: Tensor | None = None) -> Tensor:
+        return self.spec.objectives(Y)
+
+
+def pareto_front(spec: ObjectiveSpec, y: Tensor) -> Tensor:
+    """Boolean mask of the rows of ``y`` (``n x m``) on the feasible Pareto front."""
+    from botorch.utils.multi_objective.pareto import is_non_dominated
+
+    objs = spec.objectives(y.to(torch.float64))
+    ok = spec.feasible(y) & torch.isfinite(objs).all(-1)
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    if ok.any():
+        rows = ok.nonzero().flatten()
+        mask[rows[is_non_dominated(objs[rows])]] = True
+    return mask
+
+
+def reference_point(spec: ObjectiveSpec, y: Tensor) -> Tensor:
+    """Hypervolume reference point: the measured front's nadir less 10 % of its range.
+
+    Infeasible measurements count when nothing measured is feasible yet.
+    """
+    from botorch.utils.multi_objective.hypervolume import infer_reference_point
+
+    objs = spec.objectives(y.to(torch.float64))
+    front = objs[pareto_front(spec, y)]
+    if front.numel() == 0:
+        front = objs[torch.isfinite(objs).all(-1)]
+    if front.numel() == 0:
+        return torch.zeros(objs.shape[-1], dtype=torch.float64)
+    return infer_reference_point(front)
+
+
+def hypervolume(spec: ObjectiveSpec, y: Tensor, ref: Tensor) -> float:
+    """Hypervolume dominated by the feasible measured front of ``y`` above ``ref``."""
+    from botorch.utils.multi_objective.hypervolume import Hypervolume
+
+    front = spec.objectives(y.to(torch.float64))[pareto_front(spec, y)]
+    front = front[(front > ref).all(-1)]
+    return float(Hypervolume(ref).compute(front)) if front.numel() else 0.0
 
 
 def _best_feasible(spec: ObjectiveSpec, measured_y: Tensor) -> float:

@@ -41,7 +41,9 @@ SCHEMA_VERSION = 1
 
 # acquisition strategies (loop.acquisition implements them); defined here so that validating
 # a config imports no BoTorch
-AcquisitionKind = Literal["qlogei", "qlognei", "qucb", "thompson", "greedy", "random"]
+AcquisitionKind = Literal["qlogei", "qlognei", "qucb", "thompson", "greedy", "random", "qlognehvi"]
+# the strategies that work on a Pareto front of several objectives
+MULTI_OBJECTIVE_KINDS = ("qlognehvi", "random")
 
 
 class _Section(BaseModel):
@@ -248,6 +250,9 @@ class CampaignConfig(_Section):
     # cut-off year); never selectable, never counted as experiments
     prior: PoolConfig | None = None
     objective: ObjectiveConfig
+    # further objectives: with any, the campaign searches the Pareto front of `objective` and
+    # these (acquisition qlognehvi) and the report shows the front and its hypervolume
+    objectives: list[ObjectiveConfig] = Field(default_factory=list, max_length=4)
     constraints: list[ConstraintConfig] = Field(default_factory=list)
     surrogate: SurrogateConfig = SurrogateConfig()
     acquisition: AcquisitionConfig = AcquisitionConfig()
@@ -269,14 +274,32 @@ class CampaignConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _pareto_needs_a_pareto_strategy(self) -> CampaignConfig:
+        kind = self.acquisition.kind
+        names = [self.objective.target] + [o.target for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives repeat a target: {names}")
+        if self.objectives and kind not in MULTI_OBJECTIVE_KINDS:
+            raise ValueError(
+                f"acquisition.kind {kind} optimises one objective; with `objectives` use one of "
+                f"{', '.join(MULTI_OBJECTIVE_KINDS)}"
+            )
+        if not self.objectives and kind == "qlognehvi":
+            raise ValueError(
+                "acquisition.kind qlognehvi needs two or more objectives (`objectives`)"
+            )
+        return self
+
     @property
     def targets(self) -> tuple[str, ...]:
-        """Every measured target: the objective's first, then the constraints', no repeats."""
-        names = [self.objective.target] + [c.target for c in self.constraints]
+        """Every measured target: the objectives' first, then the constraints', no repeats."""
+        names = [self.objective.target] + [o.target for o in self.objectives]
+        names += [c.target for c in self.constraints]
         return tuple(dict.fromkeys(names))
 
     def objective_spec(self) -> ObjectiveSpec:
-        from loop.objective import Bound, ObjectiveSpec
+        from loop.objective import Bound, Goal, ObjectiveSpec
 
         col = {t: i for i, t in enumerate(self.targets)}
         return ObjectiveSpec(
@@ -285,6 +308,7 @@ class CampaignConfig(_Section):
             sense=self.objective.sense,
             window=self.objective.window,
             constraints=tuple(Bound(col[c.target], c.lower, c.upper) for c in self.constraints),
+            others=tuple(Goal(col[o.target], o.sense, o.window) for o in self.objectives),
         )
 
     def fingerprint(self) -> str:

@@ -33,6 +33,26 @@ class Bound:
 
 
 @dataclass(frozen=True)
+class Goal:
+    """One further objective of a multi-objective campaign."""
+
+    target: int
+    sense: Sense
+    window: tuple[float, float] | None = None
+
+
+def _oriented(v: Tensor, sense: Sense, window: tuple[float, float] | None) -> Tensor:
+    """``v`` as a higher-is-better objective."""
+    if sense == "maximize":
+        return v
+    if sense == "minimize":
+        return -v
+    assert window is not None  # guaranteed by the config validator
+    lo, hi = window
+    return -((lo - v).clamp_min(0.0) + (v - hi).clamp_min(0.0))
+
+
+@dataclass(frozen=True)
 class ObjectiveSpec:
     """A scalarised objective over ``m`` targets with feasibility bounds.
 
@@ -42,6 +62,9 @@ class ObjectiveSpec:
         sense: maximise, minimise, or get into ``window``.
         window: ``(lo, hi)`` when ``sense == "window"``.
         constraints: bounds that a candidate must satisfy to count.
+        others: further objectives; with any, the campaign searches their Pareto front
+            together with the primary one (:meth:`objectives`), and :meth:`objective` /
+            :meth:`score` still rank by the primary objective alone.
     """
 
     targets: tuple[str, ...]
@@ -49,17 +72,22 @@ class ObjectiveSpec:
     sense: Sense
     window: tuple[float, float] | None = None
     constraints: tuple[Bound, ...] = field(default_factory=tuple)
+    others: tuple[Goal, ...] = field(default_factory=tuple)
+
+    @property
+    def is_multi(self) -> bool:
+        return bool(self.others)
 
     def objective(self, y: Tensor) -> Tensor:
         """Scalar objective, higher is better. ``y``: ``... x m`` -> ``...``."""
-        v = y[..., self.primary]
-        if self.sense == "maximize":
-            return v
-        if self.sense == "minimize":
-            return -v
-        assert self.window is not None  # guaranteed by the config validator
-        lo, hi = self.window
-        return -((lo - v).clamp_min(0.0) + (v - hi).clamp_min(0.0))
+        return _oriented(y[..., self.primary], self.sense, self.window)
+
+    def objectives(self, y: Tensor) -> Tensor:
+        """Every objective, higher is better: ``... x m`` -> ``... x k`` (primary first)."""
+        cols = [self.objective(y)] + [
+            _oriented(y[..., g.target], g.sense, g.window) for g in self.others
+        ]
+        return torch.stack(cols, dim=-1)
 
     def constraint_callables(self) -> list[Callable[[Tensor], Tensor]]:
         """BoTorch constraints: each maps ``... x m`` samples to ``...``, feasible when <= 0."""
@@ -91,6 +119,11 @@ class ObjectiveSpec:
             f" in [{self.window[0]}, {self.window[1]}]" if self.window else ""
         )
         parts = [head]
+        for g in self.others:
+            parts.append(
+                f"{g.sense} {self.targets[g.target]}"
+                + (f" in [{g.window[0]}, {g.window[1]}]" if g.window else "")
+            )
         for b in self.constraints:
             lo = "-inf" if b.lower is None else f"{b.lower:g}"
             hi = "inf" if b.upper is None else f"{b.upper:g}"

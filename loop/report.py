@@ -192,11 +192,66 @@ def write_report(directory: str | Path) -> Path:
                 "",
             ]
         lines += _calibration_section(decisions, ids, y, out)
+        if spec.is_multi:
+            lines += _pareto_section(spec, ids, y, out)
         if config.surrogate.head == "debye" and ids:
             lines += _debye_curves(config, ids, y, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _pareto_section(spec: object, ids: list[str], y: torch.Tensor, out: Path) -> list[str]:
+    """The measured Pareto front and the hypervolume after each experiment."""
+    import matplotlib.pyplot as plt
+
+    from loop.acquisition import hypervolume, pareto_front, reference_point
+    from loop.objective import ObjectiveSpec
+
+    assert isinstance(spec, ObjectiveSpec)
+    ref = reference_point(spec, y)  # fixed for the whole curve: from every measurement
+    curve = [hypervolume(spec, y[: n + 1], ref) for n in range(len(ids))]
+    front = pareto_front(spec, y)
+    goals = [(spec.primary, spec.sense, spec.window)] + [
+        (g.target, g.sense, g.window) for g in spec.others
+    ]
+    names = [spec.targets[t] for t, _, _ in goals]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(range(1, len(ids) + 1), curve)
+    axes[0].set_xlabel("experiments measured")
+    axes[0].set_ylabel("hypervolume of the measured front")
+    (i, _, _), (j, _, _) = goals[0], goals[1]
+    feasible = spec.feasible(y)
+    axes[1].scatter(y[feasible, i], y[feasible, j], s=8, alpha=0.4, label="measured")
+    axes[1].scatter(y[front, i], y[front, j], s=24, color="tab:red", label="Pareto front")
+    for _t, sense, window in goals[1:2]:
+        if sense == "window" and window is not None:
+            axes[1].axhspan(window[0], window[1], color="tab:green", alpha=0.15, label="window")
+    axes[1].set_xlabel(f"{names[0]} ({goals[0][1]})")
+    axes[1].set_ylabel(f"{names[1]} ({goals[1][1]})")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+    lines = [
+        "## Pareto front",
+        "",
+        "![pareto](pareto.png)",
+        "",
+        f"- hypervolume {curve[-1]:.4g} after {len(ids)} measurements (reference point "
+        f"{', '.join(f'{v:.4g}' for v in ref.tolist())} in objective units, higher is better: "
+        "the measured front's nadir less 10 % of its range)",
+        "",
+        "| candidate | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    rows = front.nonzero().flatten().tolist()
+    rows.sort(key=lambda r: float(y[r, goals[0][0]]))
+    for r in rows:
+        lines.append(
+            f"| {ids[r]} | " + " | ".join(f"{float(y[r, t]):.4g}" for t, _, _ in goals) + " |"
+        )
+    return [*lines, ""]
 
 
 def _calibration_section(

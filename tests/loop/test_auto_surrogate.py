@@ -39,10 +39,17 @@ def test_calibrated_likelihood_forgives_a_global_scale_but_not_misplaced_uncerta
         0
     ]
     assert calibrated_log_likelihood(_record(mean, noisy, y), 1e-9)[0] >= const - 1e-9
-    # stds that do not follow the errors (shuffled) are worse, as is a worse mean
+    # stds that do not follow the errors (shuffled) are worse
     shuffled = std[torch.randperm(400, generator=gen)]
     assert calibrated_log_likelihood(_record(mean, shuffled, y), 1e-9)[0] < honest - 0.05
-    assert calibrated_log_likelihood(_record(mean + 0.5, std, y), 1e-9)[0] < honest - 0.05
+    # a mean that ranks right but is off in offset and scale is forgiven that, not its noise
+    signal = torch.randn(400, generator=gen, dtype=torch.float64)
+    target = signal + 0.3 * torch.randn(400, generator=gen, dtype=torch.float64)
+    ones = torch.ones(400, dtype=torch.float64)
+    right = calibrated_log_likelihood(_record(signal, ones, target), 1e-9)[0]
+    skewed = calibrated_log_likelihood(_record(5.0 + 0.1 * signal, ones, target), 1e-9)[0]
+    assert skewed == pytest.approx(right, abs=1e-9)
+    assert right > calibrated_log_likelihood(_record(0 * signal, ones, target), 1e-9)[0] + 0.5
     # NaN values are skipped, not scored
     rec = _record(mean[:3], std[:3], torch.tensor([0.1, math.nan, 0.2], dtype=torch.float64))
     assert len(rec) == 2
@@ -79,7 +86,7 @@ def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
     assert isinstance(auto, AutoSurrogate) and list(auto.members) == ["gp", "cloud_ensemble"]
     first = torch.arange(16)
     metrics = auto.fit(first, y[first])
-    assert auto.chosen == "gp" and auto.scale == 1.0  # nothing scored yet: the fallback
+    assert auto.chosen == "gp" and auto.recal.is_identity  # nothing scored yet: the fallback
     assert all(len(r) == 0 for r in auto.records.values())
     # what each member predicted for the next rows before they were measured
     nxt = torch.arange(16, 28)
@@ -92,12 +99,15 @@ def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
         assert torch.allclose(torch.tensor(rec.std, dtype=torch.float64), std.view(-1))
     best = max(auto.scores, key=auto.scores.__getitem__)
     assert auto.chosen == best and metrics["chosen_index"] == list(auto.members).index(best)
-    assert {"gp.prequential_ll", "cloud_ensemble.prequential_ll", "std_scale"} <= set(metrics)
-    # the choice acts through the chosen member, its stds scaled by the recalibration factor
+    assert {"gp.prequential_ll", "cloud_ensemble.prequential_ll", "recal_spread"} <= set(metrics)
+    # the choice acts through the chosen member, mapped by its recalibration
+    assert not auto.recal.is_identity
     idx = torch.arange(28, 50)
     m_auto, s_auto = auto.mean_std(idx)
     m_member, s_member = auto.members[best].mean_std(idx)
-    assert torch.allclose(m_auto, m_member) and torch.allclose(s_auto, s_member * auto.scale)
+    m_recal, s_recal = auto.recal.apply(m_member, s_member)
+    assert torch.allclose(m_auto, m_recal) and torch.allclose(s_auto, s_recal)
+    assert auto.recal.beta[0] >= 0.05 and auto.recal.spread[0] > 0
     draws = auto.samples(idx)
     assert draws.shape[1:] == (22, 1) and draws.shape[0] >= 2
     picks = select_batch(
@@ -114,12 +124,18 @@ def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
         shortlist=config.acquisition.shortlist_for(auto.active_name),
     )
     assert len({p.index for p in picks}) == 4 and all(28 <= p.index < 50 for p in picks)
+    # the acquisition sees the member's own belief; the recalibrated one is there to be read
+    assert torch.equal(draws, auto.members[best].samples(idx))
+    calibrated = auto.calibrated_model()
+    assert calibrated is not None
+    post = calibrated.posterior(idx.to(torch.float64).view(-1, 1, 1))
+    assert torch.allclose(post.mean.reshape(-1, 1), m_auto, atol=1e-6)
     # save / load: same choice, scale and beliefs
     auto.save(tmp_path / "v2")
     restored = build_surrogate(config, scopes, len(scopes))
     restored.load(tmp_path / "v2")
     assert isinstance(restored, AutoSurrogate)
-    assert restored.chosen == auto.chosen and restored.scale == pytest.approx(auto.scale)
+    assert restored.chosen == auto.chosen and restored.recal == auto.recal
     m2, s2 = restored.mean_std(idx)
     assert torch.allclose(m_auto, m2, atol=1e-6) and torch.allclose(s_auto, s2, atol=1e-6)
 
@@ -136,6 +152,13 @@ def test_auto_switches_to_the_member_whose_predictions_were_likelier(data_dir: P
     auto.fit(torch.arange(35), target[:35])
     assert auto.scores["gp_cloud"] > auto.scores["gp"]
     assert auto.chosen == "gp_cloud" and auto.active_name == "gp_cloud"
+    # a GP's recalibrated posterior: the affine map on its mean, its draws mapped the same way
+    idx = torch.arange(35, 50)
+    mean, std = auto.mean_std(idx)
+    post = auto.calibrated_model().posterior(idx.to(torch.float64).view(-1, 1, 1))  # type: ignore[union-attr]
+    assert torch.allclose(post.mean.reshape(-1, 1), mean, atol=1e-6)
+    assert torch.allclose(post.variance.reshape(-1, 1).sqrt(), std, atol=1e-6)
+    assert post.rsample(torch.Size([3])).shape == (3, 15, 1, 1)
 
 
 def test_auto_config_needs_two_different_candidates() -> None:
