@@ -219,7 +219,7 @@ class _RecalibratedModel(Model):
         from botorch.posteriors.transformed import TransformedPosterior
 
         post = self.base.posterior(X, *args, **kwargs)
-        center = post.mean.detach()
+        center = post.mean.detach()  # type: ignore[attr-defined]
         recal = self.recal
         a, b, g = (
             torch.tensor(v, dtype=center.dtype) for v in (recal.alpha, recal.beta, recal.spread)
