@@ -62,8 +62,9 @@ class PrequentialRecord:
         self.std: list[float] = []
         self.y: list[float] = []
         self.target: list[int] = []  # which target (column) each value is
+        self.own: list[bool] = []  # whether this model chose the row (it was deciding)
 
-    def extend(self, mean: Tensor, std: Tensor, y: Tensor) -> None:
+    def extend(self, mean: Tensor, std: Tensor, y: Tensor, *, own: bool = False) -> None:
         """Add ``n x m`` predictions and values (NaN values are skipped)."""
         ok = torch.isfinite(y) & torch.isfinite(mean) & torch.isfinite(std)
         cols = torch.arange(y.shape[-1]).expand_as(y)
@@ -71,26 +72,35 @@ class PrequentialRecord:
         self.std += std[ok].tolist()
         self.y += y[ok].tolist()
         self.target += cols[ok].tolist()
+        self.own += [own] * int(ok.sum())
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def column(self, j: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``(mean, std, y)`` of target ``j``."""
+    def column(self, j: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(mean, std, y, own)`` of target ``j``."""
         keep = [k for k, t in enumerate(self.target) if t == j]
-        return tuple(  # type: ignore[return-value]
+        mean, std, y = (
             torch.tensor([v[k] for k in keep], dtype=torch.float64)
             for v in (self.mean, self.std, self.y)
         )
+        return mean, std, y, torch.tensor([self.own[k] for k in keep], dtype=torch.bool)
 
-    def to_json(self) -> dict[str, list[float] | list[int]]:
-        return {"mean": self.mean, "std": self.std, "y": self.y, "target": self.target}
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "y": self.y,
+            "target": self.target,
+            "own": self.own,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PrequentialRecord:
         rec = cls()
         rec.mean, rec.std, rec.y = list(data["mean"]), list(data["std"]), list(data["y"])
         rec.target = [int(t) for t in data["target"]]
+        rec.own = [bool(o) for o in data["own"]]
         return rec
 
 
@@ -131,10 +141,11 @@ class Recalibration:
 
 
 _BETA_MIN = 0.05  # a mean with (almost) no signal keeps a usable spread
+_OWN_MIN = 8  # own picks needed before the spread is fitted on them alone
 
 
 def _fit_column(
-    mean: Tensor, std: Tensor, y: Tensor, floor: float
+    mean: Tensor, std: Tensor, y: Tensor, own: Tensor, floor: float
 ) -> tuple[float, float, float, float]:
     """Best ``(ll_sum, alpha, beta, spread)`` for one target's prequential values."""
     n = int(y.numel())
@@ -158,7 +169,9 @@ def _fit_column(
     _, alpha, beta, _ = best
     beta_eff = max(beta, _BETA_MIN)
     z = (y - alpha - beta_eff * mean).abs() / (beta_eff * std.clamp_min(floor))
-    spread = float(torch.quantile(z, 0.9)) / _Z90 if n >= 2 else 1.0
+    if int(own.sum()) >= _OWN_MIN:
+        z = z[own]  # its own picks (what coverage is judged on) are harder than the others
+    spread = float(torch.quantile(z, 0.9)) / _Z90 if z.numel() >= 2 else 1.0
     return best[0], alpha, beta_eff, min(max(spread, 0.05), 1e4)
 
 
@@ -174,7 +187,9 @@ def recalibrate(record: PrequentialRecord, m: int, floor: float) -> Recalibratio
     thrown out for that, and uninformative stds cost no more than the error of the mean.
 
     The spread that is applied afterwards is the factor that would have put 90 % of the
-    recalibrated past predictions inside their 90 % intervals.
+    recalibrated past predictions inside their 90 % intervals, counted on the model's own
+    picks once it has made enough of them (a model's errors are larger on the candidates
+    it chose for looking best than on others').
 
     Args:
         record: prequential predictions.
@@ -185,10 +200,10 @@ def recalibrate(record: PrequentialRecord, m: int, floor: float) -> Recalibratio
         return Recalibration.identity(m)
     total, alpha, beta, spread = 0.0, [0.0] * m, [1.0] * m, [1.0] * m
     for j in range(m):
-        mean, std, y = record.column(j)
+        mean, std, y, own = record.column(j)
         if y.numel() == 0:
             continue
-        ll, alpha[j], beta[j], spread[j] = _fit_column(mean, std, y, floor)
+        ll, alpha[j], beta[j], spread[j] = _fit_column(mean, std, y, own, floor)
         total += ll
     return Recalibration(total / len(record), tuple(alpha), tuple(beta), tuple(spread))
 
@@ -198,7 +213,7 @@ def calibrated_log_likelihood(record: PrequentialRecord, floor: float) -> tuple[
     and the pure std scale ``a`` with ``a^2 = mean(z^2)``."""
     if len(record) == 0:
         return -math.inf, 1.0
-    mean, std, y = record.column(0)
+    mean, std, y, _ = record.column(0)
     a = float(((y - mean) / std.clamp_min(floor)).pow(2).mean().sqrt().clamp_min(1e-12))
     return recalibrate(record, 1, floor).ll, a
 
@@ -292,7 +307,9 @@ class AutoSurrogate(Surrogate):
         idx, y = train_idx[rows].long(), train_y[rows].to(torch.float64)
         for name, member in self.members.items():
             mean, std = member.mean_std(idx)
-            self.records[name].extend(mean.to(torch.float64), std.to(torch.float64), y)
+            self.records[name].extend(
+                mean.to(torch.float64), std.to(torch.float64), y, own=name == self.chosen
+            )
 
     def _choose(self) -> None:
         self.recals = {

@@ -106,7 +106,15 @@ class ObjectiveConfig(_Section):
         return self
 
 
-LearningKind = Literal["cloud_ensemble", "gp", "gp_cloud"]
+LearningKind = Literal["cloud_ensemble", "gp", "gp_cloud", "gp_transfer"]
+# gp_transfer: composition models trained on these formula sets predict the pool (loop/transfer.py)
+DEFAULT_TRANSFER_SETS = (
+    "crabnet_log10_gvrh",
+    "crabnet_log10_kvrh",
+    "crabnet_mp_e_form",
+    "crabnet_mp_gap",
+    "crabnet_mp_e_hull",
+)
 
 
 class SurrogateConfig(_Section):
@@ -115,7 +123,14 @@ class SurrogateConfig(_Section):
     # gp_cloud: the GP with a composition block and a block on the checkpoint's CLOUD embeddings;
     # auto: every kind in `candidates` is fitted, the one whose predictions of each batch (made
     # before it was measured) were most likely so far makes the decisions (loop.auto_surrogate)
-    kind: Literal["auto", "cloud_ensemble", "gp", "gp_cloud", "random"] = "cloud_ensemble"
+    # gp_transfer: the GP with a composition block and a block of what models trained on other
+    # labelled formula sets (`transfer_sets`) predict for each candidate
+    kind: Literal["auto", "cloud_ensemble", "gp", "gp_cloud", "gp_transfer", "random"] = (
+        "cloud_ensemble"
+    )
+    transfer_sets: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TRANSFER_SETS), min_length=1, max_length=16
+    )
     candidates: list[LearningKind] = Field(
         default_factory=lambda: list[LearningKind](["gp", "cloud_ensemble"])  # first: until scored
     )
@@ -158,7 +173,7 @@ class AcquisitionConfig(_Section):
         """The shortlist size used with a surrogate of ``surrogate_kind``."""
         if self.shortlist is not None:
             return self.shortlist
-        return 256 if surrogate_kind in ("gp", "gp_cloud") else 2048
+        return 256 if surrogate_kind in ("gp", "gp_cloud", "gp_transfer") else 2048
 
 
 class InitialDesignConfig(_Section):

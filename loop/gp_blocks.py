@@ -29,7 +29,7 @@ from torch import Tensor
 
 from loop.surrogate import GPSurrogate
 
-__all__ = ["CLOUD_DIMS", "BlockGPSurrogate", "cloud_block_features"]
+__all__ = ["CLOUD_DIMS", "BlockGPSurrogate", "TransferGPSurrogate", "cloud_block_features"]
 
 logger = logging.getLogger(__name__)
 CLOUD_DIMS = 16  # PCA components of the CLOUD block (the GP's ARD lengthscales stay few)
@@ -129,3 +129,10 @@ class BlockGPSurrogate(GPSurrogate):
         for i, w in enumerate(self.block_weights()):
             metrics[f"block{i}_outputscale"] = w
         return metrics
+
+
+class TransferGPSurrogate(BlockGPSurrogate):
+    """The block GP over composition descriptors and transferred property predictions
+    (:mod:`loop.transfer`): ``surrogate.kind: gp_transfer``."""
+
+    name = "gp_transfer"

@@ -430,8 +430,26 @@ def build_surrogate(config: CampaignConfig, scopes: list[str], n_pool: int) -> S
 
 
 def _build_one(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int) -> Surrogate:
-    """One learning surrogate of ``kind`` (``gp``, ``gp_cloud`` or ``cloud_ensemble``)."""
+    """One learning surrogate of ``kind`` (``gp``, ``gp_cloud``, ``gp_transfer``, ``cloud_ensemble``)."""
     sc = config.surrogate
+    if kind == "gp_transfer":
+        from loop.features import composition_features, composition_from_scope
+        from loop.gp_blocks import TransferGPSurrogate
+        from loop.transfer import transfer_features
+
+        feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
+        moved = transfer_features(
+            [composition_from_scope(s) for s in scopes], sets=sc.transfer_sets
+        )
+        d = feats.shape[-1]
+        return TransferGPSurrogate(
+            torch.cat([feats, moved], dim=-1),
+            [(0, d), (d, d + moved.shape[-1])],
+            seed=config.seed,
+            max_train=sc.gp_max_train,
+            n_pool=n_pool,
+            warp=sc.gp_warp,
+        )
     if kind in ("gp", "gp_cloud"):
         from loop.features import composition_features
 
