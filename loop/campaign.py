@@ -119,6 +119,16 @@ class Campaign:
             self._prior_scopes, self._prior_y = load_prior(
                 cfg.prior, cfg.targets, pool.ids, seed=cfg.seed
             )
+        sc = cfg.surrogate
+        if sc.kind == "gp_transfer" or (sc.kind == "auto" and "gp_transfer" in sc.candidates):
+            from cloud_model.datasets import get_spec
+
+            for name in sc.transfer_sets:
+                if get_spec(name).kind != "formula":  # an unknown name raises, naming it
+                    raise ConfigError(
+                        f"surrogate.transfer_sets: {name!r} is a {get_spec(name).kind} dataset; "
+                        "give formula label sets (cloudlab data list)"
+                    )
         unknown = sorted(set(cfg.initial_design.ids) - set(pool.ids))
         if unknown:
             raise ConfigError(

@@ -132,7 +132,8 @@ class SurrogateConfig(_Section):
         default_factory=lambda: list(DEFAULT_TRANSFER_SETS), min_length=1, max_length=16
     )
     candidates: list[LearningKind] = Field(
-        default_factory=lambda: list[LearningKind](["gp", "cloud_ensemble"])  # first: until scored
+        # the first is used until the candidates have been scored
+        default_factory=lambda: list[LearningKind](["gp_transfer", "cloud_ensemble"])
     )
     # pretrained checkpoint directory; "default" = the shipped cloud-small; null = no pretraining
     checkpoint: str | None = "default"

@@ -84,3 +84,18 @@ def test_gp_transfer_fits_both_blocks_and_round_trips(data_dir: Path, tmp_path: 
     m2, _ = restored.mean_std(torch.arange(1, 60, 2))
     assert torch.allclose(mean, m2, atol=1e-9)
     assert composition_from_scope(scopes[0])  # the compositions the block was built from
+
+
+def test_a_wrong_transfer_set_fails_before_anything_is_created(tmp_path: Path) -> None:
+    import yaml
+
+    from cloud_model.errors import CloudlabError
+    from loop.campaign import Campaign
+
+    repo = Path(__file__).resolve().parents[2]
+    data = yaml.safe_load((repo / "configs" / "perovskite_water_splitting.yaml").read_text())
+    for bad, message in (("crabnet_nope", "crabnet_nope"), ("perov_5", "is a cif dataset")):
+        data["surrogate"]["transfer_sets"] = [bad]
+        with pytest.raises(CloudlabError, match=message):
+            Campaign(parse_config(data), tmp_path / "run").prepare()
+        assert not (tmp_path / "run").exists()
