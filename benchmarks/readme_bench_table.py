@@ -22,12 +22,18 @@ START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 # README label of each benchmark, in table order
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}",
+    "bench_perov_5_transfer": "perov_5 window, {budget} of {pool:,}, GP + transfer",
+    "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, default (auto)",
     "bench_aflow_debye": "AFLOW lowest theta, {budget} of {pool:,}",
     "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1 vs 8",
     "bench_aflow_debye_gp_cloud": "AFLOW lowest theta, {budget} of {pool:,}, CLOUD + GP",
+    "bench_aflow_debye_transfer": "AFLOW lowest theta, {budget} of {pool:,}, GP + transfer",
+    "bench_aflow_debye_auto": "AFLOW lowest theta, {budget} of {pool:,}, default (auto)",
     "bench_mpts52": "mpts_52 time split, {budget} of {pool:,}",
+    "bench_mpts52_auto": "mpts_52 time split, {budget} of {pool:,}, auto (gp, CLOUD)",
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}",
     "bench_carbon24_gp_cloud": "carbon_24 lowest E, {budget} of {pool:,}, CLOUD + GP",
+    "bench_carbon24_auto": "carbon_24 lowest E, {budget} of {pool:,}, default (auto)",
 }
 
 
@@ -44,14 +50,16 @@ def _row(entry: dict[str, Any], budget: int) -> list[str]:
         f"{top['median'][at]:.2f} [{top['p05'][at]:.2f}-{top['p95'][at]:.2f}]",
         _fmt(ef),
         _fmt(entry.get("af_0.5_top0.01")),
+        _fmt(entry.get("coverage90"), 2),
         f"{t['fit'] + t['score']:.1f} / {t['acquisition']:.1f}",
     ]
 
 
 def table() -> str:
     lines = [
-        "| benchmark (seeds) | strategy | Top% at budget, median [5-95] | EF | AF(50 %) | s/run fit+score / acq |",
-        "|---|---|---|---|---|---|",
+        "| benchmark (seeds) | strategy | Top% at budget, median [5-95] | EF | AF(50 %) "
+        "| 90 % cover (own picks) | s/run fit+score / acq |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, label in LABELS.items():
         path = RESULTS / name / f"{name}.json"

@@ -69,6 +69,7 @@ def _auto_config(**surrogate: object) -> dict:
         "objective": {"target": "cv", "sense": "maximize"},
         "surrogate": {
             "kind": "auto",
+            "candidates": ["gp", "cloud_ensemble"],
             "checkpoint": None,
             "n_members": 3,
             "ensemble": {"model_size": "tiny", "epochs": 10, "warm_start_epochs": 4},
