@@ -246,3 +246,11 @@ def test_calibration_scores_predictions_against_measurements() -> None:
     assert v1.nll == pytest.approx((nll_a + nll_b) / 2)
     overall = pick_calibration(decisions, measured)
     assert overall is not None and overall.n == 4 and overall.coverage90 == 0.75
+
+
+def test_spread_is_the_split_conformal_quantile() -> None:
+    from loop.auto_surrogate import _conformal_90
+
+    z = torch.arange(1, 101, dtype=torch.float64)  # 1..100
+    assert _conformal_90(z) == 91.0  # ceil(0.9 * 101) = 91st smallest
+    assert _conformal_90(z[:10]) == 10.0  # few values: the largest
