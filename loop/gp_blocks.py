@@ -101,11 +101,16 @@ class BlockGPSurrogate(GPSurrogate):
 
         X = self.features[train_idx]  # n x d
         Y = train_y.to(torch.float64)  # n x m
+        # one independent GP per target: SingleTaskGP batches its kernel over the m outputs
+        batch = torch.Size([Y.shape[-1]]) if Y.shape[-1] > 1 else torch.Size([])
         kernels = [
             ScaleKernel(
                 get_covar_module_with_dim_scaled_prior(
-                    ard_num_dims=stop - start, active_dims=list(range(start, stop))
-                )
+                    ard_num_dims=stop - start,
+                    batch_shape=batch,
+                    active_dims=list(range(start, stop)),
+                ),
+                batch_shape=batch,
             )
             for start, stop in self.blocks
         ]
@@ -122,7 +127,7 @@ class BlockGPSurrogate(GPSurrogate):
         if self._model is None:
             return []
         covar: Any = self._model.base.covar_module  # an AdditiveKernel of ScaleKernels
-        return [float(k.outputscale.detach().reshape(-1)[0]) for k in covar.kernels]
+        return [float(k.outputscale.detach().reshape(-1).mean()) for k in covar.kernels]
 
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
         metrics = super().fit(train_idx, train_y)

@@ -60,3 +60,19 @@ def test_gp_cloud_fits_both_blocks_and_round_trips(data_dir: Path, tmp_path: Pat
     restored.load(tmp_path / "v1")
     m2, s2 = restored.mean_std(torch.arange(60))
     assert torch.allclose(mean, m2, atol=1e-9) and torch.allclose(std, s2, atol=1e-9)
+
+
+def test_block_gp_fits_two_targets_without_falling_back(caplog) -> None:  # type: ignore[no-untyped-def]
+    """Two targets (objective + constraint): the kernels are batched over the outputs."""
+    import logging
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 6, generator=gen, dtype=torch.float64)
+    y = torch.stack([3 * x[:, 0], x[:, 4] ** 2], dim=1)
+    gp = BlockGPSurrogate(x, [(0, 3), (3, 6)])
+    with caplog.at_level(logging.WARNING, logger="loop.surrogate"):
+        gp.fit(torch.arange(30), y[:30])
+    assert "fit failed" not in caplog.text
+    mean, std = gp.mean_std(torch.arange(30, 40))
+    assert mean.shape == std.shape == (10, 2)
+    assert bool(((mean - y[30:]).abs().mean(0) < 0.1 * y.std(0)).all())
