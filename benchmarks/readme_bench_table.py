@@ -22,7 +22,6 @@ START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 # README label of each benchmark, in table order
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}",
-    "bench_perov_5_transfer": "perov_5 window, {budget} of {pool:,}, GP + transfer",
     "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, default (auto)",
     "bench_aflow_debye": "AFLOW lowest theta, {budget} of {pool:,}",
     "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1 vs 8",
