@@ -201,6 +201,15 @@ def write_report(directory: str | Path) -> Path:
     return path
 
 
+def _save(fig: object, path: Path) -> None:
+    """Write a figure as a 120-dpi PNG and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()  # type: ignore[attr-defined]
+    fig.savefig(path, dpi=120)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+
+
 def _pareto_section(spec: object, ids: list[str], y: torch.Tensor, out: Path) -> list[str]:
     """The measured Pareto front and the hypervolume after each experiment."""
     import matplotlib.pyplot as plt
@@ -230,9 +239,7 @@ def _pareto_section(spec: object, ids: list[str], y: torch.Tensor, out: Path) ->
     axes[1].set_xlabel(f"{names[0]} ({goals[0][1]})")
     axes[1].set_ylabel(f"{names[1]} ({goals[1][1]})")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "pareto.png")
     lines = [
         "## Pareto front",
         "",
@@ -275,9 +282,7 @@ def _calibration_section(
     ax.set_ylabel("coverage of its own picks")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "calibration_by_version.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "calibration_by_version.png")
     lines = [
         "## Calibration per model version (each refit's picks, predicted before measuring)",
         "",

@@ -432,53 +432,24 @@ def build_surrogate(config: CampaignConfig, scopes: list[str], n_pool: int) -> S
 def _build_one(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int) -> Surrogate:
     """One learning surrogate of ``kind`` (``gp``, ``gp_cloud``, ``gp_transfer``, ``cloud_ensemble``)."""
     sc = config.surrogate
-    if kind == "gp_transfer":
-        from loop.features import composition_features, composition_from_scope
-        from loop.gp_blocks import TransferGPSurrogate
-        from loop.transfer import transfer_features
-
-        feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
-        moved = transfer_features(
-            [composition_from_scope(s) for s in scopes], sets=sc.transfer_sets
-        )
-        d = feats.shape[-1]
-        return TransferGPSurrogate(
-            torch.cat([feats, moved], dim=-1),
-            [(0, d), (d, d + moved.shape[-1])],
-            seed=config.seed,
-            max_train=sc.gp_max_train,
-            n_pool=n_pool,
-            warp=sc.gp_warp,
-        )
-    if kind in ("gp", "gp_cloud"):
+    if kind in ("gp", "gp_cloud", "gp_transfer"):
         from loop.features import composition_features
 
         feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
+        gp_args: dict[str, Any] = {
+            "seed": config.seed,
+            "max_train": sc.gp_max_train,
+            "n_pool": n_pool,
+            "warp": sc.gp_warp,
+        }
         if kind == "gp":
-            return GPSurrogate(
-                feats,
-                seed=config.seed,
-                max_train=sc.gp_max_train,
-                n_pool=n_pool,
-                warp=sc.gp_warp,
-            )
-        from cloud_model.checkpoint import resolve_checkpoint
-        from cloud_model.errors import ConfigError
-        from loop.gp_blocks import CLOUD_DIMS, BlockGPSurrogate, cloud_block_features
+            return GPSurrogate(feats, **gp_args)
+        from loop.gp_blocks import BlockGPSurrogate, TransferGPSurrogate
 
-        checkpoint = resolve_checkpoint(sc.checkpoint)
-        if checkpoint is None:
-            raise ConfigError("surrogate.kind gp_cloud needs a pretrained surrogate.checkpoint")
-        cloud = cloud_block_features(scopes, checkpoint, n_fit=n_pool, dims=CLOUD_DIMS)
+        extra = _second_block(kind, config, scopes, n_pool)
         d = feats.shape[-1]
-        return BlockGPSurrogate(
-            torch.cat([feats, cloud], dim=-1),
-            [(0, d), (d, d + cloud.shape[-1])],
-            seed=config.seed,
-            max_train=sc.gp_max_train,
-            n_pool=n_pool,
-            warp=sc.gp_warp,
-        )
+        cls = TransferGPSurrogate if kind == "gp_transfer" else BlockGPSurrogate
+        return cls(torch.cat([feats, extra], dim=-1), [(0, d), (d, d + extra.shape[-1])], **gp_args)
     if kind != "cloud_ensemble":
         raise ValueError(f"unknown surrogate kind {kind!r}")
     from cloud_model.checkpoint import resolve_checkpoint
@@ -493,6 +464,24 @@ def _build_one(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int
     )
     ensemble.share_cache()  # runs in one process (benchmark workers) share the trunk's features
     return EnsembleSurrogate(ensemble, scopes, warm_start=config.finetune.warm_start)
+
+
+def _second_block(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int) -> Tensor:
+    """The block a block GP adds to the composition descriptor: CLOUD PCA or transfer."""
+    if kind == "gp_transfer":
+        from loop.features import composition_from_scope
+        from loop.transfer import transfer_features
+
+        comps = [composition_from_scope(s) for s in scopes]
+        return transfer_features(comps, sets=config.surrogate.transfer_sets)
+    from cloud_model.checkpoint import resolve_checkpoint
+    from cloud_model.errors import ConfigError
+    from loop.gp_blocks import CLOUD_DIMS, cloud_block_features
+
+    checkpoint = resolve_checkpoint(config.surrogate.checkpoint)
+    if checkpoint is None:
+        raise ConfigError("surrogate.kind gp_cloud needs a pretrained surrogate.checkpoint")
+    return cloud_block_features(scopes, checkpoint, n_fit=n_pool, dims=CLOUD_DIMS)
 
 
 def _bounds(features: Tensor) -> Tensor:

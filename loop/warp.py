@@ -27,6 +27,13 @@ __all__ = ["WarpedModel", "YeoJohnson"]
 _EPS = 1e-6
 
 
+def _branch_powers(lam: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(lam == 0, lam == 2, lam, 2 - lam)``, the powers made safe where they are 0."""
+    at0, at2 = lam.abs() < _EPS, (2 - lam).abs() < _EPS
+    one = torch.ones_like(lam)
+    return at0, at2, torch.where(at0, one, lam), torch.where(at2, one, 2 - lam)
+
+
 class YeoJohnson:
     """Per-target ``z = YJ((y - loc) / scale; lam)`` with its inverse and derivative.
 
@@ -58,35 +65,26 @@ class YeoJohnson:
 
     def forward(self, y: Tensor) -> Tensor:
         x = (y - self.loc) / self.scale
-        lam = self.lam.expand_as(x)
-        pos = x >= 0
+        at0, at2, lp, ln = _branch_powers(self.lam.expand_as(x))
         xp, xn = x.clamp_min(0), (-x).clamp_min(0)
-        lp = torch.where(lam.abs() < _EPS, torch.ones_like(lam), lam)
-        ln = torch.where((2 - lam).abs() < _EPS, torch.ones_like(lam), 2 - lam)
-        zp = torch.where(lam.abs() < _EPS, torch.log1p(xp), ((xp + 1) ** lp - 1) / lp)
-        zn = torch.where((2 - lam).abs() < _EPS, -torch.log1p(xn), -((xn + 1) ** ln - 1) / ln)
-        return torch.where(pos, zp, zn)
+        zp = torch.where(at0, torch.log1p(xp), ((xp + 1) ** lp - 1) / lp)
+        zn = torch.where(at2, -torch.log1p(xn), -((xn + 1) ** ln - 1) / ln)
+        return torch.where(x >= 0, zp, zn)
 
     def inverse(self, z: Tensor) -> Tensor:
-        lam = self.lam.expand_as(z)
-        pos = z >= 0
+        at0, at2, lp, ln = _branch_powers(self.lam.expand_as(z))
         zp, zn = z.clamp_min(0), z.clamp_max(0)
-        lp = torch.where(lam.abs() < _EPS, torch.ones_like(lam), lam)
-        ln = torch.where((2 - lam).abs() < _EPS, torch.ones_like(lam), 2 - lam)
-        xp = torch.where(lam.abs() < _EPS, torch.expm1(zp), (lp * zp + 1) ** (1 / lp) - 1)
-        xn = torch.where((2 - lam).abs() < _EPS, -torch.expm1(-zn), 1 - (1 - ln * zn) ** (1 / ln))
-        return self.loc + self.scale * torch.where(pos, xp, xn)
+        xp = torch.where(at0, torch.expm1(zp), (lp * zp + 1) ** (1 / lp) - 1)
+        xn = torch.where(at2, -torch.expm1(-zn), 1 - (1 - ln * zn) ** (1 / ln))
+        return self.loc + self.scale * torch.where(z >= 0, xp, xn)
 
     def inverse_slope(self, z: Tensor) -> Tensor:
         """``d inverse / dz`` at ``z`` (for the delta-method standard deviation)."""
-        lam = self.lam.expand_as(z)
-        pos = z >= 0
+        at0, at2, lp, ln = _branch_powers(self.lam.expand_as(z))
         zp, zn = z.clamp_min(0), z.clamp_max(0)
-        lp = torch.where(lam.abs() < _EPS, torch.ones_like(lam), lam)
-        ln = torch.where((2 - lam).abs() < _EPS, torch.ones_like(lam), 2 - lam)
-        dp = torch.where(lam.abs() < _EPS, torch.exp(zp), (lp * zp + 1) ** (1 / lp - 1))
-        dn = torch.where((2 - lam).abs() < _EPS, torch.exp(-zn), (1 - ln * zn) ** (1 / ln - 1))
-        return self.scale * torch.where(pos, dp, dn)
+        dp = torch.where(at0, torch.exp(zp), (lp * zp + 1) ** (1 / lp - 1))
+        dn = torch.where(at2, torch.exp(-zn), (1 - ln * zn) ** (1 / ln - 1))
+        return self.scale * torch.where(z >= 0, dp, dn)
 
     def state(self) -> dict[str, Tensor]:
         return {"warp.loc": self.loc, "warp.scale": self.scale, "warp.lam": self.lam}
