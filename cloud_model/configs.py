@@ -91,3 +91,8 @@ class EnsembleConfig(FinetuneConfig):
     model_size: ModelSize = "small"
     # names of the target columns (regression), stored in the card
     target_names: tuple[str, ...] | None = None
+    # replace each member's last linear layer, for prediction, by evidence-maximised Bayesian
+    # linear regression on its own hidden features (cloud_model.bayes_head; regression only)
+    bayesian_head: bool = False
+    # joint function draws per member from its Bayesian head (draws x members = the samples)
+    head_draws: int = Field(default=8, ge=1, le=256)

@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,6 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
+from cloud_model.bayes_head import BayesianLastLayer
 from cloud_model.calibration import CalibrationReport, calibration_report, fit_variance_scale
 from cloud_model.checkpoint import (
     file_sha256,
@@ -50,10 +52,11 @@ from cloud_model.finetune import (
     FeatureSet,
     MemberFitReport,
     MemberNet,
+    member_hidden,
     predict_member,
     resolve_device,
 )
-from cloud_model.heads import DebyeHeadConfig, RegressionHeadConfig
+from cloud_model.heads import DebyeHeadConfig, RegressionHead, RegressionHeadConfig
 from cloud_model.model import CloudConfig, CloudEncoder
 from cloud_model.trunk import (
     FeatureCache,
@@ -104,6 +107,8 @@ class EnsembleCard(BaseModel):
     tokenizer_sha256: str
     trunk_sha256: str
     member_sha256: list[str]
+    # one per member when config.bayesian_head (head_XX.safetensors)
+    head_sha256: list[str] = Field(default_factory=list)
     source_checkpoint: str | None = None
     fits: list[FitReport] = Field(default_factory=list)
 
@@ -140,6 +145,7 @@ class CloudEnsemble:
         self.variance_scale = 1.0
         self.fitted = False
         self.fits: list[FitReport] = []
+        self.bayes_heads: list[BayesianLastLayer] = []
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -170,6 +176,8 @@ class CloudEnsemble:
         config = config or EnsembleConfig()
         if n_members < 1:
             raise ConfigError(f"n_members must be >= 1, got {n_members}")
+        if config.bayesian_head and head != "regression":
+            raise ConfigError(f"bayesian_head needs a regression head, not {head!r}")
         checkpoint_dir = resolve_checkpoint(checkpoint_dir)
         if checkpoint_dir is not None:
             from cloud_model.checkpoint import load_checkpoint
@@ -319,6 +327,11 @@ class CloudEnsemble:
         )
         self.fitted = True
         self.variance_scale = 1.0
+        if self.config.bayesian_head:
+            self.bayes_heads = [
+                self._fit_bayes_head(member, rows)
+                for member, rows in zip(self.members, trains, strict=True)
+            ]
         calib = None
         if val is not None and len(val) and bool(torch.isfinite(val.y).any()):
             preds = self._predict_features(val)  # (K, n_val, m)
@@ -348,6 +361,14 @@ class CloudEnsemble:
         )
         return report
 
+    def _fit_bayes_head(self, member: MemberNet, rows: FeatureSet) -> BayesianLastLayer:
+        """The member's Bayesian last layer on its own training rows (standardised units)."""
+        hidden = member_hidden(member, rows, self.config, self.device)  # (n, C)
+        head = BayesianLastLayer(hidden.shape[1], self.spec.n_targets)
+        reg = _regression_head(member)
+        head.fit(hidden, reg.standardise(rows.y.to(reg.target_mean)))
+        return head
+
     def _member_rows(self, data: FeatureSet, k: int) -> FeatureSet:
         """Member k's training rows: all of them, or a seeded bootstrap resample."""
         if not self.config.bootstrap:
@@ -362,9 +383,22 @@ class CloudEnsemble:
             # score in order of length so that batches carry little padding, then unsort
             order = torch.argsort(data.mask.sum(1), stable=True)
             data = _subset(data, order)
-        outs = [predict_member(m, data, self.config, self.device)[int(raw)] for m in self.members]
+        if self.bayes_heads and not raw:
+            outs = [
+                self._bayes_mean(m, h, data)
+                for m, h in zip(self.members, self.bayes_heads, strict=True)
+            ]
+        else:
+            outs = [
+                predict_member(m, data, self.config, self.device)[int(raw)] for m in self.members
+            ]
         out = torch.stack(outs)  # (K, n, m) or (K, n)
         return out if order is None else out[:, torch.argsort(order)]
+
+    def _bayes_mean(self, member: MemberNet, head: BayesianLastLayer, data: FeatureSet) -> Tensor:
+        """A member's Bayesian-head mean ``(n, m)`` in target units (float32)."""
+        mean, _ = head.moments(member_hidden(member, data, self.config, self.device))
+        return _regression_head(member).destandardise(mean.float())
 
     def predict(self, scopes: Sequence[str], *, n_atoms: Tensor | None = None) -> Tensor:
         """Per-member predictions in target units.
@@ -390,6 +424,57 @@ class CloudEnsemble:
             preds = mean + self.variance_scale * (preds - mean)
         return preds
 
+    def predict_posterior(self, scopes: Sequence[str]) -> EnsemblePosterior:
+        """The mixture posterior of an ensemble with Bayesian heads, in target units.
+
+        Each member contributes its Bayesian head's Gaussian; the posterior is their
+        equal-weight mixture. ``draws`` are joint over all of ``scopes``
+        (``config.head_draws`` per member, the same standard-normal draws for every
+        chunk); without Bayesian heads the members' predictions are the draws and
+        the variance is their spread.
+
+        Returns:
+            mean and variance ``(n, m)`` of the targets (observation noise included)
+            and draws ``(S, n, m)`` of the noise-free functions.
+        """
+        if not self.bayes_heads:
+            preds = self.predict(scopes).double()  # (K, n, m)
+            return EnsemblePosterior(
+                mean=preds.mean(0), variance=preds.var(0, correction=0), draws=preds
+            )
+        gen = torch.Generator().manual_seed(self.config.seed + 7919 * len(self.fits))
+        p = self.bayes_heads[0].w_mean.shape[1]
+        eps = [
+            torch.randn(self.config.head_draws, self.spec.n_targets, p, generator=gen)
+            for _ in self.bayes_heads
+        ]  # K x (D, m, p)
+        means, variances, draws = [], [], []
+        for start in range(0, len(scopes), self.config.predict_chunk):
+            data = self._feature_set(
+                list(scopes[start : start + self.config.predict_chunk]), None, None
+            )
+            m_chunk, v_chunk, d_chunk = [], [], []
+            for member, head, e in zip(self.members, self.bayes_heads, eps, strict=True):
+                hidden = member_hidden(member, data, self.config, self.device)  # (n, C)
+                mean, var = head.moments(hidden)  # (n, m) standardised
+                reg = _regression_head(member)
+                std, loc = reg.target_std.double(), reg.target_mean.double()  # (m,)
+                m_chunk.append(mean * std + loc)
+                v_chunk.append((var + head.noise_var) * std**2)
+                d_chunk.append(head.draws(hidden, e) * std + loc)  # (D, n, m)
+            means.append(torch.stack(m_chunk))  # (K, n, m)
+            variances.append(torch.stack(v_chunk))
+            draws.append(torch.cat(d_chunk))  # (K * D, n, m)
+        if not means:
+            empty = torch.empty(0, self.spec.n_targets, dtype=torch.float64)
+            return EnsemblePosterior(mean=empty, variance=empty, draws=empty[None])
+        mean_k, var_k = torch.cat(means, dim=1), torch.cat(variances, dim=1)  # (K, n, m)
+        mean = mean_k.mean(0)  # (n, m)
+        variance = (var_k + mean_k**2).mean(0) - mean**2  # mixture variance
+        return EnsemblePosterior(
+            mean=mean, variance=variance.clamp_min(0.0), draws=torch.cat(draws, dim=1)
+        )
+
     def predict_theta(self, scopes: Sequence[str]) -> Tensor:
         """Debye temperatures ``(K, n)`` in K (Debye heads only), spread scaled like :meth:`predict`."""
         if isinstance(self.spec.head, RegressionHeadConfig):
@@ -411,6 +496,11 @@ class CloudEnsemble:
             path = out / f"member_{k:02d}.safetensors"
             save_module_weights(path, member)
             hashes.append(file_sha256(path))
+        head_hashes = []
+        for k, head in enumerate(self.bayes_heads):
+            path = out / f"head_{k:02d}.safetensors"
+            save_module_weights(path, head)
+            head_hashes.append(file_sha256(path))
         self.tokenizer.save(out / TOKENIZER_FILE)
         card = EnsembleCard(
             config=self.config,
@@ -421,6 +511,7 @@ class CloudEnsemble:
             tokenizer_sha256=file_sha256(out / TOKENIZER_FILE),
             trunk_sha256=file_sha256(out / TRUNK_FILE),
             member_sha256=hashes,
+            head_sha256=head_hashes,
             source_checkpoint=self.source_checkpoint,
             fits=self.fits,
         )
@@ -456,10 +547,31 @@ class CloudEnsemble:
         ensemble = cls(
             encoder, tokenizer, card.spec, members, config, source_checkpoint=card.source_checkpoint
         )
+        for k, digest in enumerate(card.head_sha256):
+            path = root / f"head_{k:02d}.safetensors"
+            _check_hash(path, digest)
+            head = BayesianLastLayer(card.spec.encoder.d_model, card.spec.n_targets)
+            load_module_weights(path, head)
+            ensemble.bayes_heads.append(head)
         ensemble.variance_scale = card.variance_scale
         ensemble.fitted = card.fitted
         ensemble.fits = list(card.fits)
         return ensemble
+
+
+@dataclass(frozen=True)
+class EnsemblePosterior:
+    """What :meth:`CloudEnsemble.predict_posterior` returns (float64, target units)."""
+
+    mean: Tensor  # (n, m)
+    variance: Tensor  # (n, m), observation noise included
+    draws: Tensor  # (S, n, m) joint function draws
+
+
+def _regression_head(member: MemberNet) -> RegressionHead:
+    if not isinstance(member.head, RegressionHead):
+        raise ConfigError("a Bayesian last layer needs a regression head, not a Debye head")
+    return member.head
 
 
 def _head_config(

@@ -89,16 +89,30 @@ class MemberNet(nn.Module):
                 ``(B, T, C)`` states or ``(B, C)`` pooled vectors.
             mask: ``(B, T)`` bool, True on real tokens (None for pooled features).
         """
-        if self.spec.kind != "pooled":
-            if mask is None:
-                raise ConfigError("token features need their (B, T) mask")
-            if self.embed is not None:
-                x = embed_tokens(self.embed["tok"], self.embed["pos"], self.drop, x)  # (B, T, C)
-            x = run_blocks(self.blocks, x, mask)  # (B, T, C)
-            if self.ln_f is not None:  # always set for token features
-                x = self.ln_f(x)  # (B, T, C)
-            x = pool_states(x, mask, self.spec.pooling)  # (B, C)
-        return self.head(x)  # (B, m) standardised, or theta (B,)
+        return self.head(self.pooled(x, mask))  # (B, m) standardised, or theta (B,)
+
+    def pooled(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """The pooled state ``(B, C)`` the head sees (arguments as :meth:`forward`)."""
+        if self.spec.kind == "pooled":
+            return x  # (B, C)
+        if mask is None:
+            raise ConfigError("token features need their (B, T) mask")
+        if self.embed is not None:
+            x = embed_tokens(self.embed["tok"], self.embed["pos"], self.drop, x)  # (B, T, C)
+        x = run_blocks(self.blocks, x, mask)  # (B, T, C)
+        if self.ln_f is not None:  # always set for token features
+            x = self.ln_f(x)  # (B, T, C)
+        return pool_states(x, mask, self.spec.pooling)  # (B, C)
+
+    def hidden(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """What a regression head's last linear layer sees, ``(B, C)`` (eval-mode use).
+
+        Raises:
+            ConfigError: the head is a Debye head.
+        """
+        if not isinstance(self.head, RegressionHead):
+            raise ConfigError("a Bayesian last layer needs a regression head, not a Debye head")
+        return self.head.net[:-1](self.pooled(x, mask))  # (B, C)
 
     def to_targets(self, out: Tensor, n_atoms: Tensor | None) -> Tensor:
         """Head output -> predictions ``(B, m)`` in target units.
@@ -329,6 +343,22 @@ def predict_member(
         preds.append(member.to_targets(out, atoms).float().cpu())
         raws.append(out.float().cpu())
     return torch.cat(preds), torch.cat(raws)
+
+
+@torch.no_grad()
+def member_hidden(
+    member: MemberNet, data: FeatureSet, config: FinetuneConfig, device: torch.device
+) -> Tensor:
+    """The features ``(n, C)`` below a regression member's last layer (float32, CPU)."""
+    member.eval().to(device)
+    parts = []
+    for start in range(0, len(data), config.eval_batch_size):
+        index = torch.arange(start, min(len(data), start + config.eval_batch_size))
+        x, mask, _, _ = data.batch(index, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = member.hidden(x, mask)
+        parts.append(out.float().cpu())
+    return torch.cat(parts)
 
 
 def evaluate_loss(

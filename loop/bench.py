@@ -140,12 +140,12 @@ def run_one(config_json: str, directory: str) -> dict[str, Any]:
 
     from loop.campaign import Campaign
 
-    torch.set_num_threads(1)
     out = Path(directory)
     done = out / "result.json"
     if done.exists():
         return RunRecord.model_validate_json(done.read_text()).model_dump()
     config = CampaignConfig.model_validate_json(config_json)
+    torch.set_num_threads(config.threads if isinstance(config.threads, int) else 1)
     t0, c0 = time.perf_counter(), time.process_time()
     result = Campaign(config, out).run()
     from loop.calibration import pick_calibration
@@ -213,11 +213,17 @@ def run_bench(
         for name in bench.strategies
     ]
     records: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    # `parallel` runs share the cores: each gets its share as an explicit thread budget
+    # (oversubscribed OpenMP threads cost up to 180x on a shared machine; cloud_model.threads)
+    from cloud_model.threads import resolve_threads
+
+    worker_threads = resolve_threads(base.get("threads"), workers=bench.parallel)
     t_start = time.perf_counter()
     while queue or jobs:
         while queue and len(jobs) < bench.parallel:
             name, q, seed = queue.pop(0)
             data = _run_dict(base, name, bench.strategies[name], q, seed)
+            data["threads"] = worker_threads
             config = parse_config(data)
             ref = remote.remote(config.model_dump_json(), str(out / "runs" / config.name))
             jobs[ref] = (name, q, seed)

@@ -213,6 +213,9 @@ class Campaign:
         if agent is None and executor is None and (done := self.finished()) is not None:
             logger.info("the campaign is already complete (%s): nothing to run", done)
             return self._result(done)  # no model, no Ray, no lab: a finished campaign stays so
+        from cloud_model.threads import apply_thread_budget, resolve_threads
+
+        apply_thread_budget(resolve_threads(self.config.threads))
         agent = agent or self.build_agent()
         if executor is None:
             from loop.wiring import build_executor

@@ -278,6 +278,9 @@ class CampaignConfig(_Section):
     dispatch: DispatchSection = DispatchSection()
     finetune: FinetunePolicy = FinetunePolicy()
     stop: StopConfig = StopConfig()
+    # torch/OpenMP threads of the campaign process and of what it starts (Ray workers inherit
+    # them); "auto": $CLOUDLAB_THREADS, else the cores this process may use (cloud_model.threads)
+    threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _batch_fits_concurrency(self) -> CampaignConfig:

@@ -158,6 +158,7 @@ class EnsembleSurrogate(Surrogate):
         self.scopes = scopes
         self.warm_start = warm_start
         self._model: LookupEnsembleModel | None = None
+        self._moments: tuple[Tensor, Tensor] | None = None  # (N x m, N x m) Bayesian heads
         self._fitted_once = False
 
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
@@ -189,14 +190,33 @@ class EnsembleSurrogate(Surrogate):
         return self._model
 
     def _score(self) -> LookupEnsembleModel:
-        """Predict the whole pool with every member (timed in ``last_score_seconds``)."""
+        """Predict the whole pool with every member (timed in ``last_score_seconds``).
+
+        Members with Bayesian heads give joint function draws (the samples the
+        acquisition sees) and the mixture's mean and variance, observation noise
+        included (what :meth:`mean_std` reports).
+        """
         t0 = time.perf_counter()
-        preds = self.ensemble.predict(self.scopes).to(torch.float64)  # S x N x m
+        self._moments = None
+        posterior = getattr(self.ensemble, "predict_posterior", None)
+        if callable(posterior) and getattr(self.ensemble, "bayes_heads", None):
+            post = posterior(self.scopes)
+            preds = post.draws.to(torch.float64)  # S x N x m
+            self._moments = (post.mean, post.variance.sqrt())
+        else:
+            preds = self.ensemble.predict(self.scopes).to(torch.float64)  # S x N x m
         self.last_score_seconds = time.perf_counter() - t0
         return LookupEnsembleModel(preds)
 
     def samples(self, idx: Tensor) -> Tensor:
         return self.model().predictions[:, idx.long()]
+
+    def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        self.model()
+        if self._moments is None:
+            return super().mean_std(idx)
+        mean, std = self._moments
+        return mean[idx.long()], std[idx.long()]
 
     def save(self, directory: Path) -> None:
         self.ensemble.save(directory)

@@ -254,3 +254,51 @@ def test_spread_is_the_split_conformal_quantile() -> None:
     z = torch.arange(1, 101, dtype=torch.float64)  # 1..100
     assert _conformal_90(z) == 91.0  # ceil(0.9 * 101) = 91st smallest
     assert _conformal_90(z[:10]) == 10.0  # few values: the largest
+
+
+def test_bayesian_head_ensemble_gives_joint_draws_and_noisy_moments(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    scopes, y = _cv(data_dir)
+    config = parse_config(
+        _auto_config(
+            kind="cloud_ensemble",
+            ensemble={
+                "model_size": "tiny",
+                "epochs": 10,
+                "warm_start_epochs": 4,
+                "bayesian_head": True,
+                "bootstrap": True,
+                "head_draws": 4,
+            },
+        )
+    )
+    surrogate = build_surrogate(config, scopes, len(scopes))
+    surrogate.fit(torch.arange(20), y[:20])
+    idx = torch.arange(20, 50)
+    draws = surrogate.samples(idx)
+    assert draws.shape == (12, 30, 1)  # 3 members x 4 joint draws each
+    mean, std = surrogate.mean_std(idx)
+    # reported moments are the mixture's, noise included: wider than the draws' spread
+    assert bool((std + 1e-9 >= draws.std(0, correction=0)).all())
+    assert torch.allclose(mean, draws.mean(0), atol=float(std.max()))
+    picks = select_batch(
+        kind="qlogei",
+        surrogate=surrogate,
+        spec=config.objective_spec(),
+        q=3,
+        available=idx,
+        pending=torch.tensor([], dtype=torch.long),
+        measured_idx=torch.arange(20),
+        measured_y=y[:20],
+        generator=torch.Generator().manual_seed(0),
+        beta=2.0,
+        shortlist=config.acquisition.shortlist_for(surrogate.active_name),
+    )
+    assert len({p.index for p in picks}) == 3
+    surrogate.save(tmp_path / "s")
+    again = build_surrogate(config, scopes, len(scopes))
+    again.load(tmp_path / "s")
+    m2, s2 = again.mean_std(idx)
+    assert torch.allclose(m2, mean, atol=1e-6) and torch.allclose(s2, std, atol=1e-6)
+    assert torch.allclose(again.samples(idx), draws, atol=1e-6)
