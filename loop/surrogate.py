@@ -33,6 +33,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from loop.config import CampaignConfig
+    from loop.gp_marginals import MarginalPredictor
     from loop.warp import YeoJohnson
 
 logger = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ class GPSurrogate(Surrogate):
         self.n_pool = len(features) if n_pool is None else n_pool
         self._model: IndexedModel | None = None
         self._train: tuple[Tensor, Tensor] | None = None  # rows of the last fit
+        self._marginals: MarginalPredictor | None = None  # factorised once per fitted model
 
     def _subsample(self, train_idx: Tensor, train_y: Tensor) -> tuple[Tensor, Tensor]:
         """Own measurements first, then a seeded random share of the prior rows."""
@@ -380,12 +382,18 @@ class GPSurrogate(Surrogate):
         """Posterior mean and std of the modelled (possibly warped) values, in chunks."""
         if self._model is None:
             raise RuntimeError("the GP surrogate has not been fitted yet")
+        if self._marginals is None or self._marginals.model is not self._model.base:
+            from loop.gp_marginals import MarginalPredictor
+
+            self._marginals = MarginalPredictor.from_model(self._model.base)
         means, stds = [], []
-        with torch.no_grad():
-            for chunk in idx.long().split(4096):
-                post = self._model.base.posterior(self.features[chunk])  # n x m
-                means.append(post.mean)  # type: ignore[attr-defined]
-                stds.append(post.variance.clamp_min(0).sqrt())  # type: ignore[attr-defined]
+        for chunk in idx.long().split(8192):
+            mean, var = self._marginals(self.features[chunk])  # n x m each
+            means.append(mean)
+            stds.append(var.sqrt())
+        if not means:
+            m = int(self._model.num_outputs)
+            return torch.empty(0, m, dtype=torch.float64), torch.empty(0, m, dtype=torch.float64)
         return torch.cat(means), torch.cat(stds)
 
     def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
