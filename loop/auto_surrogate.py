@@ -285,6 +285,9 @@ class AutoSurrogate(Surrogate):
         self._trained: set[int] = set()
         self._floor = 1e-9
         self._fitted = False
+        # the fallback's leave-one-out predictions of its training rows: what calibrates its
+        # reported stds before any candidate has prequential evidence (the first model version)
+        self._held_out: PrequentialRecord | None = None
 
     # ------------------------------------------------------------------ the choice
     @property
@@ -332,6 +335,9 @@ class AutoSurrogate(Surrogate):
         self.chosen = max(self.recals, key=lambda n: self.recals[n].ll) if enough else first
         if not enough:
             self.recals = {n: Recalibration.identity(self._m, r.ll) for n, r in self.recals.items()}
+            loo = self._held_out
+            if loo is not None and len(loo) >= self.min_evidence:
+                self.recals[first] = recalibrate(loo, self._m, self._floor)
 
     # ------------------------------------------------------------------ Surrogate
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
@@ -348,6 +354,10 @@ class AutoSurrogate(Surrogate):
             metrics.update({f"{name}.{k}": v for k, v in m.items()})
         self._trained = {int(i) for i in train_idx.tolist() if i < self.n_pool}
         self._fitted = True
+        first = next(iter(self.members))
+        self._held_out = None
+        if len(self.records[first]) < self.min_evidence:
+            self._held_out = _held_out_record(self.members[first], train_idx, train_y)
         self._choose()
         for name in self.members:
             metrics[f"{name}.prequential_ll"] = self.recals[name].ll
@@ -401,6 +411,7 @@ class AutoSurrogate(Surrogate):
             "trained": sorted(self._trained),
             "floor": self._floor,
             "records": {n: r.to_json() for n, r in self.records.items()},
+            "held_out": None if self._held_out is None else self._held_out.to_json(),
         }
         (directory / _STATE_FILE).write_text(json.dumps(state))
 
@@ -422,7 +433,25 @@ class AutoSurrogate(Surrogate):
         self._m = int(state["targets"])
         self._trained = {int(i) for i in state["trained"]}
         self._floor = float(state["floor"])
+        held = state.get("held_out")
+        self._held_out = None if held is None else PrequentialRecord.from_json(held)
         self._fitted = True
         self._choose()
         if self.chosen != state["chosen"]:
             raise CheckpointError(f"{path}: the saved choice does not follow from its records")
+
+
+def _held_out_record(
+    member: Surrogate, train_idx: Tensor, train_y: Tensor
+) -> PrequentialRecord | None:
+    """A member's held-out predictions of its own training rows (None if it has none)."""
+    held_out = getattr(member, "held_out", None)
+    out = held_out() if callable(held_out) else None
+    if out is None or len(out[0]) == 0:
+        return None
+    idx, mean, std = out
+    position = {int(i): k for k, i in enumerate(train_idx.tolist())}
+    rows = torch.tensor([position[int(i)] for i in idx.tolist()], dtype=torch.long)
+    record = PrequentialRecord()
+    record.extend(mean.to(torch.float64), std.to(torch.float64), train_y[rows].to(torch.float64))
+    return record

@@ -69,3 +69,28 @@ class MarginalPredictor:
                 mean = mean * std + tf.means.reshape(1, -1)
                 var = var * std**2
         return mean, var
+
+    def leave_one_out(self) -> tuple[Tensor, Tensor]:
+        """Leave-one-out mean and latent variance ``(n, m)`` of the training rows.
+
+        Closed form for an exact GP (Rasmussen & Williams, eq. 5.12): with ``K^-1`` from the
+        factorisation, row ``i``'s prediction from the others has mean
+        ``y_i - [K^-1 r]_i / [K^-1]_ii`` and variance ``1 / [K^-1]_ii`` (noise included; the
+        latent variance returned is that less the noise), in the model's original units.
+        """
+        model = self.model
+        with torch.no_grad():
+            k_inv = torch.cholesky_inverse(self.chol)  # (b, n, n)
+            diag = k_inv.diagonal(dim1=-2, dim2=-1)  # (b, n)
+            train_y = model.train_targets
+            train_y = train_y[None] if train_y.dim() == 1 else train_y  # (b, n)
+            mean = train_y - self.alpha.squeeze(-1) / diag  # (b, n)
+            noise = model.likelihood.noise.reshape(-1, 1)  # (1 or b, 1)
+            var = (1.0 / diag - noise).clamp_min(1e-12)  # (b, n)
+            mean, var = mean.transpose(0, 1), var.transpose(0, 1)  # (n, b)
+            tf = getattr(model, "outcome_transform", None)
+            if tf is not None:
+                std = tf.stdvs.reshape(1, -1)
+                mean = mean * std + tf.means.reshape(1, -1)
+                var = var * std**2
+        return mean, var

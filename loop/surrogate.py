@@ -396,6 +396,22 @@ class GPSurrogate(Surrogate):
             return torch.empty(0, m, dtype=torch.float64), torch.empty(0, m, dtype=torch.float64)
         return torch.cat(means), torch.cat(stds)
 
+    def held_out(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Leave-one-out predictions of the last fit's pool rows: ``idx``, mean, std.
+
+        Closed form (:meth:`loop.gp_marginals.MarginalPredictor.leave_one_out`); None
+        before a fit and for a warped GP (its LOO moments are not Gaussian in y).
+        """
+        if self._model is None or self._train is None or self._warp is not None:
+            return None
+        from loop.gp_marginals import MarginalPredictor
+
+        if self._marginals is None or self._marginals.model is not self._model.base:
+            self._marginals = MarginalPredictor.from_model(self._model.base)
+        mean, var = self._marginals.leave_one_out()
+        own = self._train[0] < self.n_pool
+        return self._train[0][own], mean[own], var[own].sqrt()
+
     def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         mean, std = self._own_mean_std(idx)
         if self._warp is None:

@@ -69,3 +69,26 @@ def test_analytic_screen_ranks_like_the_draws(kind: str) -> None:
     # Pareto or window objectives keep the draws
     window = ObjectiveSpec(targets=("a", "b"), primary=0, sense="window", window=(0.0, 1.0))
     assert _analytic_screen(kind, s, window, avail, y[:30], 2.0) is None
+
+
+def test_leave_one_out_matches_refitting_without_the_row() -> None:
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(200, 3, generator=gen, dtype=torch.float64)
+    y = (x[:, :1] * 2).sin() * 3 + 1 + 0.1 * torch.randn(200, 1, generator=gen, dtype=torch.float64)
+    s = GPSurrogate(x, seed=0)
+    s.fit(torch.arange(25), y[:25])
+    idx, mean, std = s.held_out()
+    assert torch.equal(idx, torch.arange(25)) and mean.shape == std.shape == (25, 1)
+    gp = s.model().base
+    pred = MarginalPredictor.from_model(gp)
+    k = pred.chol[0] @ pred.chol[0].T  # K + noise I, standardised
+    r = (gp.train_targets - gp.mean_module(pred.train_x[0])).detach()
+    tf = gp.outcome_transform
+    for i in (0, 7, 24):
+        keep = torch.tensor([j for j in range(25) if j != i])
+        k_i = k[keep][:, i]
+        sol = torch.linalg.solve(k[keep][:, keep], torch.stack([r[keep], k_i], dim=1))
+        m_i = float(gp.mean_module(pred.train_x[0][i : i + 1]).detach()) + float(k_i @ sol[:, 0])
+        latent = float(k[i, i] - gp.likelihood.noise.detach()) - float(k_i @ sol[:, 1])
+        assert abs(float(mean[i, 0]) - (m_i * float(tf.stdvs) + float(tf.means))) < 1e-6
+        assert abs(float(std[i, 0]) - latent**0.5 * float(tf.stdvs)) < 1e-6
