@@ -306,3 +306,25 @@ def test_bayesian_head_ensemble_gives_joint_draws_and_noisy_moments(
     m2, s2 = again.mean_std(idx)
     assert torch.allclose(m2, mean, atol=1e-6) and torch.allclose(s2, std, atol=1e-6)
     assert torch.allclose(again.samples(idx), draws, atol=1e-6)
+
+
+def test_a_mean_without_signal_keeps_the_level_of_the_values() -> None:
+    """A constant prediction far from zero (carbon_24's GP: -9 eV/atom) is mapped onto the
+    values' level; the floored slope gets its own intercept."""
+    from loop.auto_surrogate import recalibrate
+
+    gen = torch.Generator().manual_seed(0)
+    rec = PrequentialRecord()
+    y = -9.5 + 0.1 * torch.randn(30, 1, generator=gen, dtype=torch.float64)
+    rec.extend(
+        torch.full((30, 1), -9.0, dtype=torch.float64),
+        torch.full((30, 1), 0.01, dtype=torch.float64),
+        y,
+    )
+    recal = recalibrate(rec, 1, 1e-9)
+    mean, std = recal.apply(
+        torch.tensor([[-9.0]], dtype=torch.float64), torch.tensor([[0.01]], dtype=torch.float64)
+    )
+    assert abs(float(mean) - float(y.mean())) < 1e-6
+    inside = ((y - mean).abs() <= 1.645 * std).double().mean()
+    assert 0.85 <= float(inside) <= 1.0
