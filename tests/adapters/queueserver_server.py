@@ -151,6 +151,7 @@ def start_queueserver(workdir: Path, truth: GroundTruth, **lab: object) -> Queue
     """Redis + RE Manager with the reference profile, its environment open."""
     from bluesky_queueserver_api.zmq import REManagerAPI
 
+    workdir.mkdir(parents=True, exist_ok=True)
     server = QueueServer(workdir)
     server.configure(truth, **lab)  # type: ignore[arg-type]
     server.start_redis()
