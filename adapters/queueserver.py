@@ -232,7 +232,11 @@ class QueueServerAdapter(LabAdapter):
                 f"item {handle.job_id} (key {handle.idempotency_key}) is {status.state.value}"
             )
         key = handle.idempotency_key
-        record = self._retrying(f"result {handle.job_id}", lambda: self._record(key))
+        try:
+            record = self._retrying(f"result {handle.job_id}", lambda: self._record(key))
+        except _EnvironmentClosed:  # e.g. after a restart: open it, and be asked again
+            self._ensure_environment(self._request("status", self._api.status, reload=True))
+            raise
         if record is None:
             raise PermanentAdapterError(
                 f"item {handle.job_id} completed but {self.config.result_function}({key!r}) in "
@@ -379,7 +383,16 @@ class QueueServerAdapter(LabAdapter):
                     message=f"exit status {exit_status}: waiting for the worker environment "
                     "to look up the measurement",
                 )
-            if self._record(key) is not None:
+            try:
+                record = self._record(key)
+            except _EnvironmentClosed:
+                self._ensure_environment(self._request("status", self._api.status, reload=True))
+                return JobStatus(
+                    job_id=job_id,
+                    state=JobState.RUNNING,
+                    message=f"exit status {exit_status}: waiting for the worker environment",
+                )
+            if record is not None:
                 return JobStatus(job_id=job_id, state=JobState.SUCCEEDED, message=exit_status)
             state = JobState.CANCELLED if exit_status == "stopped" else JobState.LOST
             return JobStatus(
@@ -530,6 +543,9 @@ class QueueServerAdapter(LabAdapter):
             ) from exc
         except RequestFailedError as exc:
             text = str(exc)
+            if "environment is not open" in text.lower() or "environment does not exist" in text:
+                # closed, or being opened again after a restart: try again later
+                raise _EnvironmentClosed(f"{what}: {text}") from exc
             if what == "item_add" and not env_exists and "allowed" in text:
                 # the plan lists are loaded when the environment is first opened
                 raise TransientAdapterError(
@@ -567,6 +583,10 @@ class QueueServerAdapter(LabAdapter):
 
 class _NoAnswer(TransientAdapterError):
     """The RE Manager did not answer one request (retried by ``_retrying``)."""
+
+
+class _EnvironmentClosed(TransientAdapterError):
+    """The RE worker environment is closed or being opened (after a restart)."""
 
 
 def _hint(what: str, config: QueueServerConfig) -> str:
