@@ -5,7 +5,8 @@
 * SiLA 2: the reference ExperimentRunner server over TLS with login; SIGKILLed
   mid-campaign and started again on the same state directory.
 
-Each asserts that the campaign spends its budget, that the orchestrator ran no key
+The queueserver campaign runs through ``cloudlab run`` (``python -m loop run``). Each
+asserts that the campaign spends its budget, that the orchestrator ran no key
 twice (items in the queueserver history vs unique keys; jobs in the SiLA lab's
 journal vs unique keys) and that the measured values are the truth's (+ noise).
 """
@@ -13,6 +14,8 @@ journal vs unique keys) and that the measured values are the truth's (+ noise).
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loop.campaign import Campaign
 from loop.config import parse_config
@@ -27,6 +31,7 @@ from loop.store import CampaignStore
 from simulators.ground_truth import GroundTruth
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
 BUDGET = 24
 
 
@@ -138,9 +143,14 @@ def test_campaign_through_the_bluesky_queueserver_survives_a_re_manager_restart(
             "capacity": 4,
             "request_timeout_s": 2.0,
         }
+        config = tmp_path / "queueserver_campaign.yaml"
+        config.write_text(yaml.safe_dump(_config(cv_pool, adapter)))
         watcher, restarted = _restart_when(lambda: len(history()), 8, restart)
         started = time.monotonic()
-        result = Campaign(parse_config(_config(cv_pool, adapter)), tmp_path / "run").run()
+        run = subprocess.run(  # the real entry point: `cloudlab run`
+            [sys.executable, "-m", "loop", "run", str(config), "--out", str(tmp_path / "run")],
+            capture_output=True, text=True, timeout=600, cwd=REPO,
+        )
         wall = time.monotonic() - started
         watcher.join(timeout=5)
         items = history()
@@ -154,8 +164,11 @@ def test_campaign_through_the_bluesky_queueserver_survives_a_re_manager_restart(
         f"unique keys {len(per_key)}, duplicates {duplicates}, restarts {len(restarted)}, "
         f"wall {wall:.1f} s"
     )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert restarted, "the RE Manager was never restarted"
-    assert result.stop_reason == "experiment budget reached" and len(jobs) == BUDGET
+    with CampaignStore(tmp_path / "run", create=False) as store:
+        assert store.get_meta("stop_reason") == "experiment budget reached"
+    assert len(jobs) == BUDGET
     assert duplicates == 0 and set(per_key) == set(keys)  # every key ran once, none twice
     assert counts.get("SUCCEEDED", 0) >= BUDGET - 4  # at most the in-flight plans are LOST
     truth_cv = {cid: row["cv"] for cid, row in truth.values.items()}
