@@ -57,12 +57,11 @@ from adapters.base import (
     AuthError,
     ExperimentRequest,
     JobHandle,
-    JobNotFoundError,
     JobState,
     JobStatus,
     LabAdapter,
-    Measurement,
     MeasuredValue,
+    Measurement,
     PermanentAdapterError,
     ResultNotReadyError,
     TransientAdapterError,
@@ -113,9 +112,7 @@ class QueueServerConfig(BaseModel):
     def _zmq_address(cls, address: str) -> str:
         host, _, port = address.removeprefix("tcp://").rpartition(":")
         if not address.startswith("tcp://") or not host or not port.isdigit():
-            raise ValueError(
-                f"control_address must look like tcp://host:60615, got {address!r}"
-            )
+            raise ValueError(f"control_address must look like tcp://host:60615, got {address!r}")
         return address
 
 
@@ -207,8 +204,11 @@ class QueueServerAdapter(LabAdapter):
             else:
                 self._ensure_environment(snap.status)
                 answer = self._request(
-                    "item_add", self._api.item_add, item,
-                    user=self.config.user, user_group=self.config.user_group,
+                    "item_add",
+                    self._api.item_add,
+                    item,
+                    user=self.config.user,
+                    user_group=self.config.user_group,
                     env_exists=bool(snap.status.get("worker_environment_exists")),
                 )
                 uid = str(answer["item"]["item_uid"])
@@ -369,9 +369,7 @@ class QueueServerAdapter(LabAdapter):
         if exit_status == "failed":
             return JobStatus(job_id=job_id, state=JobState.FAILED, message=message)
         if exit_status in ("aborted", "halted"):
-            return JobStatus(
-                job_id=job_id, state=JobState.CANCELLED, message=f"plan {exit_status}"
-            )
+            return JobStatus(job_id=job_id, state=JobState.CANCELLED, message=f"plan {exit_status}")
         if exit_status in ("stopped", _RESTARTED):
             if exit_status == "stopped" and key in self._cancelled:
                 return JobStatus(job_id=job_id, state=JobState.CANCELLED, message="plan stopped")
@@ -413,9 +411,12 @@ class QueueServerAdapter(LabAdapter):
 
         cfg = self.config
         answer = self._request(
-            "function_execute", self._api.function_execute,
-            BFunc(cfg.result_function, key), run_in_background=True,
-            user=cfg.user, user_group=cfg.user_group,
+            "function_execute",
+            self._api.function_execute,
+            BFunc(cfg.result_function, key),
+            run_in_background=True,
+            user=cfg.user,
+            user_group=cfg.user_group,
         )
         task_uid = answer["task_uid"]
         deadline = time.monotonic() + cfg.result_timeout_s
@@ -511,9 +512,10 @@ class QueueServerAdapter(LabAdapter):
         cfg = self.config
         self._request("re_pause", self._api.re_pause, "immediate")
         deadline = time.monotonic() + cfg.cancel_timeout_s
-        while self._request("status", self._api.status, reload=True).get(
-            "manager_state"
-        ) not in ("paused", "idle"):
+        while self._request("status", self._api.status, reload=True).get("manager_state") not in (
+            "paused",
+            "idle",
+        ):
             if time.monotonic() > deadline:
                 raise TransientAdapterError(
                     f"item {uid} did not pause within {cfg.cancel_timeout_s:g} s "
@@ -522,15 +524,16 @@ class QueueServerAdapter(LabAdapter):
             time.sleep(0.05)
         if self._request("status", self._api.status, reload=True).get("manager_state") == "paused":
             self._request("re_abort", self._api.re_abort)
-        while self._request("status", self._api.status, reload=True).get(
-            "manager_state"
-        ) != "idle":
+        while self._request("status", self._api.status, reload=True).get("manager_state") != "idle":
             if time.monotonic() > deadline:
-                raise TransientAdapterError(f"item {uid} did not abort within {cfg.cancel_timeout_s:g} s")
+                raise TransientAdapterError(
+                    f"item {uid} did not abort within {cfg.cancel_timeout_s:g} s"
+                )
             time.sleep(0.05)
 
-    def _request(self, what: str, call: Callable[..., _T], *args: Any, env_exists: bool = True,
-                 **kwargs: Any) -> _T:
+    def _request(
+        self, what: str, call: Callable[..., _T], *args: Any, env_exists: bool = True, **kwargs: Any
+    ) -> _T:
         """One API call; a refused request becomes a PermanentAdapterError naming the setting."""
         from bluesky_queueserver_api.comm_base import RequestFailedError, RequestTimeoutError
 
@@ -551,8 +554,9 @@ class QueueServerAdapter(LabAdapter):
                 raise TransientAdapterError(
                     f"item_add: {text} (the worker environment is not open yet)"
                 ) from exc
-            raise PermanentAdapterError(f"{what} refused by {self.config.control_address}: "
-                                        f"{text}{_hint(what, self.config)}") from exc
+            raise PermanentAdapterError(
+                f"{what} refused by {self.config.control_address}: {text}{_hint(what, self.config)}"
+            ) from exc
 
     def _retrying(self, what: str, attempt: Callable[[], _T]) -> _T:
         cfg = self.config
@@ -564,8 +568,9 @@ class QueueServerAdapter(LabAdapter):
                 last = str(exc)
             if n < cfg.max_attempts:
                 wait = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (n - 1))
-                logger.warning("%s: %s; retry %d/%d in %.2f s", what, last, n,
-                               cfg.max_attempts - 1, wait)
+                logger.warning(
+                    "%s: %s; retry %d/%d in %.2f s", what, last, n, cfg.max_attempts - 1, wait
+                )
                 time.sleep(wait)
         raise TransientAdapterError(
             f"{what}: {last} after {cfg.max_attempts} attempts; {self._unreachable_hint()}"

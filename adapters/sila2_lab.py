@@ -53,8 +53,8 @@ from adapters.base import (
     JobState,
     JobStatus,
     LabAdapter,
-    Measurement,
     MeasuredValue,
+    Measurement,
     PermanentAdapterError,
     ResultNotReadyError,
     TransientAdapterError,
@@ -305,7 +305,10 @@ class Sila2Adapter(LabAdapter):
         cfg = self.config
         try:
             answer = self._client.AuthenticationService.Login(
-                cfg.user, self._password, str(self._client.SiLAService.ServerUUID.get()), [FEATURE_ID]
+                cfg.user,
+                self._password,
+                str(self._client.SiLAService.ServerUUID.get()),
+                [FEATURE_ID],
             )
         except DefinedExecutionError as exc:
             raise AuthError(
@@ -410,8 +413,10 @@ class Sila2Adapter(LabAdapter):
                 if identifier == "UnknownExperiment":
                     raise JobNotFoundError(f"{what}: {self._where}: {exc.message}") from exc
                 if identifier in ("AuthorizationFailed", "InvalidAccessToken"):
-                    raise AuthError(f"{what}: {self._where} refused the access token of user "
-                                    f"{cfg.user}: {exc.message}") from exc
+                    raise AuthError(
+                        f"{what}: {self._where} refused the access token of user "
+                        f"{cfg.user}: {exc.message}"
+                    ) from exc
                 raise PermanentAdapterError(f"{what}: {identifier}: {exc.message}") from exc
             if n >= cfg.max_attempts:
                 raise TransientAdapterError(f"{what}: {last} (after {n} attempts)")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import TypeVar
 
 from adapters.base import Executor, LabAdapter
 from adapters.engine import DispatchConfig, JobEngine
@@ -95,7 +94,7 @@ def build_adapter(
 # adapters of a lab outside this process: probed once before the campaign starts
 _REMOTE = (HttpLabConfig, QueueServerConfig, SilaConfig)
 _PROBED = (HttpLabAdapter, QueueServerAdapter, Sila2Adapter)
-_Probed = TypeVar("_Probed", HttpLabAdapter, QueueServerAdapter, Sila2Adapter)
+_Probed = HttpLabAdapter | QueueServerAdapter | Sila2Adapter
 
 
 def engine_config(config: CampaignConfig) -> DispatchConfig:

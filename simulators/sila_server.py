@@ -184,15 +184,15 @@ def _authenticated(server: SilaServer, user: str, password: str) -> None:
         ) -> list[Feature | Command | Property | FullyQualifiedIdentifier]:
             return [FEATURE]
 
-    server.set_feature_implementation(
-        AuthenticationServiceFeature, PasswordAuthentication(server)
-    )
+    server.set_feature_implementation(AuthenticationServiceFeature, PasswordAuthentication(server))
     server.set_feature_implementation(AuthorizationServiceFeature, ExperimentsNeedToken(server))
 
 
 def _server_identity(state_dir: Path, host: str) -> tuple[uuid.UUID, bytes, bytes]:
     """The server UUID and its TLS key and certificate, created once per state directory."""
-    id_file, key_file, cert_file = (state_dir / n for n in ("server.uuid", "server.key", "server.crt"))
+    id_file, key_file, cert_file = (
+        state_dir / n for n in ("server.uuid", "server.key", "server.crt")
+    )
     if not id_file.exists():
         server_uuid = uuid.uuid4()
         key, cert = generate_self_signed_certificate(server_uuid, host)
@@ -261,9 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.insecure:
         server.start_insecure(args.host, args.port, enable_discovery=False)
     else:
-        server.start(
-            args.host, args.port, private_key=key, cert_chain=cert, enable_discovery=False
-        )
+        server.start(args.host, args.port, private_key=key, cert_chain=cert, enable_discovery=False)
     logger.info("SiLA 2 server %s listening on %s:%d", server.server_uuid, args.host, args.port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -95,8 +95,19 @@ class QueueServer:
 
     def start_redis(self) -> None:
         self.redis = subprocess.Popen(
-            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            [
+                "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=(self.workdir / "redis.log").open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -108,15 +119,25 @@ class QueueServer:
         self.starts += 1
         env = {**os.environ, "CLOUDLAB_QS_LAB": str(self.workdir / "lab.json")}
         self.manager = subprocess.Popen(
-            [str(BIN / "start-re-manager"),
-             "--startup-dir", str(PROFILE),
-             "--existing-plans-devices", str(self.workdir / "existing_plans_and_devices.yaml"),
-             "--user-group-permissions", str(PROFILE / "user_group_permissions.yaml"),
-             "--redis-addr", f"127.0.0.1:{self.redis_port}",
-             "--zmq-control-addr", self.control_address,
-             "--zmq-info-addr", f"tcp://127.0.0.1:{self.info_port}",
-             "--zmq-publish-console", "OFF",
-             "--console-output", "OFF"],
+            [
+                str(BIN / "start-re-manager"),
+                "--startup-dir",
+                str(PROFILE),
+                "--existing-plans-devices",
+                str(self.workdir / "existing_plans_and_devices.yaml"),
+                "--user-group-permissions",
+                str(PROFILE / "user_group_permissions.yaml"),
+                "--redis-addr",
+                f"127.0.0.1:{self.redis_port}",
+                "--zmq-control-addr",
+                self.control_address,
+                "--zmq-info-addr",
+                f"tcp://127.0.0.1:{self.info_port}",
+                "--zmq-publish-console",
+                "OFF",
+                "--console-output",
+                "OFF",
+            ],
             stdout=(self.workdir / f"re_manager.{self.starts}.log").open("ab"),
             stderr=subprocess.STDOUT,
             env=env,
@@ -133,7 +154,9 @@ class QueueServer:
         _stop(self.redis, crash=False)
 
 
-def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 30.0) -> None:
+def _wait_port(
+    port: int, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 30.0
+) -> None:
     import socket
 
     deadline = time.monotonic() + timeout_s

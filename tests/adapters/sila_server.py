@@ -47,18 +47,29 @@ class SilaServerProcess:
     def start(self) -> None:
         self.starts += 1
         command = [
-            sys.executable, "-m", "simulators.sila_server",
-            "--truth", str(self.workdir / "truth.json"),
-            "--config", str(self.workdir / "lab.json"),
-            "--state-dir", str(self.state_dir),
-            "--port", str(self.port),
-            "--password-env", PASSWORD_ENV,
+            sys.executable,
+            "-m",
+            "simulators.sila_server",
+            "--truth",
+            str(self.workdir / "truth.json"),
+            "--config",
+            str(self.workdir / "lab.json"),
+            "--state-dir",
+            str(self.state_dir),
+            "--port",
+            str(self.port),
+            "--password-env",
+            PASSWORD_ENV,
         ] + (["--insecure"] if self.insecure else [])
         env = {**os.environ, PASSWORD_ENV: PASSWORD, "PYTHONPATH": str(REPO)}
         log = self.workdir / f"sila_server.{self.starts}.log"
         self.process = subprocess.Popen(
-            command, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, cwd=REPO,
+            command,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=REPO,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -47,7 +47,10 @@ TRUTH = GroundTruth(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueServer]:
     running = start_queueserver(
-        tmp_path_factory.mktemp("qs"), TRUTH, latency_s=0.02, fail=(FAILING,),
+        tmp_path_factory.mktemp("qs"),
+        TRUTH,
+        latency_s=0.02,
+        fail=(FAILING,),
         slow={cid: 4.0 for cid in SLOW},
     )
     yield running

@@ -78,7 +78,9 @@ def _request(cid: str, *targets: str) -> ExperimentRequest:
     return ExperimentRequest(candidate_id=cid, targets=targets or ("gap",))
 
 
-def _wait(adapter: Sila2Adapter, handles: list[JobHandle], timeout_s: float = 30.0) -> list[JobState]:
+def _wait(
+    adapter: Sila2Adapter, handles: list[JobHandle], timeout_s: float = 30.0
+) -> list[JobState]:
     deadline = time.monotonic() + timeout_s
     while True:
         states = [adapter.poll(h).state for h in handles]
@@ -131,7 +133,9 @@ def test_cancel_and_unknown_experiments(server: SilaServerProcess) -> None:
         handle = adapter.submit(_request("cand-5"), "cancel-5")
         assert adapter.cancel(handle).state is JobState.CANCELLED
         assert adapter.poll(handle).state is JobState.CANCELLED
-        ghost = JobHandle(adapter="sila", job_id="x", idempotency_key="never-sent", candidate_id="c")
+        ghost = JobHandle(
+            adapter="sila", job_id="x", idempotency_key="never-sent", candidate_id="c"
+        )
         with pytest.raises(JobNotFoundError, match="never-sent"):
             adapter.poll(ghost)
 
@@ -151,8 +155,9 @@ def test_tls_mismatches_name_the_setting(server: SilaServerProcess, tmp_path: Pa
     with _adapter(server, ca_file=None, insecure=True) as plain:  # plain client, TLS server
         with pytest.raises(PermanentAdapterError, match="adapter.ca_file to the server's cert"):
             plain.probe()
-    from sila2.server.encryption import generate_self_signed_certificate
     import uuid
+
+    from sila2.server.encryption import generate_self_signed_certificate
 
     _, other = generate_self_signed_certificate(uuid.uuid4(), "127.0.0.1")
     (tmp_path / "other.crt").write_bytes(other)
@@ -198,7 +203,9 @@ def test_server_restart_mid_run_starts_no_second_experiment(tmp_path: Path) -> N
         try:
             jobs, total = lab.list_jobs()
             assert total == 3 and sorted(h.idempotency_key for h, _ in jobs) == [
-                "restart-6", "restart-7", "restart-8"
+                "restart-6",
+                "restart-7",
+                "restart-8",
             ]
         finally:
             lab.close()

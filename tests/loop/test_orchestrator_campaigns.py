@@ -50,7 +50,9 @@ def cv_pool(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 
 def _truth(pool: Path) -> GroundTruth:
     rows = list(csv.DictReader(pool.open()))
-    return GroundTruth.from_rows(((r["id"], {"cv": float(r["cv"])}) for r in rows), {"cv": "J/(mol K)"})
+    return GroundTruth.from_rows(
+        ((r["id"], {"cv": float(r["cv"])}) for r in rows), {"cv": "J/(mol K)"}
+    )
 
 
 def _config(pool: Path, adapter: dict[str, object]) -> dict[str, object]:
@@ -149,7 +151,10 @@ def test_campaign_through_the_bluesky_queueserver_survives_a_re_manager_restart(
         started = time.monotonic()
         run = subprocess.run(  # the real entry point: `cloudlab run`
             [sys.executable, "-m", "loop", "run", str(config), "--out", str(tmp_path / "run")],
-            capture_output=True, text=True, timeout=600, cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
         )
         wall = time.monotonic() - started
         watcher.join(timeout=5)
