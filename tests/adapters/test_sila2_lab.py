@@ -179,7 +179,9 @@ def test_config_needs_tls_or_an_explicit_insecure() -> None:
         SilaConfig(port=1, ca_file=Path("x.crt"), insecure=True)
 
 
-def test_server_restart_mid_run_starts_no_second_experiment(tmp_path: Path) -> None:
+def test_server_restart_mid_run_starts_no_second_experiment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     server = start_sila_server(tmp_path, TRUTH, LAB)
     try:
         with _adapter(server, max_attempts=1) as adapter:
@@ -196,6 +198,11 @@ def test_server_restart_mid_run_starts_no_second_experiment(tmp_path: Path) -> N
                 retried = fresh.submit(_request("cand-7"), "restart-7")
                 assert _wait(fresh, [retried]) == [JobState.SUCCEEDED]
                 assert fresh.result(retried).values == adapter.result(handles[1]).values
+            server.stop()  # a restart between two calls: the channel reconnects by itself,
+            server.start()  # the new server does not know our token, the adapter logs in again
+            with caplog.at_level("INFO", logger="adapters.sila2_lab"):
+                assert adapter.poll(handles[2]).state is JobState.SUCCEEDED
+            assert "forgot the access token; logging in again" in caplog.text
         from simulators.journal import open_lab
 
         server.stop()
