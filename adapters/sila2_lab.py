@@ -407,7 +407,9 @@ class Sila2Adapter(LabAdapter):
                 identifier = _identifier(exc)
                 if identifier == "InvalidAccessToken" and not renewed:
                     renewed = True  # a restarted server forgot our token: log in once more
-                    logger.info("%s: %s forgot the access token; logging in again", what, self._where)
+                    logger.info(
+                        "%s: %s forgot the access token; logging in again", what, self._where
+                    )
                     self._drop_client()
                     n -= 1
                     continue

@@ -63,6 +63,7 @@ class QueueServer:
     redis: subprocess.Popen[bytes] | None = None
     manager: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    private_key: str | None = None  # CurveZMQ secret key: the RE Manager then encrypts
 
     @property
     def control_address(self) -> str:
@@ -118,6 +119,8 @@ class QueueServer:
         """Start the RE Manager (the queue and history come back from Redis)."""
         self.starts += 1
         env = {**os.environ, "CLOUDLAB_QS_LAB": str(self.workdir / "lab.json")}
+        if self.private_key is not None:
+            env["QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER"] = self.private_key
         self.manager = subprocess.Popen(
             [
                 str(BIN / "start-re-manager"),
@@ -170,17 +173,26 @@ def _wait_port(
     raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s; see {log}")
 
 
-def start_queueserver(workdir: Path, truth: GroundTruth, **lab: object) -> QueueServer:
-    """Redis + RE Manager with the reference profile, its environment open."""
+def start_queueserver(
+    workdir: Path, truth: GroundTruth, *, keys: tuple[str, str] | None = None, **lab: object
+) -> QueueServer:
+    """Redis + RE Manager with the reference profile, its environment open.
+
+    ``keys`` = (public, secret) CurveZMQ keys: the RE Manager then encrypts its channel.
+    """
     from bluesky_queueserver_api.zmq import REManagerAPI
 
     workdir.mkdir(parents=True, exist_ok=True)
-    server = QueueServer(workdir)
+    server = QueueServer(workdir, private_key=None if keys is None else keys[1])
     server.configure(truth, **lab)  # type: ignore[arg-type]
     server.start_redis()
     try:
         server.start_manager()
-        api = REManagerAPI(zmq_control_addr=server.control_address, timeout_recv=5)
+        api = REManagerAPI(
+            zmq_control_addr=server.control_address,
+            zmq_public_key=None if keys is None else keys[0],
+            timeout_recv=5,
+        )
         try:
             api.environment_open()
             api.wait_for_idle(timeout=60)

@@ -203,6 +203,34 @@ def test_unset_public_key_variable_is_an_auth_error(monkeypatch: pytest.MonkeyPa
         _adapter("tcp://127.0.0.1:1", public_key_env="CLOUDLAB_TEST_QS_KEY")
 
 
+def test_an_encrypted_re_manager_needs_its_public_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zmq
+
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+    server = start_queueserver(tmp_path, TRUTH, keys=(public, secret))
+    try:
+        monkeypatch.setenv("CLOUDLAB_TEST_QS_KEY", public)
+        with _adapter(server.control_address, public_key_env="CLOUDLAB_TEST_QS_KEY") as adapter:
+            handle = adapter.submit(_request("cand-2"), "encrypted-2")
+            assert _wait(adapter, [handle]) == [JobState.SUCCEEDED]
+            assert adapter.result(handle).values["gap"].value == pytest.approx(0.5)
+        quick = {"request_timeout_s": 0.5, "max_attempts": 1}
+        with _adapter(server.control_address, **quick) as plain:  # no key: no answer at all
+            with pytest.raises(TransientAdapterError, match="needs adapter.public_key_env"):
+                plain.probe()
+        other = zmq.curve_keypair()[0].decode()
+        monkeypatch.setenv("CLOUDLAB_TEST_QS_KEY", other)
+        with _adapter(
+            server.control_address, public_key_env="CLOUDLAB_TEST_QS_KEY", **quick
+        ) as wrong:
+            with pytest.raises(TransientAdapterError, match=r"\$CLOUDLAB_TEST_QS_KEY"):
+                wrong.probe()
+    finally:
+        server.stop()
+
+
 def test_config_rejects_a_bad_address() -> None:
     with pytest.raises(ValidationError, match="control_address must look like tcp://host:60615"):
         QueueServerConfig(control_address="localhost:60615")
