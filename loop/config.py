@@ -4,8 +4,9 @@ Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is 
 error naming its path (``acquisition.bach_size: extra inputs are not permitted``).
 The adapter section is a discriminated union on ``kind``: ``simulated`` (the
 dataset-backed simulated lab, in-process or in a Ray actor), ``http`` (any lab
-orchestrator speaking the cloudlab lab protocol), ``gpaw`` (real DFT) and
-``chgnet`` (ML potential). Secrets are never written in a config: only the *name*
+orchestrator speaking the cloudlab lab protocol), ``gpaw`` (real DFT),
+``chgnet`` (ML potential), ``queueserver`` (a Bluesky RE Manager) and ``sila``
+(a SiLA 2 ExperimentRunner server). Secrets are never written in a config: only the *name*
 of the environment variable that holds them (``adapter.token_env``).
 
 See ``configs/*.yaml`` for commented examples; every one of them is loaded by a test.
@@ -30,6 +31,8 @@ from pydantic import (
 
 from adapters.engine import DispatchConfig
 from adapters.http_lab import HttpLabConfig
+from adapters.queueserver import QueueServerConfig
+from adapters.sila2_lab import SilaConfig
 from cloud_model.configs import EnsembleConfig
 from cloud_model.errors import ConfigError
 from simulators.config import SimulatedLabConfig
@@ -228,8 +231,14 @@ class ChgnetAdapterConfig(_Section):
         return _check_settings(value, ChgnetSettings)
 
 
+# orchestrator adapters (Bluesky queueserver, SiLA 2) keep their typed configs beside them
 AdapterConfig = Annotated[
-    SimulatedLabConfig | HttpLabConfig | GpawAdapterConfig | ChgnetAdapterConfig,
+    SimulatedLabConfig
+    | HttpLabConfig
+    | GpawAdapterConfig
+    | ChgnetAdapterConfig
+    | QueueServerConfig
+    | SilaConfig,
     Field(discriminator="kind"),
 ]
 

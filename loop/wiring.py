@@ -26,6 +26,8 @@ from pathlib import Path
 from adapters.base import Executor, LabAdapter
 from adapters.engine import DispatchConfig, JobEngine
 from adapters.http_lab import HttpLabAdapter, HttpLabConfig
+from adapters.queueserver import QueueServerAdapter, QueueServerConfig
+from adapters.sila2_lab import Sila2Adapter, SilaConfig
 from adapters.transport import InProcessTransport
 from loop.config import AdapterConfig, CampaignConfig, ChgnetAdapterConfig, GpawAdapterConfig
 from loop.pool import Pool
@@ -82,7 +84,17 @@ def build_adapter(
         return ChgnetAdapter(settings={"work_dir": work_dir, **config.settings})
     if isinstance(config, HttpLabConfig):
         return HttpLabAdapter(config)
+    if isinstance(config, QueueServerConfig):
+        return QueueServerAdapter(config)
+    if isinstance(config, SilaConfig):
+        return Sila2Adapter(config)
     raise TypeError(f"no adapter for config {type(config).__name__}")
+
+
+# adapters of a lab outside this process: probed once before the campaign starts
+_REMOTE = (HttpLabConfig, QueueServerConfig, SilaConfig)
+_PROBED = (HttpLabAdapter, QueueServerAdapter, Sila2Adapter)
+_Probed = HttpLabAdapter | QueueServerAdapter | Sila2Adapter
 
 
 def engine_config(config: CampaignConfig) -> DispatchConfig:
@@ -93,9 +105,10 @@ def engine_config(config: CampaignConfig) -> DispatchConfig:
 def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Executor:
     """The job engine over the campaign's adapter, inline or over Ray.
 
-    An HTTP lab is probed first (:meth:`HttpLabAdapter.probe`, one short request
-    from this process), so that an unreachable lab or a refused token stops the
-    campaign within seconds, before any job exists and before Ray starts.
+    A lab outside this process (HTTP, Bluesky queueserver, SiLA 2) is probed first
+    (its adapter's ``probe``, from this process), so that an unreachable lab or
+    refused credentials stop the campaign within seconds, before any job exists
+    and before Ray starts.
 
     Raises:
         LabUnreachableError: the HTTP lab did not answer the probe.
@@ -104,7 +117,7 @@ def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Execu
     from adapters.base import AuthError
     from loop.campaign import LabRefusedError
 
-    def probed(adapter: HttpLabAdapter) -> HttpLabAdapter:
+    def probed(adapter: _Probed) -> _Probed:
         try:
             adapter.probe()
         except AuthError as exc:
@@ -123,14 +136,17 @@ def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Execu
     if config.dispatch.mode == "ray":
         from adapters.dispatch import Dispatcher
 
-        if isinstance(config.adapter, HttpLabConfig):  # the actors build their own adapters
-            probed(HttpLabAdapter(config.adapter)).close()
+        if isinstance(config.adapter, _REMOTE):  # the actors build their own adapters
+            remote = build_adapter(config.adapter, directory=directory)
+            if not isinstance(remote, _PROBED):
+                raise TypeError(f"{type(remote).__name__} has no probe")
+            probed(remote).close()
         factory = functools.partial(build_adapter, config.adapter, directory=directory, truth=truth)
         return Dispatcher(factory, settings)
     virtual = isinstance(config.adapter, SimulatedLabConfig)
     adapter = build_adapter(config.adapter, directory=directory, truth=truth, virtual_time=virtual)
     if not virtual:
-        if isinstance(adapter, HttpLabAdapter):
+        if isinstance(adapter, _PROBED):
             probed(adapter)
         return JobEngine(InProcessTransport(adapter), settings)
     from simulators.clock import EngineTime, VirtualClock

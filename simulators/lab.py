@@ -317,6 +317,22 @@ class SimulatedLab(LabAdapter):
             self._advance(self._now())
             return self._running[0][0] if self._running else None
 
+    def schedule(self, job_id: str) -> tuple[float | None, float | None]:
+        """Progress of job ``job_id`` (0..1) and its remaining simulated seconds.
+
+        ``(None, None)`` while it waits for a free slot; ``(1.0, 0.0)`` once it ended.
+        """
+        with self._lock:
+            now = self._now()
+            self._advance(now)
+            job = self._job(job_id)
+            if job.state.is_terminal:
+                return 1.0, 0.0
+            if job.state is not JobState.RUNNING or job.t_start is None or job.t_end is None:
+                return None, None
+            span = max(job.t_end - job.t_start, 1e-12)
+            return min(1.0, max(0.0, (now - job.t_start) / span)), max(0.0, job.t_end - now)
+
     # ------------------------------------------------------------------ internals
     def _now(self) -> float:
         return max(self.clock.now(), self._t_done)

@@ -1,4 +1,5 @@
-"""``cloudlab lab``: serve the simulated lab over HTTP, write the protocol's OpenAPI document.
+"""``cloudlab lab``: serve the simulated lab over HTTP, write the protocol's OpenAPI document,
+write a ground-truth table for the orchestrator reference servers.
 
 Thin wrappers over :func:`simulators.server.serve` and
 :func:`simulators.server.openapi_document`. ``serve`` builds the lab's hidden
@@ -168,6 +169,20 @@ def openapi_command(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(openapi_document(), indent=2) + "\n")
     typer.echo(f"wrote {out}")
+
+
+@lab_app.command("truth")
+def truth_command(
+    dataset: str = typer.Option(..., "--dataset", help="registry dataset holding the ground truth"),
+    target: list[str] = typer.Option(..., "--target", help="target column to measure (repeatable)"),
+    split: list[str] = typer.Option([], "--split", help="splits to include (default: all)"),
+    out: Path = typer.Option(..., "--out", help="the GroundTruth JSON file to write"),
+) -> None:
+    """Write a simulated lab's hidden table, for the reference Bluesky profile or SiLA 2 server."""
+    truth = build_truth(dataset, target, split)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    truth.to_file(out)
+    typer.echo(f"wrote {out}: {len(truth.values)} candidates of {dataset}, {', '.join(target)}")
 
 
 def register(app: typer.Typer) -> None:
