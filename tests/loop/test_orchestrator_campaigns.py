@@ -55,7 +55,7 @@ def _truth(pool: Path) -> GroundTruth:
     )
 
 
-def _config(pool: Path, adapter: dict[str, object]) -> dict[str, object]:
+def _config(pool: Path, adapter: dict[str, object], mode: str = "inline") -> dict[str, object]:
     return {
         "name": "orchestrated",
         "seed": 4,
@@ -72,7 +72,7 @@ def _config(pool: Path, adapter: dict[str, object]) -> dict[str, object]:
         "budget": {"experiments": BUDGET},
         "adapter": adapter,
         "dispatch": {
-            "mode": "inline",
+            "mode": mode,
             "wait_for": "any",
             "concurrency": 4,
             "poll_interval_s": 0.1,
@@ -113,8 +113,9 @@ def _outcome(directory: Path) -> tuple[list[str], dict[str, float], dict[str, in
         return [j.candidate_id for j in jobs], values, store.job_counts(), [j.key for j in jobs]
 
 
+@pytest.mark.parametrize("mode", ["inline", "ray"])
 def test_campaign_through_the_bluesky_queueserver_survives_a_re_manager_restart(
-    cv_pool: Path, tmp_path: Path
+    cv_pool: Path, tmp_path: Path, mode: str
 ) -> None:
     from tests.adapters.queueserver_server import require_queueserver, start_queueserver
 
@@ -146,7 +147,7 @@ def test_campaign_through_the_bluesky_queueserver_survives_a_re_manager_restart(
             "request_timeout_s": 2.0,
         }
         config = tmp_path / "queueserver_campaign.yaml"
-        config.write_text(yaml.safe_dump(_config(cv_pool, adapter)))
+        config.write_text(yaml.safe_dump(_config(cv_pool, adapter, mode)))
         watcher, restarted = _restart_when(lambda: len(history()), 8, restart)
         started = time.monotonic()
         run = subprocess.run(  # the real entry point: `cloudlab run`
@@ -165,7 +166,7 @@ def test_campaign_through_the_bluesky_queueserver_survives_a_re_manager_restart(
     per_key = Counter(str(i["meta"]["cloudlab_key"]) for i in items)  # type: ignore[index]
     duplicates = sum(n - 1 for n in per_key.values())
     print(  # the closing note's numbers (pytest -s)
-        f"queueserver campaign: {len(jobs)} experiments, {counts}, history items {len(items)}, "
+        f"queueserver campaign ({mode}): {len(jobs)} experiments, {counts}, history items {len(items)}, "
         f"unique keys {len(per_key)}, duplicates {duplicates}, restarts {len(restarted)}, "
         f"wall {wall:.1f} s"
     )
