@@ -106,21 +106,33 @@ class PrequentialRecord:
 
 @dataclass(frozen=True)
 class Recalibration:
-    """``y ~ N(alpha + beta * mean, (beta * spread * std)^2)`` per target, and its score.
+    """``y ~ N(alpha + beta * mean, spread^2 * (k1 * std^2 + k0))`` per target, and its score.
+
+    ``k1 * std^2 + k0`` is the fitted variance model (the model's own variances scaled,
+    a constant, or a mix); ``spread`` is the conformal factor on top of it.
 
     Attributes:
         ll: mean log-likelihood per prequential value under the best variance model.
-        alpha, beta, spread: ``m`` values each; the identity is ``0, 1, 1``.
+        alpha, beta, spread, k1, k0: ``m`` values each; the identity is ``0, 1, 1, 1, 0``.
     """
 
     ll: float
     alpha: tuple[float, ...]
     beta: tuple[float, ...]
     spread: tuple[float, ...]
+    k1: tuple[float, ...] = ()
+    k0: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        m = len(self.alpha)
+        if not self.k1:
+            object.__setattr__(self, "k1", (1.0,) * m)
+        if not self.k0:
+            object.__setattr__(self, "k0", (0.0,) * m)
 
     @classmethod
     def identity(cls, m: int, ll: float = -math.inf) -> Recalibration:
-        return cls(ll, (0.0,) * m, (1.0,) * m, (1.0,) * m)
+        return cls(ll, (0.0,) * m, (1.0,) * m, (1.0,) * m, (1.0,) * m, (0.0,) * m)
 
     @property
     def is_identity(self) -> bool:
@@ -128,16 +140,35 @@ class Recalibration:
             all(a == 0 for a in self.alpha)
             and all(b == 1 for b in self.beta)
             and all(s == 1 for s in self.spread)
+            and all(k == 1 for k in self.k1)
+            and all(k == 0 for k in self.k0)
+        )
+
+    def _tensors(self, like: Tensor) -> tuple[Tensor, ...]:
+        return tuple(
+            torch.tensor(v, dtype=like.dtype)
+            for v in (self.alpha, self.beta, self.spread, self.k1, self.k0)
         )
 
     def apply(self, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
-        a, b, g = (torch.tensor(v, dtype=mean.dtype) for v in (self.alpha, self.beta, self.spread))
-        return a + b * mean, b * g * std
+        a, b, g, k1, k0 = self._tensors(mean)
+        return a + b * mean, g * (k1 * std.pow(2) + k0).sqrt()
 
-    def apply_draws(self, draws: Tensor, center: Tensor) -> Tensor:
-        """Draws ``... x n x m`` around ``center`` (their mean) mapped the same way."""
-        a, b, g = (torch.tensor(v, dtype=draws.dtype) for v in (self.alpha, self.beta, self.spread))
-        return a + b * (center + g * (draws - center))
+    def std_factor(self, std: Tensor) -> Tensor:
+        """What deviations from the mean are multiplied by: new std / old std (``... x m``)."""
+        _, _, g, k1, k0 = self._tensors(std)
+        safe = std.clamp_min(1e-300)
+        return g * (k1 * safe.pow(2) + k0).sqrt() / safe
+
+    def apply_draws(self, draws: Tensor, center: Tensor, std: Tensor | None = None) -> Tensor:
+        """Draws ``... x n x m`` around ``center`` (their mean) mapped the same way.
+
+        ``std``: the draws' standard deviation (default: computed from them).
+        """
+        a, b, *_ = self._tensors(draws)
+        if std is None:
+            std = (draws - center).pow(2).mean(0).sqrt()
+        return a + b * center + self.std_factor(std) * (draws - center)
 
 
 _BETA_MIN = 0.05  # a mean with (almost) no signal keeps a usable spread
@@ -157,12 +188,13 @@ def _conformal_90(z: Tensor) -> float:
 
 def _fit_column(
     mean: Tensor, std: Tensor, y: Tensor, own: Tensor, floor: float
-) -> tuple[float, float, float, float]:
-    """Best ``(ll_sum, alpha, beta, spread)`` for one target's prequential values."""
+) -> tuple[float, float, float, float, float, float]:
+    """Best ``(ll_sum, alpha, beta, spread, k1, k0)`` for one target's prequential values."""
     n = int(y.numel())
     s2 = std.clamp_min(floor).pow(2)
     shape = s2 / s2.mean()
-    best = (-math.inf, 0.0, 1.0, 0.0)  # ll, alpha, beta, intercept for the floored beta
+    # ll, alpha, beta, intercept for the floored beta, t, c
+    best = (-math.inf, 0.0, 1.0, 0.0, 0.0, 1.0)
     for t in torch.linspace(0.0, 1.0, 21, dtype=torch.float64):
         w = (1 - t) * shape + t
         iw = 1 / w
@@ -176,19 +208,21 @@ def _fit_column(
         c = float((r2 / w).mean().clamp_min(floor**2))
         ll = -0.5 * float(torch.log(c * w).sum()) - 0.5 * n * (1 + math.log(2 * math.pi))
         if ll > best[0]:
-            best = (ll, alpha, beta, yw - max(beta, _BETA_MIN) * mw)
-    _, alpha, beta, alpha_eff = best
+            best = (ll, alpha, beta, yw - max(beta, _BETA_MIN) * mw, float(t), c)
+    _, alpha, beta, alpha_eff, t_best, c_best = best
+    ms2 = float(s2.mean())
+    k1, k0 = c_best * (1 - t_best) / ms2, c_best * t_best  # variance = k1 * std^2 + k0
     if beta < _BETA_MIN:
         # the floored slope needs its own intercept: with alpha fitted for beta ~ 0 the mean
         # was off by 0.05 x the predicted level (0.45 eV/atom on carbon_24, where the first
         # model version then covered none of its picks)
         alpha = alpha_eff
     beta_eff = max(beta, _BETA_MIN)
-    z = (y - alpha - beta_eff * mean).abs() / (beta_eff * std.clamp_min(floor))
+    z = (y - alpha - beta_eff * mean).abs() / (k1 * std.clamp_min(floor).pow(2) + k0).sqrt()
     if int(own.sum()) >= _OWN_MIN:
         z = z[own]  # its own picks (what coverage is judged on) are harder than the others
     spread = _conformal_90(z) / _Z90 if z.numel() >= 2 else 1.0
-    return best[0], alpha, beta_eff, min(max(spread, 0.05), 1e4)
+    return best[0], alpha, beta_eff, min(max(spread, 0.05), 1e4), k1, k0
 
 
 def recalibrate(record: PrequentialRecord, m: int, floor: float) -> Recalibration:
@@ -216,13 +250,16 @@ def recalibrate(record: PrequentialRecord, m: int, floor: float) -> Recalibratio
     if len(record) == 0:
         return Recalibration.identity(m)
     total, alpha, beta, spread = 0.0, [0.0] * m, [1.0] * m, [1.0] * m
+    k1, k0 = [1.0] * m, [0.0] * m
     for j in range(m):
         mean, std, y, own = record.column(j)
         if y.numel() == 0:
             continue
-        ll, alpha[j], beta[j], spread[j] = _fit_column(mean, std, y, own, floor)
+        ll, alpha[j], beta[j], spread[j], k1[j], k0[j] = _fit_column(mean, std, y, own, floor)
         total += ll
-    return Recalibration(total / len(record), tuple(alpha), tuple(beta), tuple(spread))
+    return Recalibration(
+        total / len(record), tuple(alpha), tuple(beta), tuple(spread), tuple(k1), tuple(k0)
+    )
 
 
 def calibrated_log_likelihood(record: PrequentialRecord, floor: float) -> tuple[float, float]:
@@ -252,15 +289,14 @@ class _RecalibratedModel(Model):
 
         post = self.base.posterior(X, *args, **kwargs)
         center = post.mean.detach()  # type: ignore[attr-defined]
+        std = post.variance.detach().clamp_min(0).sqrt()  # type: ignore[attr-defined]
         recal = self.recal
-        a, b, g = (
-            torch.tensor(v, dtype=center.dtype) for v in (recal.alpha, recal.beta, recal.spread)
-        )
+        a, b, *_ = recal._tensors(center)
         return TransformedPosterior(
             post,
-            sample_transform=lambda s: recal.apply_draws(s, center),
+            sample_transform=lambda s: recal.apply_draws(s, center, std),
             mean_transform=lambda m, v: a + b * m,
-            variance_transform=lambda m, v: (b * g) ** 2 * v,
+            variance_transform=lambda m, v: recal.std_factor(v.clamp_min(0).sqrt()) ** 2 * v,
         )
 
 
