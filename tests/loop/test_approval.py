@@ -234,3 +234,125 @@ def test_cli_approve_and_reject_from_another_process(pool: Path, tmp_path: Path)
         ("c02", "APPROVED", "ann", "go"),
     ]
     assert audit[3][1] == "APPROVED" and "@" in (audit[3][2] or "")  # user@host by default
+
+
+# ---------------------------------------------------------------- a real campaign behind the gate
+@pytest.fixture(scope="module")
+def cv_pool(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """60 crystals of cloud_cv (SCOPE strings + heat capacity at 300 K) as a CSV pool."""
+    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:60]
+    path = tmp_path_factory.mktemp("pool") / "cv_pool.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "scope", "cv"])
+        for i, r in enumerate(rows):
+            w.writerow([f"cv-{i}", r["cloud"], r["cv"]])
+    return path
+
+
+def _real(pool: Path) -> dict[str, object]:
+    """The real agent (a GP), the simulated lab inline on a virtual clock, the gate required."""
+    return {
+        "name": "gated",
+        "seed": 2,
+        "pool": {"file": str(pool), "id_column": "id", "structure_column": "scope",
+                 "structure_format": "scope"},  # fmt: skip
+        "objective": {"target": "cv", "sense": "maximize"},
+        "surrogate": {"kind": "gp", "checkpoint": None},
+        "acquisition": {"kind": "qlogei", "batch_size": 2},
+        "initial_design": {"n_random": 4},
+        "budget": {"experiments": 10},
+        "adapter": {"kind": "simulated", "seed": 1, "capacity": 4,
+                    "latency": {"distribution": "exponential", "mean_s": 600},
+                    "time_acceleration": 3600},  # fmt: skip
+        "dispatch": {"mode": "inline", "concurrency": 4},
+        "finetune": {"every_n_results": 2},
+        "approval": {"mode": "required", "poll_interval_s": 0.05},
+    }
+
+
+def _lab_keys(directory: Path) -> set[str]:
+    """Idempotency keys the simulated lab's own journal says were submitted to it."""
+    import json
+    import sqlite3
+
+    path = directory / "lab" / "lab_state.sqlite"
+    if not path.is_file():
+        return set()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT body FROM events WHERE kind = 'submit'").fetchall()
+    return {json.loads(r[0])["idempotency_key"] for r in rows}
+
+
+_KILL_WHEN_WAITING = """
+import json, os, signal, sys
+from loop.campaign import Campaign
+from loop.config import parse_config
+def hook(progress):
+    if progress.n_awaiting_approval >= 4:  # every slot holds a waiting proposal
+        os.kill(os.getpid(), signal.SIGKILL)
+Campaign(parse_config(json.loads(sys.argv[1])), sys.argv[2]).run(on_progress=hook)
+"""
+
+
+def test_real_campaign_kill_9_while_proposals_wait_then_resume_and_decide(
+    cv_pool: Path, tmp_path: Path
+) -> None:
+    import json
+
+    out, data = tmp_path / "run", _real(cv_pool)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_WHEN_WAITING, json.dumps(data), str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    before = _waiting(out)
+    assert len(before) == 4 and _lab_keys(out) == set()  # proposed, none reached the lab
+    with CampaignStore(out, create=False) as store:
+        assert {j.state for j in store.jobs()} == {PROPOSED} and not store.open_jobs()
+        detail = list_proposals(store)[0].detail
+    assert detail.acquisition == "initial_design" and detail.formula and detail.scope
+
+    result: dict[str, object] = {}
+    runner = threading.Thread(  # the store is opened in the thread that uses it
+        target=lambda: result.update(r=Campaign.resume(out).run()), daemon=True
+    )
+    runner.start()
+    time.sleep(1.0)  # resumed: still waiting, still nothing at the lab
+    assert _waiting(out) == before and _lab_keys(out) == set() and runner.is_alive()
+    rejected: list[str] = []
+    with CampaignStore(out) as store:
+        decide(store, before[:1], approve=False, actor="ann", note="no barium today")
+        rejected += before[:1]
+        deadline = time.monotonic() + 120
+        while runner.is_alive() and time.monotonic() < deadline:
+            waiting = _waiting(out)
+            model_chosen = [p for p in waiting if p not in before]
+            if len(rejected) < 2 and model_chosen:  # reject one the model chose, approve the rest
+                decide(store, model_chosen[:1], approve=False, actor="ann", note="too costly")
+                rejected += model_chosen[:1]
+                waiting = _waiting(out)
+            if waiting:
+                decide(store, [], approve=True, actor="bob", all_waiting=True)
+            time.sleep(0.05)
+        audit = list_proposals(store)
+        jobs = {j.candidate_id: j.state for j in store.jobs()}
+        chosen = [c.candidate_id for d in store.decisions() for c in d["chosen"]]
+    runner.join(timeout=10)
+    outcome = result["r"]
+    assert outcome.stop_reason == "experiment budget reached"  # type: ignore[attr-defined]
+    assert outcome.n_submitted == 10 and len(rejected) == 2  # type: ignore[attr-defined]
+    submitted = _lab_keys(out)
+    assert len(submitted) == 10 and not {f"gated/{c}" for c in rejected} & submitted
+    assert all(chosen.count(c) == 1 for c in rejected)  # never proposed again
+    assert [jobs[c] for c in rejected] == [REJECTED, REJECTED]
+    model_picks = [p for p in audit if p.detail.model_version is not None]
+    assert model_picks and all(
+        p.detail.predicted_mean and p.detail.predicted_std and p.detail.acquisition == "qlogei"
+        for p in model_picks
+    )
+    assert {p.decided_by for p in audit} == {"ann", "bob"}
+    from loop.report import write_report
+
+    report = write_report(out).read_text()
+    assert "## Approvals" in report and "no barium today" in report and "too costly" in report
