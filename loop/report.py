@@ -232,7 +232,9 @@ def _approval_section(store: CampaignStore) -> list[str]:
         pred = "-"
         if d.predicted_mean:
             sd = d.predicted_std or [0.0] * len(d.predicted_mean)
-            pred = ", ".join(f"{m:.4g} ± {s:.2g}" for m, s in zip(d.predicted_mean, sd, strict=False))
+            pred = ", ".join(
+                f"{m:.4g} ± {s:.2g}" for m, s in zip(d.predicted_mean, sd, strict=False)
+            )
         model = "-" if d.model_version is None else f"v{d.model_version}"
         lines.append(
             f"| {p.candidate_id} | {cell(d.formula)} | {p.proposed_at[:19]} | {model} | {acq} | "

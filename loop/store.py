@@ -285,7 +285,9 @@ class CampaignStore:
             if row is None:
                 raise StoreError(f"unknown job {key!r}")
             if row[0] in (PROPOSED, REJECTED):
-                raise StoreError(f"job {key!r} is {row[0]} at the approval gate: it was never submitted")
+                raise StoreError(
+                    f"job {key!r} is {row[0]} at the approval gate: it was never submitted"
+                )
             if row[0] != CREATED and JobState(row[0]).is_terminal:
                 logger.debug("job %s already terminal (%s); ignoring %s", key, row[0], state)
                 return
@@ -425,7 +427,12 @@ class CampaignStore:
     def model_versions(self) -> list[dict[str, Any]]:
         """Every surrogate version, oldest first: ``version``, ``n_train``, ``metrics``, ``created_at``."""
         return [
-            {"version": int(r[0]), "n_train": int(r[1]), "metrics": json.loads(r[2]), "created_at": r[3]}
+            {
+                "version": int(r[0]),
+                "n_train": int(r[1]),
+                "metrics": json.loads(r[2]),
+                "created_at": r[3],
+            }
             for r in self._db.execute(
                 "SELECT version, n_train, metrics, created_at FROM model_versions ORDER BY version"
             )

@@ -183,5 +183,3 @@ def serve(directory: Path, *, host: str = "127.0.0.1", port: int = 8787) -> None
 
     app = create_app(directory, load_tokens(directory))
     uvicorn.run(app, host=host, port=port, log_level="warning")
-
-

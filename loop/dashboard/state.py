@@ -58,7 +58,9 @@ def snapshot(directory: str | Path) -> dict[str, Any]:
                 "state": j.state,
                 "model_version": version,
                 "acquisition": acquisition,
-                "predicted_mean": None if c is None or not c.predicted_mean else c.predicted_mean[0],
+                "predicted_mean": None
+                if c is None or not c.predicted_mean
+                else c.predicted_mean[0],
                 "predicted_std": None if c is None or not c.predicted_std else c.predicted_std[0],
                 "measured": None if value is None else _finite(value.value),
                 "unit": "" if value is None else value.unit,
@@ -71,41 +73,44 @@ def snapshot(directory: str | Path) -> dict[str, Any]:
     calibration = [
         c.model_dump() for c in calibration_by_version(decisions, measured) if c.version is not None
     ]
-    return _json_safe({
-        "name": summary.name,
-        "objective": summary.objective,
-        "state": summary.stop_reason or "running or never run",
-        "counts": summary.counts,
-        "n_measured": summary.n_measured,
-        "budget": summary.budget,
-        "best": {
-            "target": target,
-            "value": summary.best_value,
-            "unit": summary.unit,
-            "candidate_id": summary.best_id,
-        },
-        "jobs": rows,
-        "n_jobs": len(jobs),
-        "failures": [
-            {"candidate_id": j.candidate_id, "state": j.state, "reason": j.message or "-"}
-            for j in jobs
-            if j.state in _FAILED
-        ],
-        "model_versions": [
-            {
-                "version": v["version"],
-                "n_train": v["n_train"],
-                "created_at": v["created_at"],
-                "metrics": {
-                    k: x for k, x in v["metrics"].items()
-                    if isinstance(x, int | float) and math.isfinite(x)
-                },
-            }
-            for v in versions
-        ],
-        "calibration": calibration,
-        "proposals": [p.model_dump(mode="json") for p in proposals],
-    })
+    return _json_safe(
+        {
+            "name": summary.name,
+            "objective": summary.objective,
+            "state": summary.stop_reason or "running or never run",
+            "counts": summary.counts,
+            "n_measured": summary.n_measured,
+            "budget": summary.budget,
+            "best": {
+                "target": target,
+                "value": summary.best_value,
+                "unit": summary.unit,
+                "candidate_id": summary.best_id,
+            },
+            "jobs": rows,
+            "n_jobs": len(jobs),
+            "failures": [
+                {"candidate_id": j.candidate_id, "state": j.state, "reason": j.message or "-"}
+                for j in jobs
+                if j.state in _FAILED
+            ],
+            "model_versions": [
+                {
+                    "version": v["version"],
+                    "n_train": v["n_train"],
+                    "created_at": v["created_at"],
+                    "metrics": {
+                        k: x
+                        for k, x in v["metrics"].items()
+                        if isinstance(x, int | float) and math.isfinite(x)
+                    },
+                }
+                for v in versions
+            ],
+            "calibration": calibration,
+            "proposals": [p.model_dump(mode="json") for p in proposals],
+        }
+    )
 
 
 def _json_safe(value: Any) -> Any:

@@ -37,8 +37,12 @@ def pool(tmp_path: Path) -> Path:
 def _config(pool: Path, **sections: object) -> object:
     data: dict[str, object] = {
         "name": "gate",
-        "pool": {"file": str(pool), "id_column": "id", "structure_column": "scope",
-                 "structure_format": "scope"},  # fmt: skip
+        "pool": {
+            "file": str(pool),
+            "id_column": "id",
+            "structure_column": "scope",
+            "structure_format": "scope",
+        },  # fmt: skip
         "objective": {"target": "y", "sense": "maximize"},
         "acquisition": {"batch_size": 2},
         "budget": {"experiments": 6},
@@ -78,7 +82,9 @@ def test_approval_config_is_validated_and_the_default_keeps_old_fingerprints(poo
     with pytest.raises(ConfigError, match=r"approval\.timeout_s"):
         _config(pool, approval={"mode": "required", "timeout_s": -1})
     auto = _config(pool, approval={"mode": "auto"})
-    absent = parse_config({k: v for k, v in auto.model_dump(mode="json").items() if k != "approval"})  # type: ignore[attr-defined]
+    absent = parse_config(
+        {k: v for k, v in auto.model_dump(mode="json").items() if k != "approval"}
+    )  # type: ignore[attr-defined]
     assert auto.fingerprint() == absent.fingerprint()  # type: ignore[attr-defined]
     assert auto.fingerprint() != _config(pool).fingerprint()  # type: ignore[attr-defined]
 
@@ -158,7 +164,8 @@ def test_campaign_waits_continues_after_approval_and_never_reproposes_a_rejectio
     directory, executor, agent = tmp_path / "run", FakeExecutor(), FakeAgent()
     campaign = Campaign(_config(pool), directory)  # type: ignore[arg-type]
     result: dict[str, object] = {}
-    runner = threading.Thread(target=lambda: result.update(r=campaign.run(agent=agent, executor=executor)),
+    runner = threading.Thread(
+        target=lambda: result.update(r=campaign.run(agent=agent, executor=executor)),
         daemon=True,
     )
     runner.start()
@@ -195,8 +202,13 @@ def test_campaign_waits_continues_after_approval_and_never_reproposes_a_rejectio
 
 def test_on_timeout_approve_runs_the_campaign_unattended(pool: Path, tmp_path: Path) -> None:
     config = _config(
-        pool, approval={"mode": "required", "timeout_s": 0.05, "on_timeout": "approve",
-                        "poll_interval_s": 0.02}  # fmt: skip
+        pool,
+        approval={
+            "mode": "required",
+            "timeout_s": 0.05,
+            "on_timeout": "approve",
+            "poll_interval_s": 0.02,
+        },  # fmt: skip
     )
     executor = FakeExecutor()
     result = Campaign(config, tmp_path / "run").run(agent=FakeAgent(), executor=executor)  # type: ignore[arg-type]
@@ -255,16 +267,24 @@ def _real(pool: Path) -> dict[str, object]:
     return {
         "name": "gated",
         "seed": 2,
-        "pool": {"file": str(pool), "id_column": "id", "structure_column": "scope",
-                 "structure_format": "scope"},  # fmt: skip
+        "pool": {
+            "file": str(pool),
+            "id_column": "id",
+            "structure_column": "scope",
+            "structure_format": "scope",
+        },  # fmt: skip
         "objective": {"target": "cv", "sense": "maximize"},
         "surrogate": {"kind": "gp", "checkpoint": None},
         "acquisition": {"kind": "qlogei", "batch_size": 2},
         "initial_design": {"n_random": 4},
         "budget": {"experiments": 10},
-        "adapter": {"kind": "simulated", "seed": 1, "capacity": 4,
-                    "latency": {"distribution": "exponential", "mean_s": 600},
-                    "time_acceleration": 3600},  # fmt: skip
+        "adapter": {
+            "kind": "simulated",
+            "seed": 1,
+            "capacity": 4,
+            "latency": {"distribution": "exponential", "mean_s": 600},
+            "time_acceleration": 3600,
+        },  # fmt: skip
         "dispatch": {"mode": "inline", "concurrency": 4},
         "finetune": {"every_n_results": 2},
         "approval": {"mode": "required", "poll_interval_s": 0.05},

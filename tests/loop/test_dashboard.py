@@ -16,7 +16,13 @@ import uvicorn
 
 from cloud_model.errors import ConfigError
 from loop.approval import list_proposals
-from loop.dashboard.server import OPERATOR_ENV, WATCHER_ENV, DashboardTokens, create_app, load_tokens
+from loop.dashboard.server import (
+    OPERATOR_ENV,
+    WATCHER_ENV,
+    DashboardTokens,
+    create_app,
+    load_tokens,
+)
 from loop.store import PROPOSED, CampaignStore
 from tests.loop.test_approval import _propose, pool  # noqa: F401 - the pool fixture
 from tests.simulators.lab_server import free_port
@@ -93,7 +99,9 @@ def test_watcher_reads_but_cannot_decide_operator_can(server: _Server, gated: Pa
         ok = client.post("/api/approve", json={"ids": ["c00"], "note": "go", "by": "ann"},
                          headers=_bearer(TOKENS.operator))  # fmt: skip
         assert ok.status_code == 200 and ok.json() == {"decided": ["c00"]}
-        no_note = client.post("/api/reject", json={"ids": ["c01"]}, headers=_bearer(TOKENS.operator))
+        no_note = client.post(
+            "/api/reject", json={"ids": ["c01"]}, headers=_bearer(TOKENS.operator)
+        )
         assert no_note.status_code == 400 and "--note" in no_note.json()["detail"]
         again = client.post("/api/reject", json={"ids": ["c00"], "note": "x"},
                             headers=_bearer(TOKENS.operator))  # fmt: skip
