@@ -146,12 +146,23 @@ _CHROMIUM, _DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
     not (os.path.exists(_CHROMIUM) and shutil.which(_DRIVER)), reason="needs system chromium"
 )
 def test_browser_sees_updates_and_approves_a_proposal(server: _Server, gated: Path) -> None:
-    """Headless Chromium loads the operator link, sees the table change, clicks approve."""
+    """Headless Chromium on the operator link of a running gated campaign: clicks approve."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from loop.approval import decide
+    from loop.campaign import Campaign
+    from tests.loop.test_campaign_roles import FakeAgent, FakeExecutor
+
+    executor = FakeExecutor()
+    runner = threading.Thread(  # the campaign resumes and waits for approvals meanwhile
+        target=lambda: Campaign.resume(gated).run(agent=FakeAgent(), executor=executor),
+        daemon=True,
+    )
+    runner.start()
     options = webdriver.ChromeOptions()
     options.binary_location = _CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -159,30 +170,46 @@ def test_browser_sees_updates_and_approves_a_proposal(server: _Server, gated: Pa
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(_DRIVER), options=options)
     try:
-        wait = WebDriverWait(driver, 20)
+        # the page re-renders its tables on every poll: an element found may go stale
+        wait = WebDriverWait(driver, 20, ignored_exceptions=[StaleElementReferenceException])
         driver.get(f"{server.url}/#token={TOKENS.operator}")
         wait.until(lambda d: d.find_element(By.ID, "role").text == "operator")
         assert "#token" not in driver.current_url  # the token left the address bar
-        rows = lambda: driver.find_elements(By.CSS_SELECTOR, "#pending tbody tr")  # noqa: E731
-        assert len(rows()) == 4
-        with CampaignStore(gated, create=False) as store:  # someone else decides meanwhile
-            from loop.approval import decide
 
+        def rows() -> list[object]:
+            return driver.find_elements(By.CSS_SELECTOR, "#pending tbody tr")
+
+        def job_state(cid: str) -> str:
+            return str(driver.execute_script(
+                "const r = document.querySelector(`#jobs tr[data-id='${arguments[0]}']`);"
+                "return r ? r.children[2].textContent : '';", cid))  # fmt: skip
+
+        def click_approve(cid: str) -> bool:
+            driver.find_element(By.CSS_SELECTOR, f'button.approve[data-id="{cid}"]').click()
+            return True
+
+        assert len(rows()) == 4 and executor.submitted == []
+        with CampaignStore(gated, create=False) as store:  # someone else decides meanwhile
             decide(store, ["c03"], approve=False, actor="bob", note="toxic")
-        wait.until(lambda d: len(rows()) == 3)  # the page updated itself
-        job_state = driver.find_element(By.CSS_SELECTOR, '#jobs tr[data-id="c03"] td:nth-child(3)')
-        assert job_state.text == "REJECTED"
+        wait.until(lambda d: len(rows()) == 3 and job_state("c03") == "REJECTED")
         driver.find_element(By.ID, "by").send_keys("ann")
-        driver.find_element(By.CSS_SELECTOR, 'button.approve[data-id="c01"]').click()
-        wait.until(lambda d: len(rows()) == 2)
+        wait.until(lambda d: click_approve("c01"))
+        # the campaign submits it, the lab measures it, the page shows it
+        wait.until(lambda d: job_state("c01") == "SUCCEEDED")
+        assert executor.submitted == ["gate/c01"]
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
     finally:
         driver.quit()
     statuses = _statuses(gated)
     assert statuses["c01"] == "APPROVED" and statuses["c03"] == "REJECTED"
-    assert [c for c, s in statuses.items() if s == PROPOSED] == ["c00", "c02"]
+    assert statuses["c00"] == statuses["c02"] == PROPOSED
     with CampaignStore(gated, create=False) as store:
         assert next(p for p in list_proposals(store) if p.candidate_id == "c01").decided_by == (
             "ann (dashboard)"
         )
+        while runner.is_alive():  # let the campaign finish its budget
+            if list_proposals(store, status=PROPOSED):
+                decide(store, [], approve=True, actor="test", all_waiting=True)
+            time.sleep(0.02)
+    assert len(executor.submitted) == 6
