@@ -148,8 +148,8 @@ _CHROMIUM, _DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 def test_browser_sees_updates_and_approves_a_proposal(server: _Server, gated: Path) -> None:
     """Headless Chromium on the operator link of a running gated campaign: clicks approve."""
     from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
