@@ -10,7 +10,8 @@ approved. Decisions are made from any process, while the campaign runs or not:
   ``cloudlab reject DIR IDS... --note TEXT`` (:func:`decide`);
 * the dashboard's operator buttons (:mod:`loop.dashboard`), which call the same function;
 * the campaign itself when ``approval.timeout_s`` passes (:func:`expire`), doing what
-  ``approval.on_timeout`` says.
+  ``approval.on_timeout`` says; the clock is the wall clock from the moment of proposing,
+  and only a running campaign applies it (a resumed one decides overdue proposals at once).
 
 Each decision is one short SQLite transaction that changes only proposals still
 waiting (:meth:`~loop.store.CampaignStore.decide_proposals`), so a decision and a

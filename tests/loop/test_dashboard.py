@@ -213,3 +213,39 @@ def test_browser_sees_updates_and_approves_a_proposal(server: _Server, gated: Pa
                 decide(store, [], approve=True, actor="test", all_waiting=True)
             time.sleep(0.02)
     assert len(executor.submitted) == 6
+
+
+def test_cloudlab_dashboard_serves_on_loopback_with_the_tokens_it_prints(gated: Path) -> None:
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop(WATCHER_ENV, None)
+    env.pop(OPERATOR_ENV, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loop", "dashboard", str(gated), "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        links = dict(proc.stdout.readline().split(": ", 1) for _ in range(2))
+        tokens = load_tokens(gated)  # the file the command created
+        assert (
+            links["watcher (read-only)"].strip()
+            == f"http://127.0.0.1:{port}/#token={tokens.watcher}"
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/state",
+                                   headers=_bearer(tokens.watcher), timeout=2)  # fmt: skip
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        assert answer.status_code == 200 and answer.json()["counts"] == {"PROPOSED": 4}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
