@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 # GPAW needs system libraries (libxc, OpenBLAS, FFTW, MPI), the Bluesky queueserver a
 # redis-server; run as root or with sudo. Also installs the orchestrator adapters' packages.
 $(VENV)/.installed-dft: $(VENV)/.installed
-	command -v apt-get >/dev/null && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libxc-dev libopenblas-dev libfftw3-dev libopenmpi-dev redis-server >/dev/null; } || true
+	command -v apt-get >/dev/null && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libxc-dev libopenblas-dev libfftw3-dev libopenmpi-dev redis-server chromium chromium-driver >/dev/null; } || true
 	$(PY) -m pip install -q -e ".[dev,dft,orchestrators]"
 	touch $@
 

@@ -11,6 +11,11 @@ contract makes safe; accepted ones are polled), and then::
         commit its decision and the jobs (state CREATED), then submit them
         wait for events from the executor; record each one as it arrives
 
+Behind an approval gate (``approval.mode: required``, :mod:`loop.approval`) the
+decision's jobs are committed as PROPOSED instead and submitted only once approved
+(from another process, or by the timeout); each waiting proposal holds a slot, the
+other slots keep running and being filled, and a resume leaves proposals waiting.
+
 The campaign knows no surrogate, adapter or acquisition: the agent proposes
 (:mod:`loop.agent`), the executor runs jobs (:mod:`adapters.engine`, wired by
 :mod:`loop.wiring`), the stop rules decide when to stop (:mod:`loop.stop_rules`).
@@ -32,7 +37,7 @@ import torch
 
 from adapters.base import EventKind, Executor, ExperimentRequest, JobEvent
 from cloud_model.errors import CloudlabError, ConfigError
-from loop.agent import Agent, Proposer
+from loop.agent import Agent, Proposal, Proposer
 from loop.config import CampaignConfig
 from loop.ledger import Ledger
 from loop.pool import Pool, load_pool, load_prior
@@ -72,6 +77,7 @@ class Campaign:
         self._prior_y = torch.zeros(0, len(config.targets), dtype=torch.float64)
         self._streak, self._best_seen = 0, float("-inf")
         self._last_warning: str | None = None  # the latest RETRYING message, for Progress
+        self._handed: set[str] = set()  # keys given to the executor by this run (approval gate)
         if (self.directory / STORE_FILENAME).is_file():
             self._open_store()
 
@@ -173,7 +179,8 @@ class Campaign:
         """Why the campaign is over (a stop rule fired and nothing is in flight), or None."""
         ledger = self.prepare()
         reason = ledger.store.get_meta("stop_reason")
-        if ledger.counts().n_open or reason in (None, "running", "interrupted"):
+        counts = ledger.counts()
+        if counts.n_open or counts.n_proposed or reason in (None, "running", "interrupted"):
             return None
         state = ledger.loop_state(elapsed_s=0.0, decisions_without_improvement=0)
         return first_reason(rules_for(self.config), state)
@@ -262,6 +269,7 @@ class Campaign:
                 executor.submit(self._request(job.candidate_id), job.key)  # same key: no 2nd run
             else:
                 executor.track(job.handle)
+            self._handed.add(job.key)
         if open_jobs:
             logger.info("reconciling %d unfinished job(s) from the store", len(open_jobs))
 
@@ -271,7 +279,10 @@ class Campaign:
         cfg, ledger, started = self.config, self.prepare(), time.monotonic()
         rules, budget, batch = rules_for(cfg), cfg.budget.experiments, cfg.acquisition.batch_size
         concurrency = cfg.dispatch.concurrency or batch
+        gated = cfg.approval.mode == "required"
         while True:
+            if gated:
+                self._pass_the_gate(executor)
             c = ledger.counts()
             if on_progress is not None:
                 value, cid = self.best()
@@ -286,25 +297,30 @@ class Campaign:
                         best_id=cid,
                         model_version=agent.model_version,
                         last_warning=self._last_warning,
+                        n_awaiting_approval=c.n_proposed,
                     )
                 )
             state = ledger.loop_state(
                 elapsed_s=time.monotonic() - started, decisions_without_improvement=self._streak
             )
             reason = first_reason(rules, state)
-            n_free = min(concurrency - c.n_open, budget - c.n_jobs)
-            batch_fits = concurrency - c.n_open >= min(batch, budget - c.n_jobs)
-            waiting_for_all = cfg.dispatch.wait_for == "all" and c.n_open > 0
+            busy = c.n_open + c.n_proposed  # a waiting proposal holds its slot
+            n_free = min(concurrency - busy, budget - c.n_jobs)
+            batch_fits = concurrency - busy >= min(batch, budget - c.n_jobs)
+            waiting_for_all = cfg.dispatch.wait_for == "all" and busy > 0
             if reason is None and n_free > 0 and batch_fits and not waiting_for_all:
                 n_new = self._submit_batch(agent, executor, min(n_free, batch))
-                if n_new == 0 and c.n_open == 0:
+                if n_new == 0 and busy == 0:
                     return ledger.why_stuck()
                 if n_new:
                     continue
-            if c.n_open == 0:
+            if busy == 0:
                 return reason or "budget exhausted"
+            if c.n_open == 0:  # only proposals wait: look at the store again in a moment
+                time.sleep(cfg.approval.poll_interval_s)
+                continue
             t0 = time.perf_counter()
-            events = executor.next_events(timeout=5.0)
+            events = executor.next_events(timeout=cfg.approval.poll_interval_s if gated else 5.0)
             self.timings.dispatch += time.perf_counter() - t0
             for event in events:
                 if event.kind == EventKind.RETRYING:
@@ -319,6 +335,7 @@ class Campaign:
         if not proposal.chosen:
             return 0
         keys = [f"{self.config.name}/{c.candidate_id}" for c in proposal.chosen]
+        gated = self.config.approval.mode == "required"
         ledger.store.record_decision(
             keys=keys,
             chosen=proposal.chosen,
@@ -326,15 +343,48 @@ class Campaign:
             acquisition=proposal.acquisition,
             n_pending=len(ledger.store.open_jobs()),
             seconds=time.perf_counter() - t0,
+            proposals=self._proposal_details(proposal) if gated else None,
         )
         best = ledger.best()
         if best is not None and best.score > self._best_seen:
             self._best_seen, self._streak = best.score, 0
         else:
             self._streak += 1
+        if gated:
+            logger.info("%d proposal(s) wait for approval: %s", len(keys),
+                        ", ".join(c.candidate_id for c in proposal.chosen))  # fmt: skip
+            return len(keys)
         for key, c in zip(keys, proposal.chosen, strict=True):
             executor.submit(self._request(c.candidate_id), key)
         return len(keys)
+
+    # ------------------------------------------------------------------ the approval gate
+    def _proposal_details(self, proposal: Proposal) -> list[str]:
+        """What chose each candidate of ``proposal``, as the store keeps it (JSON)."""
+        from loop.approval import detail_json, details_for
+
+        assert self.pool is not None and self.ledger is not None
+        scopes = [self.pool.scopes[self.ledger.index[c.candidate_id]] for c in proposal.chosen]
+        details = details_for(
+            proposal.chosen,
+            scopes,
+            model_version=proposal.model_version,
+            acquisition=proposal.acquisition,
+            targets=self.config.targets,
+        )
+        return [detail_json(d) for d in details]
+
+    def _pass_the_gate(self, executor: Executor) -> None:
+        """Apply the approval timeout, then submit every approved job not yet submitted."""
+        from loop.approval import expire
+
+        store = self.prepare().store
+        expire(store, self.config.approval)
+        for job in store.jobs(states=[CREATED]):
+            if job.key not in self._handed:
+                executor.submit(self._request(job.candidate_id), job.key)
+                self._handed.add(job.key)
+                logger.info("approved: %s submitted", job.candidate_id)
 
     def _record(self, event: JobEvent) -> None:
         if event.kind == EventKind.REFUSED:  # not an outcome: the job stays as it is

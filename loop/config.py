@@ -264,6 +264,20 @@ class StopConfig(_Section):
     max_failure_fraction: float = Field(default=0.8, gt=0, le=1)  # stop when failing this often
 
 
+class ApprovalConfig(_Section):
+    """The approval gate: whether a person must approve each proposed experiment first."""
+
+    # auto: proposals are submitted at once; required: stored as PROPOSED and submitted only
+    # after `cloudlab approve` (or the dashboard's operator) approved them (loop/approval.py)
+    mode: Literal["auto", "required"] = "auto"
+    # wall seconds a proposal may wait for a decision; None: wait as long as it takes
+    timeout_s: float | None = Field(default=None, gt=0)
+    # what a timeout does: skip (rejected by "timeout", never proposed again) or approve
+    on_timeout: Literal["skip", "approve"] = "skip"
+    # wall seconds between looks at the store for decisions made by another process
+    poll_interval_s: float = Field(default=0.5, gt=0, le=60)
+
+
 class CampaignConfig(_Section):
     """A whole campaign. ``schema_version`` guards against configs from another release."""
 
@@ -290,6 +304,7 @@ class CampaignConfig(_Section):
     # torch/OpenMP threads of the campaign process and of what it starts (Ray workers inherit
     # them); "auto": $CLOUDLAB_THREADS, else the cores this process may use (cloud_model.threads)
     threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    approval: ApprovalConfig = ApprovalConfig()
 
     @model_validator(mode="after")
     def _batch_fits_concurrency(self) -> CampaignConfig:
@@ -341,7 +356,11 @@ class CampaignConfig(_Section):
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: a resumed campaign must have the same config."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        data = self.model_dump(mode="json")
+        data.pop("threads")  # how fast it runs, not what it does: may change on resume
+        if self.approval == ApprovalConfig():  # campaigns from before the gate existed resume
+            data.pop("approval")
+        text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 

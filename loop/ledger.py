@@ -19,7 +19,7 @@ from adapters.base import EventKind, JobEvent, JobState
 from loop.agent import CampaignView
 from loop.config import CampaignConfig
 from loop.stop_rules import LoopState
-from loop.store import CREATED, CampaignStore
+from loop.store import CREATED, PROPOSED, REJECTED, CampaignStore
 
 __all__ = ["Best", "Counts", "Ledger"]
 
@@ -39,9 +39,11 @@ _UNSUCCESSFUL = (JobState.FAILED.value, JobState.LOST.value, JobState.CANCELLED.
 class Counts:
     """Jobs by what matters to the loop."""
 
-    n_jobs: int  # every job, failures included
+    n_jobs: int  # every job, failures and waiting proposals included, rejected ones not
     n_open: int  # CREATED, QUEUED or RUNNING
     n_failed: int  # FAILED, LOST or CANCELLED
+    n_proposed: int = 0  # waiting at the approval gate (each holds a slot)
+    n_rejected: int = 0  # refused at the gate: never run, no budget spent, not in the pool
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,11 @@ class Ledger:
     def counts(self) -> Counts:
         counts = self.store.job_counts()
         return Counts(
-            n_jobs=sum(counts.values()),
+            n_jobs=sum(counts.values()) - counts.get(REJECTED, 0),
             n_open=sum(counts.get(s, 0) for s in _OPEN),
             n_failed=sum(counts.get(s, 0) for s in _UNSUCCESSFUL),
+            n_proposed=counts.get(PROPOSED, 0),
+            n_rejected=counts.get(REJECTED, 0),
         )
 
     def measured(self) -> tuple[Tensor, Tensor]:
@@ -116,7 +120,7 @@ class Ledger:
                 for j in jobs
                 if not j.is_terminal and j.candidate_id in self.index
             ],
-            n_jobs=len(jobs),
+            n_jobs=sum(j.state != REJECTED for j in jobs),
             decision_no=len(self.store.decisions()),
         )
 
@@ -127,7 +131,7 @@ class Ledger:
         return LoopState(
             n_jobs=c.n_jobs,
             n_failed=c.n_failed,
-            pool_left=len(self.ids) - c.n_jobs,
+            pool_left=len(self.ids) - c.n_jobs - c.n_rejected,
             elapsed_s=elapsed_s,
             cost_spent=spent,
             decisions_without_improvement=decisions_without_improvement,
@@ -153,7 +157,8 @@ class Ledger:
 
     def why_stuck(self) -> str:
         """Why no new decision can be made although budget is left."""
-        if len(self.ids) - self.counts().n_jobs <= 0:
+        c = self.counts()
+        if len(self.ids) - c.n_jobs - c.n_rejected <= 0:
             return "pool exhausted"
         lost = (JobState.FAILED.value, JobState.LOST.value)
         failed = [j for j in self.store.jobs() if j.state in lost]

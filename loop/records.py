@@ -22,6 +22,7 @@ class Progress(BaseModel):
     model_version: int | None
     stage: str = "running"
     last_warning: str | None = None  # the latest retry message (e.g. the lab is unreachable)
+    n_awaiting_approval: int = 0  # proposals waiting at the approval gate (loop.approval)
 
 
 class Timings(BaseModel):

@@ -131,6 +131,7 @@ def write_report(directory: str | Path) -> Path:
     with store:
         ids, y = _trajectory(store, config)
         decisions = store.decisions()
+        approvals = _approval_section(store)
     if ids:
         score = spec.score(y)
         best = torch.cummax(
@@ -196,9 +197,51 @@ def write_report(directory: str | Path) -> Path:
             lines += _pareto_section(spec, ids, y, out)
         if config.surrogate.head == "debye" and ids:
             lines += _debye_curves(config, ids, y, out)
+    lines += approvals
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _approval_section(store: CampaignStore) -> list[str]:
+    """The approval gate's audit trail: every proposal, what chose it, who decided, when, why."""
+    from loop.approval import list_proposals
+
+    proposals = list_proposals(store)
+    if not proposals:
+        return []
+    by_status: dict[str, int] = {}
+    for p in proposals:
+        by_status[p.status] = by_status.get(p.status, 0) + 1
+
+    def cell(text: str | None) -> str:
+        return (text or "-").replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "## Approvals (audit trail)",
+        "",
+        "- " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(by_status.items())),
+        "",
+        "| candidate | formula | proposed at (UTC) | model | acquisition | predicted | decision "
+        "| by | at (UTC) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in proposals:
+        d = p.detail
+        acq = d.acquisition + ("" if d.acquisition_value is None else f" {d.acquisition_value:.4g}")
+        pred = "-"
+        if d.predicted_mean:
+            sd = d.predicted_std or [0.0] * len(d.predicted_mean)
+            pred = ", ".join(
+                f"{m:.4g} ± {s:.2g}" for m, s in zip(d.predicted_mean, sd, strict=False)
+            )
+        model = "-" if d.model_version is None else f"v{d.model_version}"
+        lines.append(
+            f"| {p.candidate_id} | {cell(d.formula)} | {p.proposed_at[:19]} | {model} | {acq} | "
+            f"{pred} | {'waiting' if p.waiting else p.status.lower()} | {cell(p.decided_by)} | "
+            f"{(p.decided_at or '-')[:19]} | {cell(p.note)} |"
+        )
+    return [*lines, ""]
 
 
 def _save(fig: object, path: Path) -> None:

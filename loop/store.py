@@ -11,11 +11,20 @@ nothing and a resume can reconcile:
 * ``measurements`` the values of SUCCEEDED jobs (a ``Measurement`` as JSON);
 * ``model_versions`` surrogate versions (file + sha256 + training size + metrics);
 * ``decisions``    the acquisition decisions: model version, acquisition, the chosen
-                   candidates with their acquisition values and predicted mean/std.
+                   candidates with their acquisition values and predicted mean/std;
+* ``proposals``    with an approval gate (:mod:`loop.approval`): per proposed experiment,
+                   what chose it (JSON) and its audit trail (status, who, when, note).
 
 A job row is committed (state ``CREATED``) before anything is submitted. Every
 write is one transaction; readers (``cloudlab status``) may read while a
 campaign runs.
+
+Behind an approval gate a job row starts as ``PROPOSED`` (never submitted, not
+reconciled on resume) and becomes ``CREATED`` when approved or ``REJECTED``
+(terminal: the candidate is never proposed again) when rejected. Approving and
+rejecting are short conditional transactions, safe from another process while the
+campaign runs.
+
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ logger = logging.getLogger(__name__)
 STORE_FILENAME = "campaign.sqlite"
 SCHEMA_VERSION = 1
 CREATED = "CREATED"  # committed locally, not yet accepted by the adapter
+PROPOSED = "PROPOSED"  # waiting behind the approval gate: never submitted until approved
+REJECTED = "REJECTED"  # refused at the gate (by a person or a timeout): terminal, never run
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,6 +71,10 @@ CREATE TABLE IF NOT EXISTS model_versions (
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, model_version INTEGER, acquisition TEXT NOT NULL,
     chosen TEXT NOT NULL, n_pending INTEGER NOT NULL, seconds REAL NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS proposals (
+    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL UNIQUE, decision_id INTEGER NOT NULL,
+    detail TEXT NOT NULL, status TEXT NOT NULL, proposed_at TEXT NOT NULL,
+    decided_at TEXT, decided_by TEXT, note TEXT);
 """
 
 
@@ -85,7 +100,9 @@ class JobRow(BaseModel):
 
     @property
     def is_terminal(self) -> bool:
-        return self.state != CREATED and JobState(self.state).is_terminal
+        if self.state in (CREATED, PROPOSED):
+            return False
+        return self.state == REJECTED or JobState(self.state).is_terminal
 
 
 class ChosenCandidate(BaseModel):
@@ -194,14 +211,21 @@ class CampaignStore:
         acquisition: str,
         n_pending: int,
         seconds: float,
+        proposals: Sequence[str] | None = None,
     ) -> int:
         """Commit a decision and its jobs (state CREATED) in one transaction.
+
+        Args:
+            proposals: behind an approval gate, one JSON detail per chosen candidate (what
+                chose it, :class:`loop.approval.ProposalDetail`): the jobs then start as
+                PROPOSED and a ``proposals`` row is written for each, in the same transaction.
 
         Raises:
             StoreError: a candidate already has a job (it would be measured twice).
         """
-        if len(keys) != len(chosen):
+        if len(keys) != len(chosen) or (proposals is not None and len(proposals) != len(keys)):
             raise StoreError("record_decision: one idempotency key per chosen candidate")
+        state = CREATED if proposals is None else PROPOSED
         now = _now()
         with self.transaction() as db:
             taken = [
@@ -232,11 +256,17 @@ class CampaignStore:
                 db.execute(
                     "INSERT INTO jobs(key, candidate_id, state, handle, decision_id, message, created_at, updated_at)"
                     " VALUES (?, ?, ?, NULL, ?, NULL, ?, ?)",
-                    (key, c.candidate_id, CREATED, decision_id, now, now),
+                    (key, c.candidate_id, state, decision_id, now, now),
                 )
                 db.execute(
                     "INSERT INTO job_events(key, state, message, at) VALUES (?, ?, NULL, ?)",
-                    (key, CREATED, now),
+                    (key, state, now),
+                )
+            for key, c, detail in zip(keys, chosen, proposals or (), strict=False):
+                db.execute(
+                    "INSERT INTO proposals(key, candidate_id, decision_id, detail, status, proposed_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (key, c.candidate_id, decision_id, detail, PROPOSED, now),
                 )
         return decision_id
 
@@ -254,6 +284,10 @@ class CampaignStore:
             row = db.execute("SELECT state FROM jobs WHERE key = ?", (key,)).fetchone()
             if row is None:
                 raise StoreError(f"unknown job {key!r}")
+            if row[0] in (PROPOSED, REJECTED):
+                raise StoreError(
+                    f"job {key!r} is {row[0]} at the approval gate: it was never submitted"
+                )
             if row[0] != CREATED and JobState(row[0]).is_terminal:
                 logger.debug("job %s already terminal (%s); ignoring %s", key, row[0], state)
                 return
@@ -389,3 +423,71 @@ class CampaignStore:
                 }
             )
         return out
+
+    def model_versions(self) -> list[dict[str, Any]]:
+        """Every surrogate version, oldest first: ``version``, ``n_train``, ``metrics``, ``created_at``."""
+        return [
+            {
+                "version": int(r[0]),
+                "n_train": int(r[1]),
+                "metrics": json.loads(r[2]),
+                "created_at": r[3],
+            }
+            for r in self._db.execute(
+                "SELECT version, n_train, metrics, created_at FROM model_versions ORDER BY version"
+            )
+        ]
+
+    # ---- the approval gate ---------------------------------------------------------------
+    def proposals(self, *, status: str | None = None) -> list[dict[str, Any]]:
+        """Proposals behind the approval gate (oldest first), optionally of one ``status``.
+
+        Each is a dict with ``key``, ``candidate_id``, ``decision_id``, ``detail`` (the JSON
+        text of what chose it), ``status`` (PROPOSED, APPROVED or REJECTED), ``proposed_at``,
+        ``decided_at``, ``decided_by`` and ``note``.
+        """
+        query = (
+            "SELECT key, candidate_id, decision_id, detail, status, proposed_at, decided_at,"
+            " decided_by, note FROM proposals"
+        )
+        params: tuple[str, ...] = ()
+        if status is not None:
+            query, params = query + " WHERE status = ?", (status,)
+        names = ("key", "candidate_id", "decision_id", "detail", "status", "proposed_at",
+                 "decided_at", "decided_by", "note")  # fmt: skip
+        rows = self._db.execute(query + " ORDER BY proposed_at, rowid", params).fetchall()
+        return [dict(zip(names, r, strict=True)) for r in rows]
+
+    def decide_proposals(
+        self, keys: Sequence[str], *, approve: bool, actor: str, note: str | None
+    ) -> list[str]:
+        """Approve (PROPOSED -> CREATED) or reject (-> REJECTED) proposals in one transaction.
+
+        Only proposals still waiting change; one decided meanwhile (by another process, or
+        by the campaign's timeout) is left as it is, so two deciders never both win.
+
+        Returns:
+            The keys that were still waiting and are now decided.
+        """
+        now, decided = _now(), []
+        status, job_state = ("APPROVED", CREATED) if approve else (REJECTED, REJECTED)
+        with self.transaction() as db:
+            for key in keys:
+                cur = db.execute(
+                    "UPDATE proposals SET status = ?, decided_at = ?, decided_by = ?, note = ?"
+                    " WHERE key = ? AND status = ?",
+                    (status, now, actor, note, key, PROPOSED),
+                )
+                if cur.rowcount != 1:
+                    continue
+                db.execute(
+                    "UPDATE jobs SET state = ?, message = ?, updated_at = ? WHERE key = ? AND state = ?",
+                    (job_state, None if approve else f"rejected by {actor}: {note or ''}".rstrip(": "),
+                     now, key, PROPOSED),
+                )  # fmt: skip
+                db.execute(
+                    "INSERT INTO job_events(key, state, message, at) VALUES (?, ?, ?, ?)",
+                    (key, job_state, f"{status.lower()} by {actor}", now),
+                )
+                decided.append(key)
+        return decided

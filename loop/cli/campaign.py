@@ -100,6 +100,8 @@ def _drive(campaign: object, directory: Path, report_after: bool) -> None:
                 f"measured {p.n_measured}, failed {p.n_failed}, in flight {p.n_in_flight}, "
                 f"model v{p.model_version or 0}, best {best}"
             )
+            if p.n_awaiting_approval:  # the approval gate: `cloudlab approve DIR ...`
+                info += f", awaiting approval {p.n_awaiting_approval}"
             if p.last_warning:  # the tail holds the cause and "retry i/n in s"
                 tail = (
                     p.last_warning if len(p.last_warning) <= 120 else "..." + p.last_warning[-117:]
