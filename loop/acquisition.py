@@ -132,6 +132,7 @@ def select_batch(
                 measured_y,
                 beta,
                 max_batch_size,
+                generator,
             )
             choices = choices[torch.topk(alone, shortlist).indices]
         cand, values = optimize_acqf_discrete(
@@ -213,6 +214,7 @@ def _standalone_values(
     measured_y: Tensor,
     beta: float,
     max_batch_size: int,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """The ``q = 1`` acquisition value of every available candidate, ignoring pending jobs.
 
@@ -248,6 +250,7 @@ def _analytic_screen(
     available: Tensor,
     measured_y: Tensor,
     beta: float,
+    generator: torch.Generator | None = None,
 ) -> Tensor | None:
     """Closed-form ``q = 1`` values from per-candidate Gaussian marginals, or None.
 
@@ -267,7 +270,7 @@ def _analytic_screen(
     sign = 1.0 if spec.sense == "maximize" else -1.0
     mu, sigma = sign * mean[:, spec.primary], std[:, spec.primary].clamp_min(1e-12)  # (n,)
     if kind == "qucb":
-        return mu + beta**0.5 * sigma  # E[mean + sqrt(beta pi/2) |f - mean|]
+        return _break_ties(mu + beta**0.5 * sigma, generator)  # E[mu + sqrt(beta pi/2)|f - mu|]
     u = (mu - _best_feasible(spec, measured_y)) / sigma
     value = sigma.log() + _log_h(u)  # log EI
     normal = torch.distributions.Normal(0.0, 1.0)
@@ -276,7 +279,14 @@ def _analytic_screen(
         hi = 1.0 if b.upper is None else normal.cdf((b.upper - m_b) / s_b)
         lo = 0.0 if b.lower is None else normal.cdf((b.lower - m_b) / s_b)
         value = value + torch.as_tensor(hi - lo).clamp_min(1e-300).log()
-    return value
+    return _break_ties(value, generator)
+
+
+def _break_ties(value: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Order exactly tied values at random (a GP on identical features, e.g. carbon_24's
+    constant composition, ties every candidate; top-k would take the pool's first rows)."""
+    noise = torch.rand(value.shape, generator=generator, dtype=value.dtype)
+    return value + 1e-9 * value.abs().clamp_min(1.0) * noise
 
 
 def _log_h(u: Tensor) -> Tensor:

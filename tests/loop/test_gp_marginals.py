@@ -92,3 +92,18 @@ def test_leave_one_out_matches_refitting_without_the_row() -> None:
         latent = float(k[i, i] - gp.likelihood.noise.detach()) - float(k_i @ sol[:, 1])
         assert abs(float(mean[i, 0]) - (m_i * float(tf.stdvs) + float(tf.means))) < 1e-6
         assert abs(float(std[i, 0]) - latent**0.5 * float(tf.stdvs)) < 1e-6
+
+
+def test_tied_screen_values_are_ordered_at_random() -> None:
+    from loop.acquisition import _analytic_screen
+    from loop.objective import ObjectiveSpec
+
+    x = torch.ones(400, 3, dtype=torch.float64)  # identical features: every candidate ties
+    y = torch.randn(400, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s = GPSurrogate(x, seed=0)
+    s.fit(torch.arange(16), y[:16])
+    spec = ObjectiveSpec(targets=("a",), primary=0, sense="maximize")
+    avail = torch.arange(16, 400)
+    gen = torch.Generator().manual_seed(0)
+    top = torch.topk(_analytic_screen("qlogei", s, spec, avail, y[:16], 2.0, gen), 64).indices
+    assert int((top >= 64).sum()) > 32  # not the pool's first rows
