@@ -33,6 +33,8 @@ LABELS = {
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}",
     "bench_carbon24_gp_cloud": "carbon_24 lowest E, {budget} of {pool:,}, CLOUD + GP",
     "bench_carbon24_auto": "carbon_24 lowest E, {budget} of {pool:,}, default (auto)",
+    "bench_carbon24_bayes": "carbon_24 lowest E, {budget} of {pool:,}, Bayesian heads",
+    "bench_carbon24_finetune": "carbon_24 lowest E, {budget} of {pool:,}, top block fine-tuned",
 }
 
 
