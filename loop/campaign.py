@@ -43,6 +43,7 @@ from loop.store import CREATED, STORE_FILENAME, CampaignStore
 __all__ = ["Campaign", "CampaignResult", "LabRefusedError", "Progress", "Timings"]
 
 logger = logging.getLogger(__name__)
+_phase = logging.getLogger("cloudlab.progress")  # what a live display shows (loop/cli/live.py)
 
 
 class LabRefusedError(CloudlabError, PermissionError):
@@ -114,6 +115,7 @@ class Campaign:
         if self.ledger is not None:
             return self.ledger
         cfg = self.config
+        _phase.debug("preparing pool", extra={"phase": "preparing pool"})
         pool = load_pool(cfg.pool, cfg.targets, seed=cfg.seed)
         if cfg.prior is not None:
             self._prior_scopes, self._prior_y = load_prior(
@@ -211,7 +213,7 @@ class Campaign:
         """
         ledger = self.prepare()
         if agent is None and executor is None and (done := self.finished()) is not None:
-            logger.info("the campaign is already complete (%s): nothing to run", done)
+            logger.debug("the campaign is already complete (%s): nothing to run", done)
             return self._result(done)  # no model, no Ray, no lab: a finished campaign stays so
         agent = agent or self.build_agent()
         if executor is None:
@@ -300,6 +302,8 @@ class Campaign:
                     continue
             if c.n_open == 0:
                 return reason or "budget exhausted"
+            label = f"waiting on {c.n_open} in flight"
+            _phase.debug(label, extra={"phase": label})
             t0 = time.perf_counter()
             events = executor.next_events(timeout=5.0)
             self.timings.dispatch += time.perf_counter() - t0
