@@ -31,10 +31,11 @@ def run(
     ),
 ) -> None:
     """Run a campaign (or continue the one already in --out with the same config)."""
-    from loop.campaign import Campaign
     from loop.config import load_config
 
-    cfg = load_config(config)  # fails before anything starts
+    cfg = load_config(config)  # fails before anything starts (and before torch is imported)
+    from loop.campaign import Campaign
+
     if budget is not None:
         from loop.config import parse_config
 
@@ -50,6 +51,15 @@ def resume(
     report_after: bool = typer.Option(True, "--report/--no-report"),
 ) -> None:
     """Resume an interrupted campaign: reconcile in-flight jobs, then continue."""
+    from loop.store import STORE_FILENAME
+
+    if not (directory / STORE_FILENAME).is_file():  # before torch is imported
+        from cloud_model.errors import ConfigError
+
+        raise ConfigError(
+            f"{directory} is not a campaign directory (no {STORE_FILENAME}); give the --out "
+            "directory of a `cloudlab run`"
+        )
     from loop.campaign import Campaign
 
     _drive(Campaign.resume(directory), directory, report_after)
