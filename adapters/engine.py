@@ -672,6 +672,7 @@ class JobEngine:
                     job,
                     self._ending_kind(job, EventKind.FAILED),
                     message=f"gave up after {job.failures} transient errors: {what}",
+                    attempt=job.failures,  # > 0 on a FAILED event: retries ran out
                 )
         elif outcome.error_kind == "not_found" and kind is not OpKind.SUBMIT:
             self._finish(job, EventKind.LOST, message=what)

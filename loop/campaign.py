@@ -40,7 +40,14 @@ from loop.records import CampaignResult, Progress, Timings
 from loop.stop_rules import first_reason, rules_for
 from loop.store import CREATED, STORE_FILENAME, CampaignStore
 
-__all__ = ["Campaign", "CampaignResult", "LabRefusedError", "Progress", "Timings"]
+__all__ = [
+    "Campaign",
+    "CampaignResult",
+    "LabGoneError",
+    "LabRefusedError",
+    "Progress",
+    "Timings",
+]
 
 logger = logging.getLogger(__name__)
 _phase = logging.getLogger("cloudlab.progress")  # what a live display shows (loop/cli/live.py)
@@ -48,6 +55,15 @@ _phase = logging.getLogger("cloudlab.progress")  # what a live display shows (lo
 
 class LabRefusedError(CloudlabError, PermissionError):
     """The lab refused our credentials: nothing was spent; fix them and resume."""
+
+
+class LabGoneError(CloudlabError, ConnectionError):
+    """No adapter call succeeded for ``dispatch.lab_deadline_s``: the campaign stopped.
+
+    Nothing the lab did not answer about is counted as failed; ``cloudlab resume``
+    continues once the lab is back (jobs at the lab are polled again, the others
+    submitted again with their keys).
+    """
 
 
 class Campaign:
@@ -73,6 +89,7 @@ class Campaign:
         self._prior_y = torch.zeros(0, len(config.targets), dtype=torch.float64)
         self._streak, self._best_seen = 0, float("-inf")
         self._last_warning: str | None = None  # the latest RETRYING message, for Progress
+        self._failing_since: dict[str, float] = {}  # key -> start of its transient-error streak
         if (self.directory / STORE_FILENAME).is_file():
             self._open_store()
 
@@ -222,14 +239,17 @@ class Campaign:
             assert self.pool is not None
             executor = build_executor(self.config, self.pool, self.directory)
         stop_reason = "running"
+        self._failing_since.clear()
         try:
             self._reconcile(executor)
             stop_reason = self._loop(agent, executor, on_progress)
-        except (KeyboardInterrupt, LabRefusedError) as exc:
+        except (KeyboardInterrupt, LabRefusedError, LabGoneError) as exc:
             stop_reason = (
                 "interrupted"
                 if isinstance(exc, KeyboardInterrupt)
                 else f"refused by the lab: {exc}"
+                if isinstance(exc, LabRefusedError)
+                else "lab unreachable"
             )
             logger.warning("%s: the store is consistent; `cloudlab resume` continues", stop_reason)
             executor.shutdown(graceful=False, cancel_in_flight=False)
@@ -308,11 +328,19 @@ class Campaign:
             events = executor.next_events(timeout=5.0)
             self.timings.dispatch += time.perf_counter() - t0
             for event in events:
+                key = event.idempotency_key
                 if event.kind == EventKind.RETRYING:
                     self._last_warning = event.message
-                elif event.kind in (EventKind.SUBMITTED, EventKind.STATE, EventKind.SUCCEEDED):
+                    self._failing_since.setdefault(key, time.monotonic())
+                else:
+                    if event.kind == EventKind.FAILED and event.attempt and not event.permanent:
+                        # its retries ran out: if the lab is silent, the lab is gone, not the job
+                        self._check_lab_deadline(c.n_open, retries_ran_out=True)
+                    self._failing_since.pop(key, None)
+                if event.kind in (EventKind.SUBMITTED, EventKind.STATE, EventKind.SUCCEEDED):
                     self._last_warning = None  # the lab answered again
                 self._record(event)
+            self._check_lab_deadline(c.n_open)
 
     def _submit_batch(self, agent: Proposer, executor: Executor, n_free: int) -> int:
         ledger, t0 = self.prepare(), time.perf_counter()
@@ -336,6 +364,36 @@ class Campaign:
         for key, c in zip(keys, proposal.chosen, strict=True):
             executor.submit(self._request(c.candidate_id), key)
         return len(keys)
+
+    def _lab_gone(self, n_open: int) -> float | None:
+        """Seconds the lab has not answered, when every job it holds is failing; else None.
+
+        A job's streak of transient errors starts at its first RETRYING event and ends
+        with any other event of it. The lab counts as silent when at least two jobs (or
+        the only open one) are in a streak; it has been silent since the latest start.
+        """
+        streaks = self._failing_since
+        if not streaks or len(streaks) < min(2, max(n_open, 1)):
+            return None
+        return time.monotonic() - max(streaks.values())
+
+    def _check_lab_deadline(self, n_open: int, *, retries_ran_out: bool = False) -> None:
+        """Raise :class:`LabGoneError` when the lab has been silent past the deadline.
+
+        With ``retries_ran_out`` (a job's retries are exhausted) it is raised as soon as
+        the lab is silent at all: the lab is gone, not that one experiment.
+        """
+        deadline = self.config.dispatch.lab_deadline_s
+        silent = self._lab_gone(n_open)
+        if deadline is None or silent is None or (silent <= deadline and not retries_ran_out):
+            return
+        where = getattr(self.config.adapter, "base_url", None) or self.config.adapter.kind
+        raise LabGoneError(
+            f"the lab ({where}) has not answered for {silent:.0f} s (dispatch.lab_deadline_s "
+            f"{deadline:g}); the campaign stopped and nothing it did not hear back about counts "
+            f"as failed. Last error: {self._last_warning}. Once the lab is back, run "
+            f"`cloudlab resume {self.directory}`"
+        )
 
     def _record(self, event: JobEvent) -> None:
         if event.kind == EventKind.REFUSED:  # not an outcome: the job stays as it is

@@ -111,7 +111,8 @@ def _simulated_lab_from_file(
 
 def engine_config(config: CampaignConfig) -> DispatchConfig:
     """The engine's settings: the ``dispatch`` section without the loop's own fields."""
-    return DispatchConfig(**config.dispatch.model_dump(exclude={"mode", "wait_for"}))
+    loop_only = {"mode", "wait_for", "lab_deadline_s"}
+    return DispatchConfig(**config.dispatch.model_dump(exclude=loop_only))
 
 
 def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Executor:
