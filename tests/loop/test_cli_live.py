@@ -96,18 +96,17 @@ def test_a_log_line_goes_above_the_live_display(restore_logging: None) -> None:
 
 
 def test_quiet_by_default_verbose_shows_more(restore_logging: None) -> None:
+    ray_auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
     console = _console()
     configure_logging(False, console)
-    logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
-        "Token authentication is enabled for this Ray cluster."
-    )
+    assert not ray_auth.isEnabledFor(logging.WARNING)  # Ray's token-auth notice
     logging.getLogger("httpx").info("HTTP Request: GET /v1/jobs")
+    logging.getLogger("cloud_model.ensemble").info("fitted 3 members on 7 rows")
     logging.getLogger("loop.agent").debug("surrogate v1 fitted")
     assert console.export_text() == ""
     configure_logging(True, console)
-    logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
-        "Token authentication is enabled for this Ray cluster."
-    )
+    assert ray_auth.isEnabledFor(logging.WARNING)  # Ray's own handler prints it with -v
+    logging.getLogger("cloud_model.ensemble").info("fitted 3 members on 7 rows")
     logging.getLogger("loop.agent").debug("surrogate v1 fitted")
     out = console.export_text()
-    assert "Token authentication" in out and "surrogate v1 fitted" in out
+    assert "fitted 3 members" in out and "surrogate v1 fitted" in out
