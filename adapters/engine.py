@@ -188,7 +188,7 @@ class JobEngine:
         self.actor_pids: list[int] = list(info.pids)
         self.concurrency: int = self.config.concurrency or self.capacity
         if self.concurrency > self.capacity:
-            logger.info(
+            logger.debug(
                 "concurrency %d exceeds adapter %s capacity %d: the adapter queues the rest",
                 self.concurrency,
                 self.adapter_name,
@@ -216,7 +216,7 @@ class JobEngine:
         if background:
             self._thread = threading.Thread(target=self._run, name="cloudlab-engine", daemon=True)
             self._thread.start()
-        logger.info(
+        logger.debug(
             "job engine: %d lane(s) for %s, concurrency %d",
             transport.lanes,
             self.adapter_name,
@@ -672,6 +672,7 @@ class JobEngine:
                     job,
                     self._ending_kind(job, EventKind.FAILED),
                     message=f"gave up after {job.failures} transient errors: {what}",
+                    attempt=job.failures,  # > 0 on a FAILED event: retries ran out
                 )
         elif outcome.error_kind == "not_found" and kind is not OpKind.SUBMIT:
             self._finish(job, EventKind.LOST, message=what)

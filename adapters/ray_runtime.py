@@ -114,7 +114,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
             f"could not start or join {where}: {exc}. If the cluster uses token auth, set "
             "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token; RAY_AUTH_MODE=disabled opts out."
         ) from exc
-    logger.info(
+    logger.debug(
         "Ray %s: %s",
         "joined" if address else "started locally",
         ray.get_runtime_context().gcs_address,

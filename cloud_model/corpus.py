@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from pymatgen.core import Structure
 
 logger = logging.getLogger(__name__)
+# phase records ("encoding SCOPE done/total") for whoever shows progress (the CLI's live display)
+_phase = logging.getLogger("cloudlab.progress")
 
 CACHE_DIR_ENV = "CLOUDLAB_CACHE_DIR"
 CACHE_FORMAT = "cloudlab-scope-cache-1"
@@ -167,14 +169,21 @@ def encode_structures(
     n_proc = 1 if len(items) < 8 * n_proc else n_proc  # a pool costs more than it saves on a few items
     if n_proc > 1:
         scope_tables(), letter_group(1)  # load once here so forked workers inherit them
+    results: list[tuple[str | None, str]] = []
     if n_proc == 1:
-        results = _encode_chunk(items, variant, symprec, angle_tolerance)
+        step = max(1, len(items) // 100)
+        for i, item in enumerate(items):
+            results.append(_encode_item(item, variant, symprec, angle_tolerance))
+            if (i + 1) % step == 0 and len(items) >= 100:
+                _encoding_progress(i + 1, len(items))
     else:
-        size = chunksize or max(1, min(256, math.ceil(len(items) / (4 * n_proc))))
+        size = chunksize or max(1, min(256, math.ceil(len(items) / (8 * n_proc))))
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         with ProcessPoolExecutor(max_workers=n_proc, mp_context=_pool_context()) as pool:
             parts = pool.map(_encode_chunk, chunks, *([x] * len(chunks) for x in (variant, symprec, angle_tolerance)))
-            results = [r for part in parts for r in part]
+            for part in parts:  # in order, as each chunk is done
+                results.extend(part)
+                _encoding_progress(len(results), len(items))
     out = EncodeResult([s for s, _ in results])
     out.errors = {i: why for i, (s, why) in enumerate(results) if s is None}
     if out.errors:
@@ -182,6 +191,11 @@ def encode_structures(
         logger.warning("%d of %d structures could not be encoded (first: #%d: %s)",
                        len(out.errors), len(items), first[0], first[1])
     return out
+
+
+def _encoding_progress(done: int, total: int) -> None:
+    _phase.debug("encoding SCOPE %d/%d", done, total,
+                 extra={"phase": "encoding SCOPE", "done": done, "total": total})
 
 
 STRUCTURE_FILE_PATTERNS = ("*.cif", "*.vasp", "POSCAR*", "CONTCAR*", "*.poscar")

@@ -333,7 +333,13 @@ class CloudEnsemble:
                 for member, rows in zip(self.members, trains, strict=True)
             ]
         calib = None
-        if val is not None and len(val) and bool(torch.isfinite(val.y).any()):
+        # one member has no spread: no calibration to report (its NLL would be meaningless)
+        if (
+            val is not None
+            and len(val)
+            and bool(torch.isfinite(val.y).any())
+            and self.n_members > 1
+        ):
             preds = self._predict_features(val)  # (K, n_val, m)
             if self.config.recalibrate and self.n_members > 1:
                 mean, std = preds.double().mean(0), preds.double().std(0, correction=0)

@@ -36,6 +36,8 @@ from cloud_model.model import Block, CloudEncoder, embed_tokens, pool_states, ru
 from cloud_model.trunk import MemberSpec
 
 logger = logging.getLogger(__name__)
+# phase records ("predicting done/total rows") for whoever shows progress (the CLI's live display)
+_phase = logging.getLogger("cloudlab.progress")
 
 
 def resolve_device(choice: Literal["auto", "cpu", "cuda"]) -> torch.device:
@@ -342,6 +344,14 @@ def predict_member(
             out = member(x, mask)
         preds.append(member.to_targets(out, atoms).float().cpu())
         raws.append(out.float().cpu())
+        if len(data) > config.eval_batch_size and _phase.isEnabledFor(logging.DEBUG):
+            done = int(index[-1]) + 1
+            _phase.debug(
+                "predicting %d/%d rows",
+                done,
+                len(data),
+                extra={"phase": "predicting", "done": done, "total": len(data), "sub": True},
+            )
     return torch.cat(preds), torch.cat(raws)
 
 

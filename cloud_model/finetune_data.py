@@ -72,6 +72,7 @@ def prediction_input(
     variant: Literal["cloud", "native"] = "cloud",
     symprec: float = 0.1,
     processes: int = 1,
+    structure_column: str | None = None,
 ) -> LabelledSet:
     """Structures to score: an existing CSV file, else a registry dataset name.
 
@@ -79,6 +80,8 @@ def prediction_input(
         spec: a CSV path (SCOPE column ``cloud``/``scope`` or CIF column ``cif``) or a dataset.
         truth: target columns to copy beside the predictions where the input has them.
         variant, symprec, processes: SCOPE encoding of CIF inputs (use the training values).
+        structure_column: the CSV column holding the structures (default: ``cloud``/``scope``
+            for SCOPE strings, ``cif`` for CIF texts).
 
     Raises:
         DataError: a ``.csv`` path that does not exist, an unknown dataset, no usable rows.
@@ -92,8 +95,10 @@ def prediction_input(
         "symprec": symprec,
         "processes": processes,
     }
+    if structure_column is not None and not path.is_file():
+        raise DataError(f"{spec}: a structure column applies to a CSV input, not a dataset name")
     source = (
-        DataSource(csv=path, **options)
+        DataSource(csv=path, structure_column=structure_column, **options)
         if path.is_file()
         else DataSource(dataset=str(spec), **options)
     )

@@ -91,12 +91,19 @@ class JobReport(BaseModel):
     """What :func:`run_finetune_job` did and how well the model does on the test split."""
 
     model_config = ConfigDict(extra="forbid")
-    n_train: int
+    n_train: int  # rows with at least one finite label (unlabelled rows are not counted)
     n_val: int
     n_test: int
-    n_invalid: int
+    n_invalid: int  # rows left out: no usable structure
     seconds: float
     fit: FitReport
+    # rows left out because every target cell is empty or not a number, and the first few
+    n_unlabelled: int = 0
+    unlabelled_examples: list[str] = Field(default_factory=list)
+    # how the test split was chosen, in words (e.g. "random 10 % (test_fraction 0.1, seed 0)")
+    test_split: str = ""
+    # "ensemble spread (K members)" or "none (one member)": a single model has no std
+    uncertainty: str = ""
     test: dict[str, TargetMetrics] = Field(default_factory=dict)
     test_calibration: CalibrationReport | None = None
 
@@ -138,6 +145,18 @@ def run_finetune_job(
     if not job.data.targets:
         raise ConfigError("a fine-tuning job needs data.targets (the columns to learn)")
     data = load_labelled(job.data)
+    labelled = torch.isfinite(data.y).any(1) if data.y.numel() else torch.zeros(0, dtype=torch.bool)
+    unlabelled = [data.ids[i] for i in torch.nonzero(~labelled).flatten().tolist()]
+    if unlabelled:  # no finite label: nothing to learn or score from these rows
+        reasons = dict(data.invalid_labels)
+        logger.warning(
+            "%d of %d rows have no numeric label in %s and are left out (first: %s)",
+            len(unlabelled),
+            len(data.ids),
+            list(data.target_names),
+            "; ".join(f"{i}: {reasons.get(i, 'no label')}" for i in unlabelled[:3]),
+        )
+        data = data.subset(torch.nonzero(labelled).flatten())
     parts = split_rows(
         data, val_fraction=job.val_fraction, test_fraction=job.test_fraction, seed=job.split_seed
     )
@@ -159,7 +178,16 @@ def run_finetune_job(
         n_test=len(test.scopes),
         n_invalid=len(data.invalid),
         seconds=0.0,
-        fit=fit,
+        # one member has no spread: its "calibration" (std 0) would be meaningless
+        fit=fit if ensemble.n_members > 1 else fit.model_copy(update={"validation": None}),
+        n_unlabelled=len(unlabelled),
+        unlabelled_examples=unlabelled[:5],
+        test_split=_describe_test_split(data, job, len(test.scopes)),
+        uncertainty=(
+            f"ensemble spread ({ensemble.n_members} members)"
+            if ensemble.n_members > 1
+            else "none (one member)"
+        ),
     )
     if len(test.scopes) >= 2:
         preds = ensemble.predict(test.scopes, n_atoms=test.n_atoms)  # (K, n, m)
@@ -179,6 +207,18 @@ def run_finetune_job(
     return ensemble, report
 
 
+def _describe_test_split(data: LabelledData, job: FinetuneJob, n_test: int) -> str:
+    """How the test rows were chosen, in words (the CLI prints it; report.json keeps it)."""
+    if {"train", "train_and_val"} & set(data.splits):
+        return f"the source's test split ({n_test} rows)"
+    if n_test == 0:
+        return "none (test_fraction 0: every labelled row trains or validates)"
+    return (
+        f"{n_test} rows drawn at random (test_fraction {job.test_fraction:g}, split_seed "
+        f"{job.split_seed}); set test_fraction: 0 to train on them"
+    )
+
+
 def output_names(ensemble: CloudEnsemble) -> tuple[str, ...]:
     """Names of the ensemble's output columns (regression targets, ``theta`` or ``cv_300K``...)."""
     from cloud_model.heads import RegressionHeadConfig
@@ -195,11 +235,13 @@ def predict_rows(ensemble: CloudEnsemble, data: LabelledData) -> list[dict[str, 
     """One output row per input: id, split, scope, ``<name>_mean``/``<name>_std`` per output.
 
     Debye ensembles also give ``theta_mean``/``theta_std`` (K); known truth values
-    of the data source's targets are copied into columns of their own names.
+    of the data source's targets are copied into columns of their own names. A
+    one-member model has no uncertainty: its rows carry no ``_std`` columns.
     """
     preds = ensemble.predict(data.scopes, n_atoms=data.n_atoms)  # (K, n, m)
     mean, std = preds.mean(0), preds.std(0, correction=0)
     names = output_names(ensemble)
+    spread = ensemble.n_members > 1
     theta = None
     if ensemble.spec.head.kind == "debye" and ensemble.spec.debye_output != "theta":
         theta = ensemble.predict_theta(data.scopes)  # (K, n)
@@ -208,10 +250,12 @@ def predict_rows(ensemble: CloudEnsemble, data: LabelledData) -> list[dict[str, 
         row: dict[str, object] = {"id": rid, "split": data.splits[i], "scope": scope}
         for j, name in enumerate(names):
             row[f"{name}_mean"] = float(mean[i, j])
-            row[f"{name}_std"] = float(std[i, j])
+            if spread:
+                row[f"{name}_std"] = float(std[i, j])
         if theta is not None:
             row["theta_mean"] = float(theta[:, i].mean())
-            row["theta_std"] = float(theta[:, i].std(correction=0))
+            if spread:
+                row["theta_std"] = float(theta[:, i].std(correction=0))
         for j, name in enumerate(data.target_names):
             row[name] = float(data.y[i, j])
         rows.append(row)

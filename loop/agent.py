@@ -38,6 +38,7 @@ from loop.surrogate import Surrogate
 __all__ = ["Agent", "CampaignView", "Proposal", "Proposer"]
 
 logger = logging.getLogger(__name__)
+_phase = logging.getLogger("cloudlab.progress")  # what a live display shows (loop/cli/live.py)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,8 @@ class Agent:
         if not due:
             return
         t0 = time.perf_counter()
+        label = f"fitting model v{(self._version or 0) + 1} on {n} measurements"
+        _phase.debug(label, extra={"phase": label})
         torch.manual_seed(self.config.seed * 100_003 + n)
         n_pool, n_prior = len(self.ids), len(self.prior_y)
         train_idx = torch.cat([measured_idx, torch.arange(n_pool, n_pool + n_prior)])
@@ -178,6 +181,8 @@ class Agent:
         self, view: CampaignView, available: Tensor, n_free: int, gen: torch.Generator
     ) -> Proposal:
         t0 = time.perf_counter()
+        label = f"choosing {n_free} experiment(s)"
+        _phase.debug(label, extra={"phase": label})
         acq = self.config.acquisition
         picks = select_batch(
             kind=acq.kind,

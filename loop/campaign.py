@@ -45,13 +45,30 @@ from loop.records import CampaignResult, Progress, Timings
 from loop.stop_rules import first_reason, rules_for
 from loop.store import CREATED, STORE_FILENAME, CampaignStore
 
-__all__ = ["Campaign", "CampaignResult", "LabRefusedError", "Progress", "Timings"]
+__all__ = [
+    "Campaign",
+    "CampaignResult",
+    "LabGoneError",
+    "LabRefusedError",
+    "Progress",
+    "Timings",
+]
 
 logger = logging.getLogger(__name__)
+_phase = logging.getLogger("cloudlab.progress")  # what a live display shows (loop/cli/live.py)
 
 
 class LabRefusedError(CloudlabError, PermissionError):
     """The lab refused our credentials: nothing was spent; fix them and resume."""
+
+
+class LabGoneError(CloudlabError, ConnectionError):
+    """No adapter call succeeded for ``dispatch.lab_deadline_s``: the campaign stopped.
+
+    Nothing the lab did not answer about is counted as failed; ``cloudlab resume``
+    continues once the lab is back (jobs at the lab are polled again, the others
+    submitted again with their keys).
+    """
 
 
 class Campaign:
@@ -78,6 +95,7 @@ class Campaign:
         self._streak, self._best_seen = 0, float("-inf")
         self._last_warning: str | None = None  # the latest RETRYING message, for Progress
         self._handed: set[str] = set()  # keys given to the executor by this run (approval gate)
+        self._failing_since: dict[str, float] = {}  # key -> start of its transient-error streak
         if (self.directory / STORE_FILENAME).is_file():
             self._open_store()
 
@@ -120,6 +138,7 @@ class Campaign:
         if self.ledger is not None:
             return self.ledger
         cfg = self.config
+        _phase.debug("preparing pool", extra={"phase": "preparing pool"})
         pool = load_pool(cfg.pool, cfg.targets, seed=cfg.seed)
         if cfg.prior is not None:
             self._prior_scopes, self._prior_y = load_prior(
@@ -218,7 +237,7 @@ class Campaign:
         """
         ledger = self.prepare()
         if agent is None and executor is None and (done := self.finished()) is not None:
-            logger.info("the campaign is already complete (%s): nothing to run", done)
+            logger.debug("the campaign is already complete (%s): nothing to run", done)
             return self._result(done)  # no model, no Ray, no lab: a finished campaign stays so
         from cloud_model.threads import apply_thread_budget, resolve_threads
 
@@ -230,14 +249,17 @@ class Campaign:
             assert self.pool is not None
             executor = build_executor(self.config, self.pool, self.directory)
         stop_reason = "running"
+        self._failing_since.clear()
         try:
             self._reconcile(executor)
             stop_reason = self._loop(agent, executor, on_progress)
-        except (KeyboardInterrupt, LabRefusedError) as exc:
+        except (KeyboardInterrupt, LabRefusedError, LabGoneError) as exc:
             stop_reason = (
                 "interrupted"
                 if isinstance(exc, KeyboardInterrupt)
                 else f"refused by the lab: {exc}"
+                if isinstance(exc, LabRefusedError)
+                else "lab unreachable"
             )
             logger.warning("%s: the store is consistent; `cloudlab resume` continues", stop_reason)
             executor.shutdown(graceful=False, cancel_in_flight=False)
@@ -319,15 +341,25 @@ class Campaign:
             if c.n_open == 0:  # only proposals wait: look at the store again in a moment
                 time.sleep(cfg.approval.poll_interval_s)
                 continue
+            label = f"waiting on {c.n_open} in flight"
+            _phase.debug(label, extra={"phase": label})
             t0 = time.perf_counter()
             events = executor.next_events(timeout=cfg.approval.poll_interval_s if gated else 5.0)
             self.timings.dispatch += time.perf_counter() - t0
             for event in events:
+                key = event.idempotency_key
                 if event.kind == EventKind.RETRYING:
                     self._last_warning = event.message
-                elif event.kind in (EventKind.SUBMITTED, EventKind.STATE, EventKind.SUCCEEDED):
+                    self._failing_since.setdefault(key, time.monotonic())
+                else:
+                    if event.kind == EventKind.FAILED and event.attempt and not event.permanent:
+                        # its retries ran out: if the lab is silent, the lab is gone, not the job
+                        self._check_lab_deadline(c.n_open, retries_ran_out=True)
+                    self._failing_since.pop(key, None)
+                if event.kind in (EventKind.SUBMITTED, EventKind.STATE, EventKind.SUCCEEDED):
                     self._last_warning = None  # the lab answered again
                 self._record(event)
+            self._check_lab_deadline(c.n_open)
 
     def _submit_batch(self, agent: Proposer, executor: Executor, n_free: int) -> int:
         ledger, t0 = self.prepare(), time.perf_counter()
@@ -385,6 +417,36 @@ class Campaign:
                 executor.submit(self._request(job.candidate_id), job.key)
                 self._handed.add(job.key)
                 logger.info("approved: %s submitted", job.candidate_id)
+
+    def _lab_gone(self, n_open: int) -> float | None:
+        """Seconds the lab has not answered, when every job it holds is failing; else None.
+
+        A job's streak of transient errors starts at its first RETRYING event and ends
+        with any other event of it. The lab counts as silent when at least two jobs (or
+        the only open one) are in a streak; it has been silent since the latest start.
+        """
+        streaks = self._failing_since
+        if not streaks or len(streaks) < min(2, max(n_open, 1)):
+            return None
+        return time.monotonic() - max(streaks.values())
+
+    def _check_lab_deadline(self, n_open: int, *, retries_ran_out: bool = False) -> None:
+        """Raise :class:`LabGoneError` when the lab has been silent past the deadline.
+
+        With ``retries_ran_out`` (a job's retries are exhausted) it is raised as soon as
+        the lab is silent at all: the lab is gone, not that one experiment.
+        """
+        deadline = self.config.dispatch.lab_deadline_s
+        silent = self._lab_gone(n_open)
+        if deadline is None or silent is None or (silent <= deadline and not retries_ran_out):
+            return
+        where = getattr(self.config.adapter, "base_url", None) or self.config.adapter.kind
+        raise LabGoneError(
+            f"the lab ({where}) has not answered for {silent:.0f} s (dispatch.lab_deadline_s "
+            f"{deadline:g}); the campaign stopped and nothing it did not hear back about counts "
+            f"as failed. Last error: {self._last_warning}. Once the lab is back, run "
+            f"`cloudlab resume {self.directory}`"
+        )
 
     def _record(self, event: JobEvent) -> None:
         if event.kind == EventKind.REFUSED:  # not an outcome: the job stays as it is

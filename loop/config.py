@@ -252,6 +252,10 @@ class DispatchSection(DispatchConfig):
     # refill free slots as soon as "any" job ends, or only when "all" in-flight jobs ended
     # (synchronous batches: decisions then do not depend on completion order)
     wait_for: Literal["any", "all"] = "any"
+    # stop the campaign (non-zero exit, store consistent, `cloudlab resume` continues) when no
+    # adapter call has succeeded for this many seconds while calls keep failing; a job whose
+    # retries run out then is not counted as failed either. None: only max_retries decides
+    lab_deadline_s: float | None = Field(default=600.0, gt=0)
 
 
 class FinetunePolicy(_Section):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cloud_model.errors import ConfigError
+from cloud_model.errors import CloudlabError, ConfigError
 from loop.config import parse_config
 from loop.store import STORE_FILENAME, CampaignStore
 
@@ -132,24 +132,42 @@ def write_report(directory: str | Path) -> Path:
         ids, y = _trajectory(store, config)
         decisions = store.decisions()
         approvals = _approval_section(store)
+        units = _units(store)
+        scopes = dict(store.candidates())
+    target = config.objective.target
+    unit = units.get(target, "")
+    if not ids:
+        lines += ["## Results", "", "_missing: nothing has been measured yet._", ""]
     if ids:
         score = spec.score(y)
-        best = torch.cummax(
-            torch.where(torch.isfinite(score), score, torch.full_like(score, -1e300)), 0
-        ).values
+        safe = torch.where(torch.isfinite(score), score, torch.full_like(score, -1e300))
+        best_at = _running_argmax(safe)  # index of the best feasible measurement so far
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = list(range(1, len(ids) + 1))
-        ok = best > -1e299
-        ax.step([x for x, k in zip(xs, ok, strict=True) if k], best[ok].tolist(), where="post")
+        ok = [bool(safe[i] > -1e299) for i in best_at]
+        values = [float(y[i, spec.primary]) for i in best_at]  # the target's own value and sign
+        ax.step(
+            [x for x, k in zip(xs, ok, strict=True) if k],
+            [v for v, k in zip(values, ok, strict=True) if k],
+            where="post",
+        )
         ax.set_xlabel("experiments measured")
-        ax.set_ylabel("best feasible objective")
-        ax.set_title(spec.describe(), fontsize=9)
+        ax.set_ylabel(f"best feasible {target}" + (f" ({unit})" if unit else ""))
+        ax.set_title(spec.describe() + f" ({_sense_words(spec.sense)})", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "best_so_far.png", dpi=120)
         plt.close(fig)
         lines += ["## Best so far", "", "![best so far](best_so_far.png)", ""]
-        found = _found_curve(config, ids)
-        if found is not None:
+        lines += _best_table(config, spec, ids, y, units, scopes)
+        found, why_not = _found_curve(config, ids)
+        if found is None:
+            lines += [
+                "## Top candidates found",
+                "",
+                f"_missing: {why_not}_",
+                "",
+            ]
+        else:
             fig, ax = plt.subplots(figsize=(6, 4))
             for label, curve in found.items():
                 ax.plot(xs, curve, label=label)
@@ -164,40 +182,50 @@ def write_report(directory: str | Path) -> Path:
                 lines.append(f"- {label}: {curve[-1]:.0%} found after {len(ids)} measurements")
             lines.append("")
         parity = _parity(decisions, ids, y, config.targets)
-        if parity is not None:
+        if parity is None:
+            lines += [
+                "## Surrogate on the candidates it chose (predicted before measuring)",
+                "",
+                "_missing: fewer than 3 model-chosen candidates have been measured._",
+                "",
+            ]
+        else:
             pred, sd, meas = parity
             fig, axes = plt.subplots(1, 2, figsize=(10, 4))
             axes[0].errorbar(meas, pred, yerr=sd, fmt="o", ms=3, alpha=0.6)
             lo, hi = min(meas + pred), max(meas + pred)
             axes[0].plot([lo, hi], [lo, hi], "k--", lw=1)
-            axes[0].set_xlabel(f"measured {config.targets[0]}")
-            axes[0].set_ylabel("predicted at decision time")
+            first = config.targets[0]
+            first_unit = f" ({units[first]})" if units.get(first) else ""
+            axes[0].set_xlabel(f"measured {first}{first_unit}")
+            axes[0].set_ylabel(f"predicted {first} at decision time{first_unit}")
             z = [(p - m) / s for p, m, s in zip(pred, meas, sd, strict=True) if s > 0]
-            if z:
-                axes[1].hist(z, bins=20, density=True, alpha=0.7)
-                grid = torch.linspace(-4, 4, 100)
-                axes[1].plot(grid, torch.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi), "k--")
-                axes[1].set_xlabel("z = (predicted - measured) / predicted std")
+            n_out = _z_histogram(axes[1], z)
             fig.tight_layout()
             fig.savefig(out / "parity_calibration.png", dpi=120)
             plt.close(fig)
-            mae = sum(abs(p - m) for p, m in zip(pred, meas, strict=True)) / len(pred)
-            cover = sum(abs(v) <= 1.645 for v in z) / max(len(z), 1)
             lines += [
                 "## Surrogate on the candidates it chose (predicted before measuring)",
                 "",
                 "![parity](parity_calibration.png)",
                 "",
-                f"- MAE {mae:.4g} on {len(pred)} model-chosen measurements; "
-                f"90 % interval coverage {cover:.0%}",
-                "",
+                *(f"- {s}" for s in _surrogate_in_words(pred, sd, meas, z, units.get(first, ""))),
             ]
+            if n_out:
+                lines.append(
+                    f"- {n_out} of {len(z)} z values lie beyond +-{_Z_CLIP:g} and are drawn "
+                    "in the edge bins of the histogram"
+                )
+            lines.append("")
         lines += _calibration_section(decisions, ids, y, out)
         if spec.is_multi:
             lines += _pareto_section(spec, ids, y, out)
         if config.surrogate.head == "debye" and ids:
             lines += _debye_curves(config, ids, y, out)
     lines += approvals
+    for stale in out.glob("*.png"):  # a figure this run did not draw is an old run's
+        if f"]({stale.name})" not in "\n".join(lines):
+            stale.unlink()
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -242,6 +270,147 @@ def _approval_section(store: CampaignStore) -> list[str]:
             f"{(p.decided_at or '-')[:19]} | {cell(p.note)} |"
         )
     return [*lines, ""]
+
+
+_Z_CLIP = 5.0
+
+
+def _units(store: CampaignStore) -> dict[str, str]:
+    """Target -> unit, as the measurements state them."""
+    units: dict[str, str] = {}
+    for m in store.measurements():
+        for name, value in m.values.items():
+            if value.unit and name not in units:
+                units[name] = value.unit
+    return units
+
+
+def _running_argmax(score: torch.Tensor) -> list[int]:
+    """For each n, the index of the largest of ``score[: n + 1]`` (the first on ties)."""
+    best, out = 0, []
+    for i in range(len(score)):
+        if float(score[i]) > float(score[best]):
+            best = i
+        out.append(best)
+    return out
+
+
+def _sense_words(sense: str) -> str:
+    return {"maximize": "higher is better", "minimize": "lower is better"}.get(
+        sense, "inside the window is better"
+    )
+
+
+def _formula(scope: str | None) -> str:
+    """The reduced formula of a SCOPE string's composition part, or "" if it has none."""
+    if not scope:
+        return ""
+    from loop.features import composition_from_scope
+
+    try:
+        from pymatgen.core import Composition
+
+        formula, _ = Composition(composition_from_scope(scope)).get_integer_formula_and_factor()
+        return str(formula)
+    except (ValueError, CloudlabError):
+        return ""
+
+
+def _best_table(
+    config: object,
+    spec: object,
+    ids: list[str],
+    y: torch.Tensor,
+    units: dict[str, str],
+    scopes: dict[str, str],
+    k: int = 5,
+) -> list[str]:
+    """The best feasible measured candidates: id, formula, values with units, SCOPE string."""
+    from loop.config import CampaignConfig
+    from loop.objective import ObjectiveSpec
+
+    assert isinstance(config, CampaignConfig) and isinstance(spec, ObjectiveSpec)
+    score = spec.score(y)
+    order = [int(i) for i in torch.argsort(score, descending=True) if torch.isfinite(score[i])]
+    if not order:
+        return ["## Best candidates", "", "_missing: no feasible candidate measured yet._", ""]
+    names = list(config.targets)
+    heads = [f"{t} ({units[t]})" if units.get(t) else t for t in names]
+    lines = [
+        f"## Best candidates ({min(k, len(order))} of {len(order)} feasible measured; "
+        f"{spec.describe()}, {_sense_words(spec.sense)})",
+        "",
+        "| rank | candidate | formula | " + " | ".join(heads) + " | SCOPE |",
+        "|---|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for rank, i in enumerate(order[:k], 1):
+        scope = scopes.get(ids[i], "")
+        shown = scope if len(scope) <= 80 else scope[:77] + "..."
+        values = " | ".join(f"{float(y[i, j]):.4g}" for j in range(len(names)))
+        lines.append(
+            f"| {rank} | {ids[i]} | {_formula(scope)} | {values} | `{shown.replace('|', '/')}` |"
+        )
+    return [*lines, ""]
+
+
+def _z_histogram(ax: object, z: list[float]) -> int:
+    """Histogram of z clipped to +-5 (edge bins hold the rest) under N(0, 1); returns #clipped."""
+    if not z:
+        return 0
+    clipped = [max(-_Z_CLIP, min(_Z_CLIP, v)) for v in z]
+    ax.hist(clipped, bins=25, range=(-_Z_CLIP, _Z_CLIP), density=True, alpha=0.7)  # type: ignore[attr-defined]
+    grid = torch.linspace(-_Z_CLIP, _Z_CLIP, 200)
+    ax.plot(grid, torch.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi), "k--", label="N(0, 1)")  # type: ignore[attr-defined]
+    ax.set_xlim(-_Z_CLIP, _Z_CLIP)  # type: ignore[attr-defined]
+    ax.set_xlabel(f"z = (predicted - measured) / predicted std, clipped to +-{_Z_CLIP:g}")  # type: ignore[attr-defined]
+    ax.legend(fontsize=8)  # type: ignore[attr-defined]
+    return sum(abs(v) > _Z_CLIP for v in z)
+
+
+def _surrogate_in_words(
+    pred: list[float], sd: list[float], meas: list[float], z: list[float], unit: str
+) -> list[str]:
+    """How the surrogate did on its own picks, in sentences: error, coverage, NLL vs a baseline."""
+    n = len(pred)
+    u = f" {unit}" if unit else ""
+    mae = sum(abs(p - m) for p, m in zip(pred, meas, strict=True)) / n
+    centre = sum(meas) / n
+    mad = sum(abs(m - centre) for m in meas) / n
+    out = [
+        f"MAE {mae:.4g}{u} on {n} model-chosen measurements; predicting their mean for every one "
+        f"would give {mad:.4g}{u} (MAE/MAD {mae / mad:.2f})"
+        if mad > 0
+        else f"MAE {mae:.4g}{u} on {n} model-chosen measurements"
+    ]
+    if not z:
+        out.append("the surrogate gave no uncertainty (std 0): coverage and NLL are undefined")
+        return out
+    cover = sum(abs(v) <= 1.645 for v in z) / len(z)
+    verdict = (
+        "about right"
+        if 0.80 <= cover <= 0.95
+        else "too narrow: the model is overconfident"
+        if cover < 0.80
+        else "wider than needed: the model is underconfident"
+    )
+    nll = sum(
+        0.5 * math.log(2 * math.pi * s * s) + 0.5 * ((p - m) / s) ** 2
+        for p, s, m in zip(pred, sd, meas, strict=True)
+        if s > 0
+    ) / len(z)
+    spread = math.sqrt(sum((m - centre) ** 2 for m in meas) / n)
+    out.append(
+        f"its 90 % intervals held {cover:.0%} of the measured values ({verdict}; 80-95 % is "
+        "well calibrated)"
+    )
+    if spread > 0:
+        base = 0.5 * math.log(2 * math.pi * spread**2) + 0.5
+        better = "better" if nll < base else "worse"
+        out.append(
+            f"mean Gaussian NLL {nll:.3g} against {base:.3g} for a constant N(mean, std) of the "
+            f"measured values: {better} than that baseline"
+        )
+    return out
 
 
 def _save(fig: object, path: Path) -> None:
@@ -379,8 +548,8 @@ def _debye_curves(config: object, ids: list[str], y: torch.Tensor, out: Path) ->
     return [*rows, "", "![Cv(T)](debye_cv.png)", ""]
 
 
-def _found_curve(config: object, ids: list[str]) -> dict[str, list[float]] | None:
-    """Top-1 % / top-5 % found vs experiments, when the pool's values are known."""
+def _found_curve(config: object, ids: list[str]) -> tuple[dict[str, list[float]] | None, str]:
+    """Top-1 % / top-5 % found vs experiments when the pool's values are known; else why not."""
     from loop.config import CampaignConfig
     from loop.objective import top_fraction_ids
     from loop.pool import load_pool
@@ -388,15 +557,19 @@ def _found_curve(config: object, ids: list[str]) -> dict[str, list[float]] | Non
     assert isinstance(config, CampaignConfig)
     try:
         pool = load_pool(config.pool, config.targets, seed=config.seed)
-    except Exception:  # the report must not fail because the pool's source moved
-        return None
+    except Exception as exc:  # the report must not fail because the pool's source moved
+        return None, f"the pool's source could not be loaded to look up its true values ({exc})"
     if len(pool.truth) < len(pool) * 0.9:
-        return None
+        return None, (
+            f"the pool's true values are known for {len(pool.truth)} of {len(pool)} candidates "
+            "(a lab's own pool): there is no known top set to compare with"
+        )
     truth = torch.tensor(
         [[pool.truth.get(c, {}).get(t, math.nan) for t in config.targets] for c in pool.ids],
         dtype=torch.float64,
     )
     spec = config.objective_spec()
+    n_feasible = int(torch.isfinite(spec.score(truth)).sum())
     out = {}
     for frac in (0.01, 0.05):
         top = top_fraction_ids(pool.ids, truth, spec, frac)
@@ -406,8 +579,18 @@ def _found_curve(config: object, ids: list[str]) -> dict[str, list[float]] | Non
         for cid in ids:
             hits += cid in top
             curve.append(hits / len(top))
-        out[f"top {frac:.0%} ({len(top)} candidates)"] = curve
-    return out or None
+        wanted = max(1, round(frac * len(pool)))
+        label = (
+            f"top {frac:.0%} of the pool: {len(top)} candidates (of {len(pool)}"
+            + (f", {n_feasible} feasible)" if n_feasible < len(pool) else ")")
+            if len(top) == wanted
+            else f"all {len(top)} feasible candidates (fewer than the pool's top {frac:.0%}, "
+            f"{wanted} of {len(pool)})"
+        )
+        out[label] = curve
+    if not out:
+        return None, "no candidate of the pool is feasible by its true values"
+    return out, ""
 
 
 def _parity(

@@ -40,6 +40,7 @@ from loop.config import DEFAULT_TRANSFER_SETS
 __all__ = ["DEFAULT_TRANSFER_SETS", "TransferReport", "transfer_features"]
 
 logger = logging.getLogger(__name__)
+_phase = logging.getLogger("cloudlab.progress")  # what a live display shows (loop/cli/live.py)
 _VERSION = "1"  # bump when the featurisation or the model changes
 _MAX_Z = 103
 
@@ -168,6 +169,8 @@ def transfer_features(
         if path.is_file():
             columns.append(load_file(str(path))["prediction"])
             continue
+        label = f"training transfer model {name} ({len(columns) + 1}/{len(sets)})"
+        _phase.debug(label, extra={"phase": label})
         from sklearn.ensemble import HistGradientBoostingRegressor
 
         if x_query is None:
@@ -179,7 +182,7 @@ def transfer_features(
         tmp = path.with_suffix(".tmp")
         save_file({"prediction": pred.contiguous()}, str(tmp))
         tmp.replace(path)
-        logger.info(
+        logger.debug(
             "transfer %s: trained on %d rows (%d dropped: formulas of the campaign), "
             "predicted %d candidates",
             name,

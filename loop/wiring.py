@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from adapters.base import Executor, LabAdapter
@@ -97,9 +98,33 @@ _PROBED = (HttpLabAdapter, QueueServerAdapter, Sila2Adapter)
 _Probed = HttpLabAdapter | QueueServerAdapter | Sila2Adapter
 
 
+def _write_truth(truth: GroundTruth, directory: Path) -> Path:
+    """Save the simulated lab's truth for its Ray actor (atomically; same path every run).
+
+    A large constructor argument lands in Ray's object store, and Ray then logs an
+    error that a restarted actor may not find it; a path is small, and a restarted
+    actor reads the file again.
+    """
+    path = directory / "lab" / "truth.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(truth.model_dump_json())
+    tmp.replace(path)
+    return path
+
+
+def _simulated_lab_from_file(
+    config: AdapterConfig, directory: Path, truth_file: Path
+) -> LabAdapter:
+    """Build a simulated lab whose truth is the JSON file ``truth_file`` (in its actor)."""
+    truth = GroundTruth.model_validate_json(truth_file.read_text())
+    return build_adapter(config, directory=directory, truth=truth)
+
+
 def engine_config(config: CampaignConfig) -> DispatchConfig:
     """The engine's settings: the ``dispatch`` section without the loop's own fields."""
-    return DispatchConfig(**config.dispatch.model_dump(exclude={"mode", "wait_for"}))
+    loop_only = {"mode", "wait_for", "lab_deadline_s"}
+    return DispatchConfig(**config.dispatch.model_dump(exclude=loop_only))
 
 
 def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Executor:
@@ -141,7 +166,12 @@ def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Execu
             if not isinstance(remote, _PROBED):
                 raise TypeError(f"{type(remote).__name__} has no probe")
             probed(remote).close()
-        factory = functools.partial(build_adapter, config.adapter, directory=directory, truth=truth)
+        if truth is not None:  # the actor reads the truth from disk: a small constructor arg
+            factory: Callable[[], LabAdapter] = functools.partial(
+                _simulated_lab_from_file, config.adapter, directory, _write_truth(truth, directory)
+            )
+        else:
+            factory = functools.partial(build_adapter, config.adapter, directory=directory)
         return Dispatcher(factory, settings)
     virtual = isinstance(config.adapter, SimulatedLabConfig)
     adapter = build_adapter(config.adapter, directory=directory, truth=truth, virtual_time=virtual)

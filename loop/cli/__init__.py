@@ -9,7 +9,6 @@ printed as one clear line and exit with status 2.
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 
 import typer
@@ -31,13 +30,9 @@ _COMMAND_MODULES = ("data", "scope", "model", "lab", "campaign", "approval", "da
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
 ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:  # one INFO line per HTTP request would flood a campaign's console
-        for noisy in ("httpx", "httpcore"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    from loop.cli.live import configure_logging
+
+    configure_logging(verbose)
 
 
 def _register_commands() -> None:

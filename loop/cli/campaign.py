@@ -31,10 +31,11 @@ def run(
     ),
 ) -> None:
     """Run a campaign (or continue the one already in --out with the same config)."""
-    from loop.campaign import Campaign
     from loop.config import load_config
 
-    cfg = load_config(config)  # fails before anything starts
+    cfg = load_config(config)  # fails before anything starts (and before torch is imported)
+    from loop.campaign import Campaign
+
     if budget is not None:
         from loop.config import parse_config
 
@@ -50,44 +51,36 @@ def resume(
     report_after: bool = typer.Option(True, "--report/--no-report"),
 ) -> None:
     """Resume an interrupted campaign: reconcile in-flight jobs, then continue."""
+    from loop.store import STORE_FILENAME
+
+    if not (directory / STORE_FILENAME).is_file():  # before torch is imported
+        from cloud_model.errors import ConfigError
+
+        raise ConfigError(
+            f"{directory} is not a campaign directory (no {STORE_FILENAME}); give the --out "
+            "directory of a `cloudlab run`"
+        )
     from loop.campaign import Campaign
 
     _drive(Campaign.resume(directory), directory, report_after)
 
 
 def _drive(campaign: object, directory: Path, report_after: bool) -> None:
-    from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
     from loop.campaign import Campaign
     from loop.campaign import Progress as LoopProgress
+    from loop.cli.live import CampaignDisplay, phases_shown_in, stderr_console
 
     assert isinstance(campaign, Campaign)
-    console = Console(stderr=True)
+    console = stderr_console()
     console.print(f"[bold]{campaign.config.name}[/]: {campaign.spec.describe()} -> {directory}")
     target = campaign.config.objective.target
-    if (done := campaign.finished()) is not None:
-        value, cid = campaign.best()
-        best = "-" if value is None else f"{value:.4g} {campaign.unit()}".strip() + f" ({cid})"
-        console.print(f"already complete ({done}); best {target} {best}; nothing to do")
-        if report_after:
-            from loop.report import write_report
-
-            console.print(f"report: {write_report(directory)}")
-        return
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-    ) as bar:
-        task = bar.add_task(
-            "experiments", total=campaign.config.budget.experiments, info="preparing pool"
-        )
-
+    display = CampaignDisplay(console, campaign.config.budget.experiments)
+    with display, phases_shown_in(display):
+        display.set_phase("preparing pool")
+        done = campaign.finished()  # loads (and encodes) the pool
         unit = campaign.unit()
 
         def show(p: LoopProgress) -> None:
@@ -96,40 +89,53 @@ def _drive(campaign: object, directory: Path, report_after: bool) -> None:
                 if p.best_value is None
                 else f"{p.best_value:.4g} {unit}".strip() + f" ({p.best_id})"
             )
-            info = (
-                f"measured {p.n_measured}, failed {p.n_failed}, in flight {p.n_in_flight}, "
-                f"model v{p.model_version or 0}, best {best}"
-            )
+            lines = [
+                Text(
+                    f"measured {p.n_measured}, failed {p.n_failed}, in flight {p.n_in_flight}, "
+                    f"model v{p.model_version or 0}, best {target} {best}"
+                )
+            ]
             if p.n_awaiting_approval:  # the approval gate: `cloudlab approve DIR ...`
-                info += f", awaiting approval {p.n_awaiting_approval}"
+                lines.append(Text(f"awaiting approval {p.n_awaiting_approval}"))
             if p.last_warning:  # the tail holds the cause and "retry i/n in s"
                 tail = (
                     p.last_warning if len(p.last_warning) <= 120 else "..." + p.last_warning[-117:]
                 )
-                info = escape(info) + f"\n[yellow]warning: {escape(tail)}[/]"
-            else:
-                info = escape(info)
-            bar.update(task, completed=p.n_submitted, info=info)
+                lines.append(Text.from_markup(f"[yellow]warning: {escape(tail)}[/]"))
+            display.set_status(p.n_submitted, lines)
 
         try:
-            result = campaign.run(on_progress=show)
+            result = campaign.run(on_progress=show)  # a finished campaign starts nothing
         except KeyboardInterrupt:
+            display.stop()
             console.print(f"[yellow]interrupted[/]: `cloudlab resume {directory}` continues")
             raise typer.Exit(130) from None
+        if done is not None:
+            display.set_phase("already complete")
+            display.set_status(result.n_submitted, [])
+    if done is not None:
+        value, cid = result.best_value, result.best_id
+        best = "-" if value is None else f"{value:.4g} {unit}".strip() + f" ({cid})"
+        console.print(
+            f"already complete ({done}); best {target} {best}; nothing to do", highlight=False
+        )
+        if report_after:
+            from loop.report import write_report
+
+            console.print(f"report: {write_report(directory)}")
+        return
     console.print(
         f"stopped: {result.stop_reason}; {result.n_measured} measured, {result.n_failed} failed; "
         f"best {target} "
-        + (
-            "-"
-            if result.best_value is None
-            else f"{result.best_value:.4g} {campaign.unit()}".strip()
-        )
-        + f" ({result.best_id})"
+        + ("-" if result.best_value is None else f"{result.best_value:.4g} {unit}".strip())
+        + f" ({result.best_id})",
+        highlight=False,
     )
     t = result.timings
     console.print(
         f"time: fit {t.fit:.1f} s, scoring {t.score:.1f} s, acquisition {t.acquisition:.1f} s, "
-        f"waiting on jobs {t.dispatch:.1f} s"
+        f"waiting on jobs {t.dispatch:.1f} s",
+        highlight=False,
     )
     if report_after:
         from loop.report import write_report

@@ -102,6 +102,19 @@ def _echo_pretrain_result(result: PretrainResult, out: Path) -> None:
 
 
 # ---------------------------------------------------------------- finetune / predict
+_THREADS_HELP = (
+    "CPU threads for torch (torch.set_num_threads); on a shared machine 1 is often fastest. "
+    "Default: torch's own choice (or OMP_NUM_THREADS)."
+)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _members_train_on_ray(parallel: str, n_members: int) -> bool:
     """Whether an ensemble fit with this ``parallel`` setting wants Ray actors (see
     :mod:`cloud_model.ensemble_runtime`): always for ``"ray"``; for ``"auto"`` with CUDA
@@ -123,15 +136,24 @@ def finetune_command(
         help="Fine-tuning YAML, e.g. configs/finetune_cloud_cv_debye.yaml.",
     ),
     out: Path = typer.Option(..., "--out", help="Directory for the trained model and report.json."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
 ) -> None:
-    """Fine-tune a CLOUD model (or a K-member ensemble) on labelled data; scores the test split."""
+    """Fine-tune a CLOUD model (or a K-member ensemble) on labelled data; scores the test split.
+
+    On a terminal a progress bar shows the epochs; otherwise (a batch job, a redirected
+    log) every epoch is a log line on stderr as it ends.
+    """
+    import logging
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from cloud_model.finetune_job import FinetuneJob, run_finetune_job
+    from loop.cli.live import stderr_console
 
     job = FinetuneJob.from_yaml(config)
+    _set_threads(threads)
     if _members_train_on_ray(job.model.parallel, job.n_members):
         from adapters.ray_runtime import ensure_ray
 
@@ -141,7 +163,9 @@ def finetune_command(
         TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
     )  # fmt: skip
-    with Progress(*columns) as progress:
+    console = stderr_console()
+    log = logging.getLogger("cloudlab.finetune")
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("finetune", total=total, info="loading data")
         done = {"n": 0}
 
@@ -149,10 +173,19 @@ def finetune_command(
             done["n"] += 1
             val = "" if val_loss is None else f"  val {val_loss:.4f}"
             info = f"member {member + 1}/{job.n_members} epoch {epoch}  train {train_loss:.4f}{val}"
-            progress.update(task, completed=done["n"], info=info)
+            if console.is_terminal:
+                progress.update(task, completed=done["n"], info=info)
+            else:  # a log file gets a line per epoch, as it happens
+                log.info("epoch %d/%d: %s", done["n"], total, info)
 
         _, report = run_finetune_job(job, out, on_epoch=on_epoch)
         progress.update(task, completed=total, info="done")
+    if report.n_unlabelled:
+        typer.echo(
+            f"left out {report.n_unlabelled} rows without a numeric label "
+            f"(first: {', '.join(report.unlabelled_examples)})"
+        )
+    typer.echo(f"test split: {report.test_split}")
     table = Table(
         title=f"test split ({report.n_test} rows; trained on {report.n_train}, val {report.n_val})"
     )
@@ -161,7 +194,9 @@ def finetune_command(
     for name, m in report.test.items():
         table.add_row(name, f"{m.mae:.4g}", f"{m.rmse:.4g}", f"{m.mae_over_mad:.4f}", f"{m.r2:.4f}")
     Console().print(table)
-    if report.test_calibration is not None:
+    if report.test_calibration is None:
+        typer.echo(f"uncertainty: {report.uncertainty}")
+    else:
         c = report.test_calibration
         typer.echo(
             f"ensemble calibration: NLL {c.nll:.3f}, 90% coverage {c.coverage_90:.3f}, "
@@ -194,13 +229,23 @@ def predict_command(
     symprec: float | None = typer.Option(
         None, "--symprec", help="spglib tolerance in Angstrom for CIF inputs."
     ),
+    structure_column: str | None = typer.Option(
+        None,
+        "--structure-column",
+        help="CSV column holding the structures (default: cloud/scope for SCOPE, cif for CIF).",
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
 ) -> None:
-    """Predict with a fine-tuned model or ensemble: mean and ensemble std per target."""
+    """Predict with a fine-tuned model or ensemble: mean and ensemble std per target.
+
+    A one-member model has no uncertainty: its CSV has no ``_std`` columns.
+    """
     from cloud_model.ensemble import CloudEnsemble
     from cloud_model.errors import ConfigError
     from cloud_model.finetune_data import prediction_input
     from cloud_model.finetune_job import output_names, predict_rows, read_job, write_csv
 
+    _set_threads(threads)
     ensemble = CloudEnsemble.load(model)
     job = read_job(model)
     chosen_variant = variant or (job.data.variant if job is not None else "cloud")
@@ -212,10 +257,16 @@ def predict_command(
         truth=truth,
         variant="native" if chosen_variant == "native" else "cloud",
         symprec=symprec if symprec is not None else (job.data.symprec if job is not None else 0.1),
+        structure_column=structure_column,
     )
     rows = predict_rows(ensemble, data)
     write_csv(out, rows)
-    typer.echo(f"{len(rows)} predictions ({ensemble.n_members} members) written to {out}")
+    spread = (
+        f"{ensemble.n_members} members, std = their spread"
+        if ensemble.n_members > 1
+        else "one member: no uncertainty, no _std columns"
+    )
+    typer.echo(f"{len(rows)} predictions ({spread}) written to {out}")
 
 
 def register(app: typer.Typer) -> None:

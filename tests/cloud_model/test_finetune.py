@@ -77,7 +77,8 @@ def test_finetuning_lowers_validation_loss_and_scores_test(cv_csv: Path, tmp_pat
     direct = ensemble.predict(data.scopes[220:260]).mean(0)[:, 0]
     assert [r["cv_mean"] for r in rows] == pytest.approx(direct.tolist(), rel=1e-5)
     write_csv(tmp_path / "p.csv", rows)
-    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "id,split,scope,cv_mean,cv_std,cv"
+    # one member: no uncertainty, so no cv_std column (a std of 0.0 would claim certainty)
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "id,split,scope,cv_mean,cv"
 
 
 def test_every_block_trains_and_the_frozen_trunk_does_not(cv_csv: Path) -> None:
@@ -209,3 +210,60 @@ def test_cli_finetune_then_predict(cv_csv: Path, tmp_path: Path) -> None:
     assert len(rows) == 260
     assert set(rows[0]) >= {"id", "cv_300K_mean", "cv_300K_std", "theta_mean", "theta_std", "cv"}
     assert all(float(r["theta_mean"]) > 0 and float(r["cv_300K_std"]) >= 0 for r in rows)
+
+
+def test_cli_finetune_as_a_batch_job(cv_csv: Path, tmp_path: Path) -> None:
+    """Not a terminal: a log line per epoch; unlabelled rows counted and left out; one
+    member says "no uncertainty"; the random test split is stated; predict takes
+    --structure-column and --threads."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+
+    rows = list(csv.DictReader(cv_csv.open()))[:60]
+    rows[3]["cv"], rows[7]["cv"], rows[11]["cv"] = "", "n/a", "nan"
+    data = tmp_path / "train.csv"
+    with data.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "structure", "cv"])  # a structure column of its own name
+        writer.writerows([r["id"], r["cloud"], r["cv"]] for r in rows)
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"data: {{csv: {data}, targets: [cv], structure_column: structure,"
+        " structure_format: scope}\ncheckpoint: null\nn_members: 1\n"
+        "model: {model_size: tiny, n_trainable_blocks: 0, epochs: 3, device: cpu}\n"
+    )
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["finetune", str(config), "--out", str(tmp_path / "m"), "--threads", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 1
+    epochs = [line for line in result.stderr.splitlines() if "epoch " in line and "/3:" in line]
+    assert len(epochs) == 3  # one line per epoch as it ends, not a bar drawn at the end
+    assert "left out 3 rows without a numeric label" in result.stdout
+    assert "test split: 6 rows drawn at random (test_fraction 0.1" in result.stdout
+    assert "uncertainty: none (one member)" in result.stdout
+    report = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert report["n_unlabelled"] == 3 and len(report["unlabelled_examples"]) == 3
+    assert report["n_train"] + report["n_val"] + report["n_test"] == 57  # 60 - 3 unlabelled
+    assert report["fit"]["validation"] is None  # no NLL of a zero spread
+    assert report["uncertainty"] == "none (one member)"
+    out = tmp_path / "p.csv"
+    result = runner.invoke(
+        app,
+        ["predict", "--model", str(tmp_path / "m"), "--input", str(data), "--out", str(out),
+         "--structure-column", "structure", "--threads", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "one member: no uncertainty" in result.stdout
+    header = out.read_text().splitlines()[0].split(",")
+    assert header == ["id", "split", "scope", "cv_mean", "cv"]  # no cv_std of 0.0
+    result = runner.invoke(
+        app,
+        ["predict", "--model", str(tmp_path / "m"), "--input", str(data), "--out", str(out),
+         "--structure-column", "nosuch"],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "nosuch" in str(result.exception)

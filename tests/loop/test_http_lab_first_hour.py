@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from cloud_model.errors import CloudlabError
 from loop.campaign import Campaign, LabRefusedError
 from loop.config import parse_config
 from loop.records import Progress
@@ -189,3 +191,66 @@ def test_a_wrong_token_is_refused_before_any_job_then_resume_runs(
     finally:
         server.stop()
     assert result.stop_reason == "experiment budget reached" and result.n_submitted == 8
+
+
+class _KillTheLab:
+    """Progress hook: SIGKILL the lab server once it holds the first batch."""
+
+    def __init__(self, server: LabServer) -> None:
+        self.server = server
+        self.killed_at: float | None = None
+        self.deadline = time.monotonic() + 90.0
+
+    def __call__(self, progress: Progress) -> None:
+        if time.monotonic() > self.deadline:
+            raise AssertionError("the campaign did not stop after the lab vanished")
+        if self.killed_at is None and progress.n_in_flight > 0:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            page = httpx.get(f"{self.server.url}/v1/jobs", headers=headers, timeout=5.0).json()
+            if int(page["total"]) >= 4:
+                self.server.stop(crash=True)
+                self.killed_at = time.monotonic()
+
+
+def test_a_lab_that_vanishes_stops_the_campaign_at_the_deadline_then_resume_finishes(
+    cv_pool: Path, tmp_path: Path, cv_rows: list[dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loop.campaign import LabGoneError
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    truth, state = _truth(cv_rows), tmp_path / "lab-state"
+    latency = {"distribution": "fixed", "mean_s": 3600}  # 3 s per experiment: killed mid-batch
+    lab = SimulatedLabConfig(seed=1, capacity=4, latency=latency, time_acceleration=1200)  # type: ignore[arg-type]
+    server = start_server(tmp_path / "lab", truth, lab, state_dir=state)
+    data = _config(cv_pool, server.url)
+    data["dispatch"]["lab_deadline_s"] = 2.0  # retries (1000 of them) would go on for minutes
+    out = tmp_path / "run"
+    hook = _KillTheLab(server)
+    try:
+        with pytest.raises(LabGoneError, match=r"has not answered for \d+ s") as stopped:
+            Campaign(parse_config(data), out).run(on_progress=hook)
+    finally:
+        server.stop()
+    assert hook.killed_at is not None
+    assert time.monotonic() - hook.killed_at < 30.0  # the deadline, not the 1000 retries
+    message = str(stopped.value)
+    assert server.url in message and f"cloudlab resume {out}" in message
+    assert isinstance(stopped.value, CloudlabError)  # the CLI: one line, exit status 2
+    with CampaignStore(out, create=False) as store:  # consistent; nothing counted as failed
+        assert store.get_meta("stop_reason") == "lab unreachable"
+        assert store.job_counts().get("FAILED", 0) == 0
+        open_jobs = store.open_jobs()
+        assert len(open_jobs) == len(store.jobs()) == 4 and all(j.handle for j in open_jobs)
+    with sqlite3.connect(out / STORE_FILENAME) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+    back = start_server(tmp_path / "lab", truth, lab, state_dir=state, port=server.port)
+    try:
+        result = Campaign.resume(out).run()
+        lab_keys = [j["idempotency_key"] for j in _all_lab_jobs(back)]
+    finally:
+        back.stop()
+    assert result.stop_reason == "experiment budget reached"
+    with CampaignStore(out, create=False) as store:
+        keys = [j.key for j in store.jobs()]
+    assert len(set(keys)) == 8 and sorted(lab_keys) == sorted(keys)  # each experiment ran once
