@@ -24,7 +24,7 @@ app = typer.Typer(
 )
 
 # command modules, each calling `register(app)`; listed here so the order of --help is stable
-_COMMAND_MODULES = ("data", "scope", "model", "lab", "campaign", "bench")
+_COMMAND_MODULES = ("data", "scope", "model", "lab", "campaign", "bench", "generate")
 
 
 @app.callback()

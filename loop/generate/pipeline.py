@@ -37,6 +37,7 @@ POOL_COLUMNS = (
     "energy_per_atom",
     "e_above_hull",
     "new",
+    "hull_phases",
     "parent_id",
     "provenance",
 )
@@ -71,7 +72,12 @@ class GeneratedCandidate(BaseModel):
     energy_per_atom: float = Field(description="eV/atom, CHGNet")
     relax_steps: int
     provenance: dict[str, Any] = Field(description="generator, parent_id, substitutions, probability")
-    e_above_hull: float | None = None
+    e_above_hull: float | None = Field(
+        default=None, description="eV/atom; negative: below the hull of the known phases"
+    )
+    hull_phases: int | None = Field(
+        default=None, description="phases on its hull, elements included (= n elements: none known)"
+    )
     new: bool | None = None
     matched_id: str | None = None
 
@@ -250,6 +256,7 @@ def _add_hull(
     )
     for candidate, result in zip(candidates, results, strict=True):
         candidate.e_above_hull = result.e_above_hull
+        candidate.hull_phases = result.n_competing
         candidate.new = result.new
         candidate.matched_id = result.matched_id
 
@@ -270,6 +277,7 @@ def write_pool_csv(path: Path, candidates: Sequence[GeneratedCandidate]) -> None
                     "energy_per_atom": f"{c.energy_per_atom:.6f}",
                     "e_above_hull": "" if c.e_above_hull is None else f"{c.e_above_hull:.6f}",
                     "new": "" if c.new is None else str(c.new).lower(),
+                    "hull_phases": "" if c.hull_phases is None else str(c.hull_phases),
                     "parent_id": c.provenance.get("parent_id", ""),
                     "provenance": json.dumps(c.provenance, sort_keys=True),
                 }
