@@ -23,7 +23,17 @@ app = typer.Typer(
 )
 
 # command modules, each calling `register(app)`; listed here so the order of --help is stable
-_COMMAND_MODULES = ("data", "scope", "model", "lab", "campaign", "approval", "dashboard", "bench")
+_COMMAND_MODULES = (
+    "data",
+    "scope",
+    "model",
+    "lab",
+    "campaign",
+    "approval",
+    "dashboard",
+    "bench",
+    "generate",
+)
 
 
 @app.callback()
