@@ -9,13 +9,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-sila2 = pytest.importorskip("sila2")
-
-# In one process after tests/adapters/test_engine.py, sila2's first protobuf registration fails
-# ("duplicate file name SiLAFramework.proto"; not understood yet), so these tests run in their
-# own pytest process: `slow` here, and `.ci/run` runs this file on its own after `make test`.
-pytestmark = pytest.mark.slow
-
 from adapters.base import (
     AuthError,
     ExperimentRequest,
@@ -56,6 +49,11 @@ LAB = SimulatedLabConfig.model_validate(
         "time_acceleration": 100.0,  # 0.6 s of wall time per experiment
     }
 )
+
+# In one process after tests/adapters/test_engine.py, sila2's first protobuf registration fails
+# ("duplicate file name SiLAFramework.proto"; not understood yet), so these tests run in their
+# own pytest process: `slow` here, and `.ci/run` runs this file on its own after `make test`.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
