@@ -230,7 +230,14 @@ def test_cloudlab_dashboard_serves_on_loopback_with_the_tokens_it_prints(gated: 
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        links = dict(proc.stdout.readline().split(": ", 1) for _ in range(2))
+        links: dict[str, str] = {}
+        while len(links) < 2:  # log lines (e.g. where new tokens were written) may come first
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if ": http" in line:
+                name, url = line.split(": ", 1)
+                links[name] = url
         tokens = load_tokens(gated)  # the file the command created
         assert (
             links["watcher (read-only)"].strip()
