@@ -40,14 +40,24 @@ class _Cached(Surrogate):
     def samples(self, idx: torch.Tensor) -> torch.Tensor:
         return self._model.predictions[:, idx]
 
+    def save(self, directory: Path) -> None:
+        raise NotImplementedError("a benchmark's cached predictions are not saved")
+
+    def load(self, directory: Path) -> None:
+        raise NotImplementedError("a benchmark's cached predictions are not saved")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     parser.add_argument("--q", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/acquisition_scale.json"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/acquisition_scale.json")
+    )
     args = parser.parse_args()
-    spec = ObjectiveSpec(targets=("y", "c"), primary=0, sense="minimize", constraints=(Bound(1, -1.0, 1.0),))
+    spec = ObjectiveSpec(
+        targets=("y", "c"), primary=0, sense="minimize", constraints=(Bound(1, -1.0, 1.0),)
+    )
     results = []
     for n in args.sizes:
         gen = torch.Generator().manual_seed(0)

@@ -41,31 +41,11 @@ def _worker(kind: str, threads: int, n: int) -> dict[str, object]:
 
     apply_thread_budget(threads)
     import torch
+    from acquisition_scale import _Cached as Cached  # the same cached-ensemble surrogate
 
     from loop.acquisition import select_batch
     from loop.objective import ObjectiveSpec
-    from loop.surrogate import GPSurrogate, LookupEnsembleModel, Surrogate
-
-    class Cached(Surrogate):
-        name = "cloud_ensemble"
-
-        def __init__(self, predictions: torch.Tensor) -> None:
-            self._model = LookupEnsembleModel(predictions)
-
-        def fit(self, train_idx: torch.Tensor, train_y: torch.Tensor) -> dict[str, float]:
-            return {}
-
-        def model(self) -> LookupEnsembleModel:
-            return self._model
-
-        def samples(self, idx: torch.Tensor) -> torch.Tensor:
-            return self._model.predictions[:, idx]
-
-        def save(self, directory: Path) -> None:
-            raise NotImplementedError
-
-        def load(self, directory: Path) -> None:
-            raise NotImplementedError
+    from loop.surrogate import GPSurrogate, Surrogate
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, D_COMP + D_TRANSFER, generator=gen, dtype=torch.float64)  # cached features
