@@ -47,6 +47,7 @@ from cloud_model.errors import ConfigError, DataError
 from cloud_model.leakage import (
     DEFAULT_POOLS,
     LeakageGuard,
+    PoolIndex,
     RowKeys,
     build_pool_index,
     structure_row_keys,
@@ -371,6 +372,7 @@ def build_multitask_corpus(
     *,
     tokenizer: ScopeTokenizer | None = None,
     kept_rows: dict[str, list[tuple[RowKeys, str]]] | None = None,
+    pool_index: PoolIndex | None = None,
 ) -> MultiTaskCorpus:
     """Build the labelled tasks, the MLM strings and the guard report (see the module docstring).
 
@@ -380,6 +382,8 @@ def build_multitask_corpus(
             (default :func:`corpus_tokenizer`, ``scope-vocab-2``).
         kept_rows: if given, filled with labelled set -> ``(guard keys, SCOPE string)``
             of every row the guard kept (an audit trail: tests check it against the pools).
+        pool_index: the pools, already read (default: :func:`~cloud_model.leakage.build_pool_index`
+            of ``options.pools``; pass one to reuse it across builds).
 
     Returns:
         A :class:`~cloud_model.multitask_data.MultiTaskCorpus`; tasks in source order
@@ -393,9 +397,11 @@ def build_multitask_corpus(
     options = options or MultiTaskDataOptions()
     tokenizer = tokenizer or corpus_tokenizer()
     plan = _plan(options)
-    guard = LeakageGuard(
-        build_pool_index(options.pools, symprec=options.symprec, processes=options.processes)
-    )
+    if pool_index is None:
+        pool_index = build_pool_index(
+            options.pools, symprec=options.symprec, processes=options.processes
+        )
+    guard = LeakageGuard(pool_index)
     tasks: list[TaskData] = []
     n_sources = len(plan.structure) + len(plan.formula)
     for k, (name, splits) in enumerate(plan.structure.items()):
