@@ -11,7 +11,23 @@ SCOPE string tokenizes without unknown tokens. In order, with fixed ids:
 * every Wyckoff symbol (multiplicity + letter) of the 230 space groups, from the
   ``cloud_wyckoff_multiplicities`` table;
 * element symbols (pymatgen's ``Element`` list in atomic-number order, then ``X``);
-* atomic fractions ``0.0, 0.01, ..., 1.0`` as written by the encoder.
+* atomic fractions ``0.0, 0.01, ..., 1.0`` as written by the encoder;
+* from version ``scope-vocab-2`` on, appended at the end so that no earlier id moves,
+  the placeholders of the composition-only form (:mod:`cloud_model.composition`):
+  ``[NOSYM]`` (part 1: the space group is unknown) and ``[NOWYCK]`` (part 2: the
+  occupied Wyckoff orbits are unknown), e.g. ``[NOSYM] | [NOWYCK] | Na 0.5 Cl 0.5``.
+
+Versions. ``scope-vocab-1`` (443 tokens) is the structure-only vocabulary of the
+shipped ``cloud-small`` checkpoint; ``scope-vocab-2`` is the same 443 tokens, same
+ids, plus the two placeholders (445). The rule: a checkpoint's tokenizer is the
+version written in its ``tokenizer.json`` (:meth:`ScopeTokenizer.load` accepts every
+version in :data:`VOCAB_VERSIONS` and checks the tokens), and its embedding table is
+sized from its card, so old checkpoints keep loading and encoding exactly as before;
+under ``scope-vocab-1`` the placeholders are unknown tokens (a structure-only model
+cannot read composition-only rows). :meth:`ScopeTokenizer.default` stays
+``scope-vocab-1`` (what from-scratch models and the shipped checkpoint use) until a
+``scope-vocab-2`` checkpoint is shipped; a model that trains on composition-only rows
+is built from :meth:`ScopeTokenizer.latest`.
 
 Tokenization: part 1 gives one token per generator character; in part 2 a native
 orbit ``4a:Na`` gives the two tokens ``4a`` ``Na`` (the binding is the order: an
@@ -46,13 +62,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-VOCAB_VERSION = "scope-vocab-1"
+VOCAB_VERSION = "scope-vocab-1"  # the default: structure-only, the shipped checkpoint's
+LATEST_VOCAB_VERSION = "scope-vocab-2"  # + the composition-only placeholders
+VOCAB_VERSIONS = (VOCAB_VERSION, LATEST_VOCAB_VERSION)  # each extends the previous at the end
+NO_SYMMETRY = "[NOSYM]"  # part 1 of a composition-only string: space group unknown
+NO_WYCKOFF = "[NOWYCK]"  # part 2 of a composition-only string: Wyckoff orbits unknown
+PLACEHOLDER_TOKENS = (NO_SYMMETRY, NO_WYCKOFF)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 SEPARATOR = "|"
 GENERATOR_PREFIX = "g:"
 DEFAULT_MAX_LENGTH = 64  # as the published CLOUD model
 
-TokenKind = Literal["special", "separator", "generator", "wyckoff", "element", "fraction"]
+TokenKind = Literal[
+    "special", "separator", "generator", "wyckoff", "element", "fraction", "placeholder"
+]
 
 
 class VocabularyFile(BaseModel):
@@ -82,7 +105,12 @@ class TokenBatch:
     n_truncated: int
 
 
-def _vocabulary() -> tuple[list[str], list[TokenKind]]:
+def _vocabulary(version: str = VOCAB_VERSION) -> tuple[list[str], list[TokenKind]]:
+    """Tokens and kinds of ``version`` (one of :data:`VOCAB_VERSIONS`)."""
+    if version not in VOCAB_VERSIONS:
+        raise TokenizerError(
+            f"unknown SCOPE vocabulary version {version!r}; known: {list(VOCAB_VERSIONS)}"
+        )
     from pymatgen.core.periodic_table import Element
 
     from cloud_model.scope import CORRECTED_GENERATORS, format_fraction, letter_rank, scope_tables
@@ -101,6 +129,8 @@ def _vocabulary() -> tuple[list[str], list[TokenKind]]:
         (generator_tokens, "generator"), (wyckoff_tokens, "wyckoff"),
         (element_tokens, "element"), (fraction_tokens, "fraction"),
     ]
+    if version == LATEST_VOCAB_VERSION:  # appended: every scope-vocab-1 id stays where it was
+        groups.append((list(PLACEHOLDER_TOKENS), "placeholder"))
     for group, kind in groups:
         tokens += group
         kinds += [kind] * len(group)
@@ -123,8 +153,22 @@ class ScopeTokenizer:
 
     @classmethod
     def default(cls) -> ScopeTokenizer:
-        """The vocabulary of this version (:data:`VOCAB_VERSION`), built once per process."""
-        return _default_tokenizer()
+        """The default vocabulary (:data:`VOCAB_VERSION`, structure-only), built once."""
+        return _tokenizer(VOCAB_VERSION)
+
+    @classmethod
+    def latest(cls) -> ScopeTokenizer:
+        """The newest vocabulary (:data:`LATEST_VOCAB_VERSION`): also reads composition-only rows."""
+        return _tokenizer(LATEST_VOCAB_VERSION)
+
+    @classmethod
+    def for_version(cls, version: str) -> ScopeTokenizer:
+        """The vocabulary of ``version`` (one of :data:`VOCAB_VERSIONS`), built once per process.
+
+        Raises:
+            TokenizerError: an unknown version.
+        """
+        return _tokenizer(version)
 
     @property
     def vocab_size(self) -> int:
@@ -139,7 +183,8 @@ class ScopeTokenizer:
         """Split a SCOPE string into vocabulary-form tokens (no ``[CLS]``/``[SEP]``).
 
         Tokens not in the vocabulary are returned as they are (``encode`` maps them to
-        ``[UNK]``). Generator characters carry the ``g:`` prefix.
+        ``[UNK]``). Generator characters carry the ``g:`` prefix; a placeholder word
+        (``[NOSYM]``, ``[NOWYCK]``) is one token in any part, whatever the version.
 
         Raises:
             TokenizerError: the string does not have exactly three ``|``-separated parts.
@@ -147,10 +192,12 @@ class ScopeTokenizer:
         parts = text.split(SEPARATOR)
         if len(parts) != 3:
             raise TokenizerError(f"a SCOPE string has 3 parts separated by '|', got {len(parts)}: {text[:80]!r}")
-        out: list[str] = [GENERATOR_PREFIX + c for word in parts[0].split() for c in word]
+        out: list[str] = []
+        for word in parts[0].split():
+            out += [word] if word in PLACEHOLDER_TOKENS else [GENERATOR_PREFIX + c for c in word]
         out.append(SEPARATOR)
         for word in parts[1].split():
-            out += word.split(":", 1) if ":" in word else [word]
+            out += word.split(":", 1) if ":" in word and word not in PLACEHOLDER_TOKENS else [word]
         out.append(SEPARATOR)
         out += parts[2].split()
         return out
@@ -239,21 +286,25 @@ class ScopeTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> ScopeTokenizer:
-        """Read a vocabulary saved by :meth:`save`; it must be this version's vocabulary.
+        """Read a vocabulary saved by :meth:`save`: the tokenizer of the version it names.
+
+        Any version of :data:`VOCAB_VERSIONS` loads (an old checkpoint keeps its
+        vocabulary); its tokens must be exactly that version's.
 
         Raises:
-            TokenizerError: unreadable file, another version, or tokens that differ from
-                this version's vocabulary (a checkpoint made with another tokenizer).
+            TokenizerError: unreadable file, an unknown version, or tokens that differ
+                from that version's vocabulary (a checkpoint made with another tokenizer).
         """
         try:
             saved = VocabularyFile.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError, ValidationError) as exc:
             raise TokenizerError(f"cannot read SCOPE vocabulary {path}: {exc}") from exc
-        current = cls.default()
-        if saved.version != current.version:
+        if saved.version not in VOCAB_VERSIONS:
             raise TokenizerError(
-                f"vocabulary {path} is version {saved.version!r}; this code uses {current.version!r}"
+                f"vocabulary {path} is version {saved.version!r}; "
+                f"this code reads {list(VOCAB_VERSIONS)}"
             )
+        current = _tokenizer(saved.version)
         if tuple(saved.tokens) != current.tokens:
             differ = sum(a != b for a, b in zip(saved.tokens, current.tokens, strict=False))
             differ += abs(len(saved.tokens) - current.vocab_size)
@@ -264,7 +315,7 @@ class ScopeTokenizer:
         return current
 
 
-@lru_cache(maxsize=1)
-def _default_tokenizer() -> ScopeTokenizer:
-    tokens, kinds = _vocabulary()
-    return ScopeTokenizer(tokens, kinds)
+@lru_cache(maxsize=len(VOCAB_VERSIONS))
+def _tokenizer(version: str) -> ScopeTokenizer:
+    tokens, kinds = _vocabulary(version)
+    return ScopeTokenizer(tokens, kinds, version)
