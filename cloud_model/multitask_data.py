@@ -8,7 +8,7 @@ task's training rows. Composition-only rows use the composition SCOPE form (symm
 and Wyckoff parts replaced by a dedicated "unknown" token sequence), so every row of
 every task goes through the same tokenizer and trunk.
 
-The corpus builder (:mod:`cloud_model.pretrain_corpus`) makes these objects; the
+The corpus builder (:mod:`cloud_model.multitask_corpus`) makes these objects; the
 multi-task trainer (:mod:`cloud_model.multitask`) reads them. Nothing here touches disk.
 """
 
