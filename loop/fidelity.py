@@ -50,9 +50,7 @@ class SimulatedFidelity(BaseModel):
     def _one_source(self) -> SimulatedFidelity:
         given = [k for k in ("column", "chgnet", "file") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"give exactly one of column, chgnet or file (got {given or 'none'})"
-            )
+            raise ValueError(f"give exactly one of column, chgnet or file (got {given or 'none'})")
         return self
 
 

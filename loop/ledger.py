@@ -215,8 +215,11 @@ class Ledger:
             return "pool exhausted"
         if self.config.fidelities and self.config.budget.cost is not None:
             left = self.config.budget.cost - self.store.committed_cost()
-            if left < min(f.cost for f in self.config.fidelities):
-                return f"cost budget reached ({left:g} left, less than the cheapest fidelity)"
+            if left < self.config.fidelity_cost(self.highest):  # see loop/mf_acquisition.py
+                return (
+                    f"cost budget reached ({left:g} left: no highest-fidelity measurement fits, "
+                    "so no cheaper one is worth making)"
+                )
         lost = (JobState.FAILED.value, JobState.LOST.value)
         failed = [j for j in self.store.jobs() if j.state in lost]
         if self.store.n_measurements() < 2 and failed:

@@ -21,7 +21,10 @@ so the cheap one wins by the cost ratio until the candidate's target value is
 known well enough that only measuring it at the target fidelity can still improve
 the result.
 
-Batches (q > 1) and jobs in flight are handled by conditioning: the joint
+Batches (q > 1) and jobs in flight are handled by conditioning (and a candidate
+is measured at one fidelity at a time: none with a job in flight, at most one
+fidelity per batch, since a cheap result arriving with the expensive one is
+wasted): the joint
 posterior (:meth:`loop.mf_surrogate.MultiFidelityGPSurrogate.joint`) over a
 shortlist is first conditioned on every pending pair, then on each pick in turn
 (the posterior mean is left as it is, a "kriging believer"; only the variances and
@@ -121,7 +124,8 @@ def select_pairs(
     best_per_row = torch.full((len(rows),), -math.inf, dtype=torch.float64)
     best_per_row.scatter_reduce_(0, at, alone, reduce="amax")
     keep_rows = rows[torch.topk(best_per_row, min(shortlist, len(rows))).indices]
-    keep = torch.isin(available[:, 0], keep_rows)
+    # a candidate with a job in flight at any fidelity waits for it (its other fidelities too)
+    keep = torch.isin(available[:, 0], keep_rows) & ~torch.isin(available[:, 0], pending[:, 0])
     cands = available[keep]  # n_c x 2
     # the joint set: each shortlisted row at the target fidelity, the candidate pairs, pending
     targets = torch.stack([keep_rows, torch.zeros_like(keep_rows)], -1)
@@ -166,7 +170,7 @@ def select_pairs(
         if not math.isfinite(float(score[k])):
             break
         chosen.append(PairPick(int(cands[k, 0]), int(cands[k, 1]), float(score[k])))
-        taken[k] = True
+        taken |= cands[:, 0] == cands[k, 0]  # one fidelity per candidate and batch
         left -= float(c[k])
         condition(int(cand_slot[k]))
     return chosen

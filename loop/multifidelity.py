@@ -236,7 +236,9 @@ def chgnet_table(
         references, sources = _element_references(elements, calculator, path.parent / "references")
     old = TableMeta.model_validate_json(meta_path.read_text()) if meta_path.exists() else None
     compute_s = old.compute_s if old is not None else 0.0
-    logger.info("CHGNet %s of %d %s structures (%d cached)", quantity, len(todo), dataset, len(rows))
+    logger.info(
+        "CHGNet %s of %d %s structures (%d cached)", quantity, len(todo), dataset, len(rows)
+    )
     model = calculator.model()
     for start in range(0, len(todo), batch_size):
         batch = structures[start : start + batch_size]
