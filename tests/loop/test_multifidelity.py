@@ -338,3 +338,22 @@ def test_chgnet_low_fidelity_of_carbon_24_correlates_with_dft(tmp_path: Path) ->
     assert torch.corrcoef(torch.stack([dft, low]))[0, 1] > 0.5  # CHGNet tracks DFT
     assert chgnet_table("carbon_24", "energy_per_atom", splits=["val"], ids=ids,
                         cache_dir=tmp_path) == table  # fmt: skip
+
+
+def test_cost_metrics_count_only_highest_fidelity_finds_and_sum_every_cost(
+    pools: tuple[Path, Path],
+) -> None:
+    from loop.bench import cost_metrics
+
+    config = parse_config(_config(*pools))  # dft costs 10, cheap 1, budget 70
+    top = {"a", "b"}
+    runs = [
+        {"jobs": [("a", "cheap", 1.0), ("a", "dft", 10.0), ("x", "dft", 10.0), ("b", "dft", 10.0)]},
+        {"jobs": [("b", "cheap", 1.0), ("c", "cheap", 1.0), ("x", "dft", 10.0)]},
+    ]
+    out = cost_metrics(runs, top, config)
+    # run 1 reaches 50 % of the top at cost 11 (a at dft) and 100 % at 31; run 2 never
+    assert out["reached_50"] == 0.5
+    assert out["cost_to_50"]["median"] == pytest.approx((11.0 + 71.0) / 2)
+    assert out["top_at_budget"]["median"] == pytest.approx(0.5)
+    assert out["n_low"]["median"] == pytest.approx(1.5)
