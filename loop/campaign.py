@@ -175,7 +175,7 @@ class Campaign:
         self.pool, self.ledger = pool, Ledger(store, cfg, pool.ids)
         return self.ledger
 
-    def build_agent(self) -> Agent:
+    def build_agent(self) -> Proposer:
         """The agent over the configured surrogate, restored to its newest version."""
         from loop.registry import ModelRegistry
         from loop.surrogate import build_surrogate

@@ -128,7 +128,9 @@ class Ledger:
         out = []
         for m, fidelity, cost in self.store.fidelity_measurements():
             if (at := self.index.get(m.candidate_id)) is not None:
-                out.append(FidelityObservation(at, fidelity, tuple(self._values(m, fidelity)), cost))
+                out.append(
+                    FidelityObservation(at, fidelity, tuple(self._values(m, fidelity)), cost)
+                )
         return tuple(out)
 
     def best(self) -> Best | None:

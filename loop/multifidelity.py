@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 LowFidelityQuantity = Literal["energy_per_atom", "formation_energy_per_cell"]
 # registry sets searched for elemental structures ASE has no reference state for
 _ELEMENT_SOURCES = ("mp_20_pilot", "mpts_52", "mp_20_biternary")
-MODEL_VERSION = "0.3.0"
+MODEL_VERSION: Literal["0.3.0"] = "0.3.0"
 
 
 class TableMeta(BaseModel):
@@ -122,7 +122,12 @@ def _element_references(
     elements: set[str], calculator: object, reference_dir: Path
 ) -> tuple[dict[str, float], dict[str, str]]:
     """CHGNet reference energies per atom of ``elements`` (see the module docstring)."""
-    from adapters.elemental_references import ReferenceCache, reference_structure, settings_hash
+    from adapters.elemental_references import (
+        ReferenceCache,
+        ReferenceEnergy,
+        reference_structure,
+        settings_hash,
+    )
     from adapters.mlip import ChgnetCalculator, ChgnetSettings
 
     assert isinstance(calculator, ChgnetCalculator)
@@ -138,7 +143,11 @@ def _element_references(
     cache = ReferenceCache(reference_dir / "chgnet.json")
     energies: dict[str, float] = {}
     for el in sorted(elements):
-        ref = cache.get_or_compute(el, key, lambda el=el: calculator.reference(el, settings, key))
+
+        def compute(el: str = el) -> ReferenceEnergy:
+            return calculator.reference(el, settings, key)
+
+        ref = cache.get_or_compute(el, key, compute)
         energies[el] = ref.energy_per_atom
         sources.setdefault(el, ref.description)
     return energies, sources

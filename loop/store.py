@@ -164,8 +164,7 @@ class CampaignStore:
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            version = self._stored_version()
-            if version == 1:
+            if self._stored_version() == 1:
                 self._migrate_1_to_2()
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
@@ -400,9 +399,7 @@ class CampaignStore:
             )
 
     def jobs(self, *, states: Sequence[str] | None = None) -> list[JobRow]:
-        query = (
-            "SELECT key, candidate_id, state, handle, decision_id, message, fidelity, cost FROM jobs"
-        )
+        query = "SELECT key, candidate_id, state, handle, decision_id, message, fidelity, cost FROM jobs"
         params: tuple[Any, ...] = ()
         if states is not None:
             query += f" WHERE state IN ({','.join('?' * len(states))})"
