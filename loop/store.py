@@ -6,9 +6,11 @@ nothing and a resume can reconcile:
 * ``meta``         key/value: schema version, campaign config (JSON), created_at;
 * ``candidates``   the pool: index, id, SCOPE string;
 * ``jobs``         one row per experiment, keyed by its idempotency key, with the
-                   current state, the adapter's handle (JSON) and the decision that chose it;
+                   current state, the adapter's handle (JSON), the decision that chose it,
+                   its fidelity (``""`` in a single-fidelity campaign) and its cost;
 * ``job_events``   every state transition with its time;
-* ``measurements`` the values of SUCCEEDED jobs (a ``Measurement`` as JSON);
+* ``measurements`` the values of SUCCEEDED jobs (a ``Measurement`` as JSON), with the
+                   job's fidelity and cost (one measurement per candidate and fidelity);
 * ``model_versions`` surrogate versions (file + sha256 + training size + metrics);
 * ``decisions``    the acquisition decisions: model version, acquisition, the chosen
                    candidates with their acquisition values and predicted mean/std;
@@ -24,6 +26,11 @@ reconciled on resume) and becomes ``CREATED`` when approved or ``REJECTED``
 (terminal: the candidate is never proposed again) when rejected. Approving and
 rejecting are short conditional transactions, safe from another process while the
 campaign runs.
+
+Schema 2 (multi-fidelity, :mod:`loop.fidelity`) added ``fidelity`` and ``cost`` to
+``jobs`` and ``measurements`` and made a candidate unique per fidelity; a schema-1
+store is migrated in place when opened (one transaction; its rows get fidelity ``""``
+and cost 1, what a single-fidelity experiment costs).
 
 """
 
@@ -46,25 +53,44 @@ from cloud_model.errors import CloudlabError
 logger = logging.getLogger(__name__)
 
 STORE_FILENAME = "campaign.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs and measurements carry fidelity and cost
 CREATED = "CREATED"  # committed locally, not yet accepted by the adapter
 PROPOSED = "PROPOSED"  # waiting behind the approval gate: never submitted until approved
 REJECTED = "REJECTED"  # refused at the gate (by a person or a timeout): terminal, never run
+
+# --- schema 1 -> 2 (fidelity and cost per job and measurement), in one transaction
+_MIGRATE_1_TO_2 = """
+ALTER TABLE jobs RENAME TO jobs_v1;
+ALTER TABLE measurements RENAME TO measurements_v1;
+{jobs};
+{measurements};
+INSERT INTO jobs(key, candidate_id, state, handle, decision_id, message, created_at, updated_at)
+    SELECT key, candidate_id, state, handle, decision_id, message, created_at, updated_at
+    FROM jobs_v1;
+INSERT INTO measurements(key, candidate_id, measurement, recorded_at, seq)
+    SELECT key, candidate_id, measurement, recorded_at, seq FROM measurements_v1;
+DROP TABLE jobs_v1;
+DROP TABLE measurements_v1;
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS candidates (
     idx INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, scope TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
-    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL UNIQUE, state TEXT NOT NULL,
+    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL, state TEXT NOT NULL,
     handle TEXT, decision_id INTEGER, message TEXT,
-    created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    fidelity TEXT NOT NULL DEFAULT '', cost REAL NOT NULL DEFAULT 1.0,
+    UNIQUE (candidate_id, fidelity));
 CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, state TEXT NOT NULL,
     message TEXT, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS measurements (
-    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL UNIQUE, measurement TEXT NOT NULL,
-    recorded_at TEXT NOT NULL, seq INTEGER NOT NULL);
+    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL, measurement TEXT NOT NULL,
+    recorded_at TEXT NOT NULL, seq INTEGER NOT NULL,
+    fidelity TEXT NOT NULL DEFAULT '', cost REAL NOT NULL DEFAULT 1.0,
+    UNIQUE (candidate_id, fidelity));
 CREATE TABLE IF NOT EXISTS model_versions (
     version INTEGER PRIMARY KEY, path TEXT, sha256 TEXT, n_train INTEGER NOT NULL,
     metrics TEXT NOT NULL, created_at TEXT NOT NULL);
@@ -97,6 +123,8 @@ class JobRow(BaseModel):
     handle: JobHandle | None
     decision_id: int | None
     message: str | None
+    fidelity: str = ""  # "" in a single-fidelity campaign
+    cost: float = 1.0  # in the unit of budget.cost, committed when the job was created
 
     @property
     def is_terminal(self) -> bool:
@@ -115,6 +143,8 @@ class ChosenCandidate(BaseModel):
     predicted_mean: list[float] | None = None  # per target
     predicted_std: list[float] | None = None
     surrogate: str | None = None  # the model that chose it (``auto`` names its current pick)
+    fidelity: str = ""  # the fidelity to measure it at ("" in a single-fidelity campaign)
+    cost: float = 1.0  # what the experiment costs, in the unit of budget.cost
 
 
 class CampaignStore:
@@ -134,6 +164,8 @@ class CampaignStore:
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            if self._stored_version() == 1:
+                self._migrate_1_to_2()
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StoreError(
@@ -147,6 +179,40 @@ class CampaignStore:
                 f"campaign store {self.path} has schema version {version}, this cloudlab reads "
                 f"{SCHEMA_VERSION}"
             )
+
+    # ---- schema migration (1 -> 2: fidelity and cost) -------------------------------------
+    def _stored_version(self) -> int | None:
+        """The schema version the file holds (None: a new file), read before any DDL."""
+        has_meta = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if not has_meta:
+            return None
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return None if row is None else int(row[0])
+
+    def _migrate_1_to_2(self) -> None:
+        """Rebuild ``jobs`` and ``measurements`` with fidelity and cost, in one transaction."""
+        tables = {
+            name: sql.strip().rstrip(";")
+            for name, sql in (
+                ("jobs", _SCHEMA.split("CREATE TABLE IF NOT EXISTS jobs")[1].split(";")[0]),
+                (
+                    "measurements",
+                    _SCHEMA.split("CREATE TABLE IF NOT EXISTS measurements")[1].split(";")[0],
+                ),
+            )
+        }
+        script = _MIGRATE_1_TO_2.format(
+            jobs=f"CREATE TABLE jobs {tables['jobs']}",
+            measurements=f"CREATE TABLE measurements {tables['measurements']}",
+        )
+        with self.transaction() as db:
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        logger.info("campaign store %s migrated from schema 1 to 2 (fidelity, cost)", self.path)
 
     # ---- plumbing -------------------------------------------------------------------------
     @contextmanager
@@ -232,7 +298,8 @@ class CampaignStore:
                 c.candidate_id
                 for c in chosen
                 if db.execute(
-                    "SELECT 1 FROM jobs WHERE candidate_id = ?", (c.candidate_id,)
+                    "SELECT 1 FROM jobs WHERE candidate_id = ? AND fidelity = ?",
+                    (c.candidate_id, c.fidelity),
                 ).fetchone()
             ]
             if taken:
@@ -254,9 +321,9 @@ class CampaignStore:
             decision_id = int(cur.lastrowid or 0)
             for key, c in zip(keys, chosen, strict=True):
                 db.execute(
-                    "INSERT INTO jobs(key, candidate_id, state, handle, decision_id, message, created_at, updated_at)"
-                    " VALUES (?, ?, ?, NULL, ?, NULL, ?, ?)",
-                    (key, c.candidate_id, state, decision_id, now, now),
+                    "INSERT INTO jobs(key, candidate_id, state, handle, decision_id, message, created_at, updated_at, fidelity, cost)"
+                    " VALUES (?, ?, ?, NULL, ?, NULL, ?, ?, ?, ?)",
+                    (key, c.candidate_id, state, decision_id, now, now, c.fidelity, c.cost),
                 )
                 db.execute(
                     "INSERT INTO job_events(key, state, message, at) VALUES (?, ?, NULL, ?)",
@@ -309,15 +376,18 @@ class CampaignStore:
         """Store a SUCCEEDED job's measurement and mark the job SUCCEEDED, atomically."""
         now = _now()
         with self.transaction() as db:
-            row = db.execute("SELECT candidate_id FROM jobs WHERE key = ?", (key,)).fetchone()
+            row = db.execute(
+                "SELECT candidate_id, fidelity, cost FROM jobs WHERE key = ?", (key,)
+            ).fetchone()
             if row is None:
                 raise StoreError(f"unknown job {key!r}")
             if db.execute("SELECT 1 FROM measurements WHERE key = ?", (key,)).fetchone():
                 return  # already recorded (a resumed campaign re-reading a result)
             seq = db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
             db.execute(
-                "INSERT INTO measurements(key, candidate_id, measurement, recorded_at, seq) VALUES (?, ?, ?, ?, ?)",
-                (key, row[0], measurement.model_dump_json(), now, seq),
+                "INSERT INTO measurements(key, candidate_id, measurement, recorded_at, seq, fidelity, cost)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, row[0], measurement.model_dump_json(), now, seq, row[1], row[2]),
             )
             db.execute(
                 "UPDATE jobs SET state = ?, updated_at = ? WHERE key = ?",
@@ -329,7 +399,7 @@ class CampaignStore:
             )
 
     def jobs(self, *, states: Sequence[str] | None = None) -> list[JobRow]:
-        query = "SELECT key, candidate_id, state, handle, decision_id, message FROM jobs"
+        query = "SELECT key, candidate_id, state, handle, decision_id, message, fidelity, cost FROM jobs"
         params: tuple[Any, ...] = ()
         if states is not None:
             query += f" WHERE state IN ({','.join('?' * len(states))})"
@@ -343,6 +413,8 @@ class CampaignStore:
                 handle=None if r[3] is None else JobHandle.model_validate_json(r[3]),
                 decision_id=r[4],
                 message=r[5],
+                fidelity=r[6],
+                cost=float(r[7]),
             )
             for r in rows
         ]
@@ -363,6 +435,26 @@ class CampaignStore:
             Measurement.model_validate_json(r[0])
             for r in self._db.execute("SELECT measurement FROM measurements ORDER BY seq")
         ]
+
+    def fidelity_measurements(self) -> list[tuple[Measurement, str, float]]:
+        """Every measurement with its fidelity and cost, in the order it was recorded."""
+        return [
+            (Measurement.model_validate_json(r[0]), str(r[1]), float(r[2]))
+            for r in self._db.execute(
+                "SELECT measurement, fidelity, cost FROM measurements ORDER BY seq"
+            )
+        ]
+
+    def committed_cost(self) -> float:
+        """Summed cost of every job that ran, runs or will run (rejected proposals excluded).
+
+        In-flight jobs and proposals waiting at the approval gate count: a budget in cost
+        units is never exceeded by what is already on its way.
+        """
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(cost), 0) FROM jobs WHERE state != ?", (REJECTED,)
+        ).fetchone()
+        return float(row[0])
 
     def n_measurements(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0])
