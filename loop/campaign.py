@@ -165,6 +165,10 @@ class Campaign:
                 f"(invalid rows are left out): {unknown[:10]}"
             )
         store = self._open_store()
+        if cfg.pool.generators is not None:  # candidates generated while it ran (loop/generate)
+            from loop.generate.growth import extend_pool
+
+            pool = extend_pool(pool, store)
         if store.n_candidates() == 0:
             store.add_candidates(zip(pool.ids, pool.scopes, strict=True))
         elif [c for c, _ in store.candidates()] != pool.ids:
@@ -192,6 +196,10 @@ class Campaign:
             )  # fmt: skip
         surrogate = build_surrogate(self.config, scopes, len(self.pool))
         registry = ModelRegistry(ledger.store, self.directory)
+        if self.config.pool.generators is not None:  # never a version fitted before the pool grew
+            from loop.generate.growth import registry_for
+
+            registry = registry_for(ledger.store, self.directory)
         return Agent(self.config, self.pool.ids, surrogate, registry, self._prior_y, self.timings)
 
     # ------------------------------------------------------------------ facts
@@ -352,6 +360,8 @@ class Campaign:
             batch_fits = concurrency - busy >= min(batch, budget - c.n_jobs)
             waiting_for_all = cfg.dispatch.wait_for == "all" and busy > 0
             if reason is None and n_free > 0 and batch_fits and not waiting_for_all:
+                if cfg.pool.generators is not None and cfg.pool.generators.grow is not None:
+                    agent, ledger = self._grow_pool(agent)  # loop/generate/growth.py
                 n_new = self._submit_batch(agent, executor, min(n_free, batch))
                 if n_new == 0 and busy == 0:
                     return ledger.why_stuck()
@@ -381,6 +391,21 @@ class Campaign:
                     self._last_warning = None  # the lab answered again
                 self._record(event)
             self._check_lab_deadline(c.n_open)
+
+    def _grow_pool(self, agent: Proposer) -> tuple[Proposer, Ledger]:
+        """Generated candidates join the pool when a growth step is due (``pool.generators.grow``).
+
+        The agent is rebuilt over the grown pool (a caller's own agent is kept as it is).
+        """
+        from loop.generate.growth import after_round
+
+        ledger = self.prepare()
+        assert self.pool is not None
+        grown = after_round(self.config, ledger, self.pool, self.directory)
+        if grown is None:
+            return agent, ledger
+        self.pool, self.ledger = grown, Ledger(ledger.store, self.config, grown.ids)
+        return (self.build_agent() if isinstance(agent, Agent) else agent), self.ledger
 
     def _submit_batch(self, agent: Proposer, executor: Executor, n_free: int) -> int:
         ledger, t0 = self.prepare(), time.perf_counter()

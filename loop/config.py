@@ -36,6 +36,7 @@ from adapters.sila2_lab import SilaConfig
 from cloud_model.configs import EnsembleConfig
 from cloud_model.errors import ConfigError
 from loop.fidelity import FidelityConfig, highest_fidelity
+from loop.generate.pipeline import GenerateConfig
 from simulators.config import SimulatedLabConfig
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class PoolConfig(_Section):
     exclude_ids: list[str] = Field(default_factory=list)
     variant: Literal["cloud", "native"] = "cloud"  # SCOPE variant the surrogate reads
     symprec: float = Field(default=0.1, gt=0)  # spglib tolerance, Angstrom
+    # candidate generators (loop/generate): `grow` adds candidates from the hits while it runs
+    generators: GenerateConfig | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> PoolConfig:
@@ -346,6 +349,11 @@ class CampaignConfig(_Section):
             )
         if self.budget.cost is None:
             raise ValueError("fidelities: give budget.cost (the budget is in cost units)")
+        if self.pool.generators is not None and self.pool.generators.grow is not None:
+            raise ValueError(
+                "fidelities: pool.generators.grow is not supported in a multi-fidelity campaign "
+                "(the cost-aware agent is not rebuilt over a grown pool); drop one of them"
+            )
         return self
 
     @property
@@ -419,6 +427,9 @@ class CampaignConfig(_Section):
         """sha256 of the canonical JSON: a resumed campaign must have the same config."""
         data = self.model_dump(mode="json")
         data.pop("threads")  # how fast it runs, not what it does: may change on resume
+        for section in ("pool", "prior"):  # campaigns from before pool generators existed resume
+            if isinstance(data.get(section), dict) and data[section].get("generators") is None:
+                data[section].pop("generators", None)
         if self.approval == ApprovalConfig():  # campaigns from before the gate existed resume
             data.pop("approval")
         if not self.fidelities:  # nor do those from before fidelities existed

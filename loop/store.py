@@ -14,6 +14,10 @@ nothing and a resume can reconcile:
 * ``model_versions`` surrogate versions (file + sha256 + training size + metrics);
 * ``decisions``    the acquisition decisions: model version, acquisition, the chosen
                    candidates with their acquisition values and predicted mean/std;
+* ``generated``    candidates added while the campaign runs (:mod:`loop.generate.growth`):
+                   id, CIF and provenance JSON; their (id, scope) rows are in ``candidates``;
+* ``growths``      one row per growth step: the round (decisions so far), the parents, how
+                   many were added, the newest model version then, the generation summary;
 * ``proposals``    with an approval gate (:mod:`loop.approval`): per proposed experiment,
                    what chose it (JSON) and its audit trail (status, who, when, note).
 
@@ -101,6 +105,11 @@ CREATE TABLE IF NOT EXISTS proposals (
     key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL UNIQUE, decision_id INTEGER NOT NULL,
     detail TEXT NOT NULL, status TEXT NOT NULL, proposed_at TEXT NOT NULL,
     decided_at TEXT, decided_by TEXT, note TEXT);
+CREATE TABLE IF NOT EXISTS generated (
+    id TEXT PRIMARY KEY, growth INTEGER NOT NULL, cif TEXT NOT NULL, provenance TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS growths (
+    round INTEGER PRIMARY KEY, parents TEXT NOT NULL, n_added INTEGER NOT NULL,
+    model_version INTEGER, summary TEXT NOT NULL, created_at TEXT NOT NULL);
 """
 
 
@@ -583,3 +592,61 @@ class CampaignStore:
                 )
                 decided.append(key)
         return decided
+
+    # ---- generated candidates (loop/generate/growth.py) -----------------------------------
+    def add_generated(
+        self,
+        *,
+        round_no: int,
+        parents: Sequence[str],
+        rows: Sequence[tuple[str, str, str, str]],
+        model_version: int | None,
+        summary: str,
+    ) -> None:
+        """Append generated candidates to the pool and record the growth step, atomically.
+
+        Args:
+            round_no: decisions made so far (the step is recorded once per round).
+            parents: ids of the hits the candidates were generated from.
+            rows: (id, scope, cif, provenance JSON) per new candidate, in pool order.
+            model_version: the newest surrogate version when the pool grew.
+            summary: the generation summary (JSON).
+        """
+        with self.transaction() as db:
+            start = db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
+            db.executemany(
+                "INSERT INTO candidates(idx, id, scope) VALUES (?, ?, ?)",
+                [(start + i, cid, scope) for i, (cid, scope, _, _) in enumerate(rows)],
+            )
+            db.executemany(
+                "INSERT INTO generated(id, growth, cif, provenance) VALUES (?, ?, ?, ?)",
+                [(cid, round_no, cif, prov) for cid, _, cif, prov in rows],
+            )
+            db.execute(
+                "INSERT INTO growths(round, parents, n_added, model_version, summary, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (round_no, json.dumps(list(parents)), len(rows), model_version, summary, _now()),
+            )
+
+    def generated(self) -> list[dict[str, Any]]:
+        """Generated candidates in pool order: id, scope, cif, growth (round) and provenance."""
+        rows = self._db.execute(
+            "SELECT g.id, c.scope, g.cif, g.growth, g.provenance FROM generated g "
+            "JOIN candidates c ON c.id = g.id ORDER BY c.idx"
+        ).fetchall()
+        return [
+            {"id": r[0], "scope": r[1], "cif": r[2], "growth": r[3], "provenance": json.loads(r[4])}
+            for r in rows
+        ]
+
+    def growths(self) -> list[dict[str, Any]]:
+        """The growth steps in order: round, parents, n_added, model_version, summary."""
+        rows = self._db.execute(
+            "SELECT round, parents, n_added, model_version, summary, created_at FROM growths "
+            "ORDER BY round"
+        ).fetchall()
+        return [
+            {"round": r[0], "parents": json.loads(r[1]), "n_added": r[2],
+             "model_version": r[3], "summary": json.loads(r[4]), "created_at": r[5]}
+            for r in rows
+        ]  # fmt: skip
