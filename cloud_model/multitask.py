@@ -66,7 +66,12 @@ from cloud_model.pretrain import (
     new_encoder,
 )
 from cloud_model.pretrain_config import PretrainConfig
-from cloud_model.training_state import has_training_state, load_training_state, save_training_state
+from cloud_model.training_state import (
+    LATEST_FILE,
+    has_training_state,
+    load_training_state,
+    save_training_state,
+)
 
 if TYPE_CHECKING:
     from cloud_model.tokenizer import ScopeTokenizer
@@ -387,6 +392,12 @@ def train_multitask(
     history: dict[str, Any] = {"losses": [], "task_losses": [], "mlm_losses": [], "validation": []}
     best: dict[str, Any] = {"step": None, "score": None}
     if resume and has_training_state(state_dir):
+        saved = _saved_corpus_summary(state_dir)
+        if saved is not None and saved != _corpus_summary(tasks, corpus):
+            raise CheckpointError(
+                f"{state_dir}: saved by a run on a different corpus (tasks and row counts "
+                f"{saved} vs now {_corpus_summary(tasks, corpus)}); start a new --out directory"
+            )
         state = load_training_state(
             state_dir, model=model, optimizer=optimizer, scheduler=scheduler,
             config_fingerprint=fingerprint,
@@ -484,6 +495,7 @@ def train_multitask(
                 "mlm_losses": history["mlm_losses"] + mlm_losses,
                 "validation": history["validation"] + validation,
                 "best": best,
+                "corpus": _corpus_summary(tasks, corpus),
             }
             save_training_state(
                 state_dir, model=model, optimizer=optimizer, scheduler=scheduler, step=done,
@@ -532,7 +544,8 @@ def _evaluate(
     score = sum(finite) / len(finite) if finite else math.inf
     mlm_loss = None
     if use_mlm and corpus.mlm_validation:
-        batch = tokenizer.batch_encode(corpus.mlm_validation, max_length=config.model.max_len)
+        strings = corpus.mlm_validation[: config.multitask.eval_max_rows]  # a fixed subset
+        batch = tokenizer.batch_encode(strings, max_length=config.model.max_len)
         totals = evaluate_mlm(
             model.mlm, batch.ids, batch.mask, batch_size=config.train.eval_batch_size,
             seed=config.train.seed, device=device, autocast_dtype=autocast_dtype,
@@ -545,6 +558,22 @@ def _evaluate(
         "mlm_loss": mlm_loss,
         "tasks": {name: m.__dict__ for name, m in metrics.items()},
     }
+
+
+def _corpus_summary(tasks: list[TaskData], corpus: MultiTaskCorpus) -> dict[str, int]:
+    """Rows per task and MLM strings: what a resumed run must find again."""
+    return {t.name: len(t.train) for t in tasks} | {"mlm_train": len(corpus.mlm_train)}
+
+
+def _saved_corpus_summary(state_dir: Path) -> dict[str, int] | None:
+    """The corpus summary a training state recorded (None if unreadable: loading will say why)."""
+    try:
+        latest = json.loads((state_dir / LATEST_FILE).read_text(encoding="utf-8"))
+        info = json.loads((state_dir / latest["path"] / "state.json").read_text(encoding="utf-8"))
+        summary = info["extra"]["corpus"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def _head_infos(model: MultitaskModel, tasks: list[TaskData]) -> list[TaskHeadInfo]:

@@ -97,7 +97,7 @@ class MultitaskOptions(_Strict):
     # loss on z-scored targets: L1 is robust to the heavy tails of formation energies
     loss: Literal["l1", "mse"] = "l1"
     head_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    # validation rows evaluated per task at each evaluation (a fixed hash-ordered subset)
+    # validation rows evaluated per task (and MLM validation strings) at each evaluation
     eval_max_rows: int = Field(default=2000, gt=0)
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ from cloud_model.element_features import (
     element_descriptors,
     element_table,
 )
-from cloud_model.errors import ConfigError
+from cloud_model.errors import CheckpointError, ConfigError
 from cloud_model.heads import CloudForMaskedLM
 from cloud_model.labelled_data import DataSource, load_labelled
 from cloud_model.model import CloudConfig, CloudEncoder
@@ -215,6 +215,12 @@ def test_resume_after_a_stop_repeats_the_uninterrupted_run(
     assert resumed.start_step == 8 and resumed.steps == 4
     assert resumed.losses == full.losses[8:]
     assert resumed.validation[-1] == full.validation[-1]
+    smaller = MultiTaskCorpus(
+        tasks=corpus.tasks[:1], mlm_train=corpus.mlm_train, mlm_validation=[], guard=corpus.guard
+    )
+    with pytest.raises(CheckpointError, match="different corpus"):
+        pretrain_multitask(config, tmp_path / "cut", corpus=smaller, tokenizer=tokenizer,
+                           resume=True)  # fmt: skip
     a, _, _, _ = load_multitask(tmp_path / "full")
     b, _, _, _ = load_multitask(tmp_path / "cut")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
