@@ -71,7 +71,7 @@ def pilot_corpus() -> MultiTaskCorpus:
     return MultiTaskCorpus(tasks=tasks, mlm_train=strings, mlm_validation=[], guard=guard)
 
 
-def _config(args: argparse.Namespace, element_features: str) -> PretrainConfig:
+def _config(args: argparse.Namespace, element_features: str, seed: int) -> PretrainConfig:
     return PretrainConfig.model_validate(
         {
             "objective": "multitask",
@@ -85,7 +85,7 @@ def _config(args: argparse.Namespace, element_features: str) -> PretrainConfig:
                 "checkpoint_every": args.steps,
                 "num_threads": 1,
                 "device": "cpu",
-                "seed": args.seed,
+                "seed": seed,
                 "log_every": 100,
             },  # fmt: skip
             "multitask": {
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mlm-weight", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--element-features", nargs="+", default=["none", "magpie"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -115,29 +115,50 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     tokenizer = ScopeTokenizer.default()
     runs: dict[str, dict[str, object]] = {}
     for choice in args.element_features:
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            result = pretrain_multitask(_config(args, choice), tmp, corpus=corpus,
-                                        tokenizer=tokenizer)  # fmt: skip
+        per_seed = []
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                result = pretrain_multitask(_config(args, choice, seed), tmp, corpus=corpus,
+                                            tokenizer=tokenizer)  # fmt: skip
             last = result.validation[-1]
-            runs[choice] = {
-                "tasks": last["tasks"],
-                "mean_mae_over_mad": last["score"],
-                "train_task_loss_last50": sum(result.task_losses[-50:]) / 50,
-                "steps_per_s": result.steps_per_s,
-                "wall_s": time.perf_counter() - t0,
-                "n_parameters": result.n_parameters,
-            }
-        print(f"{choice}: mean MAE/MAD {last['score']:.4f}, {result.steps_per_s:.2f} steps/s")
-        for name, m in last["tasks"].items():
-            print(f"  {name}: MAE {m['mae']:.4g} MAE/MAD {m['mae_over_mad']:.4f} (n={m['n']})")
+            per_seed.append(
+                {
+                    "seed": seed,
+                    "tasks": last["tasks"],
+                    "mean_mae_over_mad": last["score"],
+                    "train_task_loss_last50": sum(result.task_losses[-50:]) / 50,
+                    "steps_per_s": result.steps_per_s,
+                    "wall_s": time.perf_counter() - t0,
+                    "n_parameters": result.n_parameters,
+                }
+            )
+            print(f"{choice} seed {seed}: mean MAE/MAD {last['score']:.4f}, "
+                  f"{result.steps_per_s:.2f} steps/s")  # fmt: skip
+            for name, m in last["tasks"].items():
+                print(f"  {name}: MAE {m['mae']:.4g} MAE/MAD {m['mae_over_mad']:.4f} (n={m['n']})")
+        names = list(per_seed[0]["tasks"])  # type: ignore[arg-type]
+        runs[choice] = {
+            "mean_over_seeds": {
+                name: {
+                    key: sum(r["tasks"][name][key] for r in per_seed) / len(per_seed)  # type: ignore[index]
+                    for key in ("mae", "mae_over_mad")
+                }
+                for name in names
+            },
+            "seeds": per_seed,
+        }
     reference = args.element_features[0]
+
+    def mean_mae(choice: str, name: str) -> float:
+        return runs[choice]["mean_over_seeds"][name]["mae"]  # type: ignore[index,no-any-return]
+
     relative = {
         choice: {
-            name: run["tasks"][name]["mae"] / runs[reference]["tasks"][name]["mae"] - 1.0  # type: ignore[index]
-            for name in run["tasks"]  # type: ignore[attr-defined]
+            name: mean_mae(choice, name) / mean_mae(reference, name) - 1.0
+            for name in runs[reference]["mean_over_seeds"]  # type: ignore[attr-defined]
         }
-        for choice, run in runs.items()
+        for choice in runs
         if choice != reference
     }
     report: dict[str, object] = {
