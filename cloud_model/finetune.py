@@ -262,7 +262,7 @@ def train_member(
     epochs: int,
     seed: int,
     device: torch.device,
-    on_epoch: Callable[[int, float, float | None], None] | None = None,
+    on_epoch: Callable[[int, float, float | None], bool | None] | None = None,
 ) -> MemberFitReport:
     """Train a member in place with AdamW, warm-up + cosine, early stopping on ``val``.
 
@@ -271,7 +271,8 @@ def train_member(
         train: training features and targets; val: validation rows (None = no early stopping).
         config: hyperparameters; epochs: passes to run at most; seed: shuffling/dropout seed.
         device: where to train (bf16 autocast on CUDA, fp32 on CPU).
-        on_epoch: called with ``(epoch, train_loss, val_loss)`` after every epoch.
+        on_epoch: called with ``(epoch, train_loss, val_loss)`` after every epoch; when it
+            returns True, training ends after that epoch (the best weights so far are kept).
 
     Returns:
         The report; the member holds the weights of the best validation epoch.
@@ -319,17 +320,19 @@ def train_member(
             evaluate_loss(member, val, config, device) if val is not None and len(val) else None
         )
         history.append((train_loss, val_loss))
-        if on_epoch is not None:
-            on_epoch(epoch, train_loss, val_loss)
-        if val_loss is None:
-            continue
-        if best is None or val_loss < best[0]:
-            state = {k: v.detach().clone() for k, v in member.state_dict().items()}
-            best, stale = (val_loss, epoch, state), 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
+        # a callback that returns True ends training after this epoch (e.g. a time budget)
+        stop = on_epoch is not None and on_epoch(epoch, train_loss, val_loss) is True
+        if val_loss is not None:
+            if best is None or val_loss < best[0]:
+                state = {k: v.detach().clone() for k, v in member.state_dict().items()}
+                best, stale = (val_loss, epoch, state), 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+        if stop:
+            logger.info("member training stopped by its callback after epoch %d", epoch)
+            break
     if best is not None:
         member.load_state_dict(best[2])
     member.eval()
