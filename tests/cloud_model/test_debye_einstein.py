@@ -22,7 +22,7 @@ from cloud_model.einstein import (
 from cloud_model.ensemble import CloudEnsemble, EnsembleConfig
 from cloud_model.errors import ConfigError
 from cloud_model.finetune_data import DataSource, load_labelled
-from cloud_model.finetune_job import EinsteinOptions, FinetuneJob, create_ensemble
+from cloud_model.finetune_job import EinsteinOptions, FinetuneJob, create_ensemble, predict_rows
 from cloud_model.heads import (
     CloudForDebye,
     CloudForDebyeEinstein,
@@ -275,6 +275,10 @@ def test_debye_einstein_head_fits_cloud_cv_rows_and_round_trips(tmp_path: Path) 
     params = ensemble.predict_theta(scopes[:4])  # (1, 4, 2K + 2)
     assert params.shape == (1, 4, 6)
     assert torch.allclose(params[0, :, 3:5].sum(-1), torch.ones(4), atol=1e-5)
+    data = load_labelled(DataSource(dataset="cloud_cv", targets=("cv",), limit=4))
+    rows = predict_rows(ensemble, data)  # the CLI's prediction rows
+    assert rows[0]["cv_300K_mean"] == pytest.approx(float(cv[0, 0, 0]), rel=1e-5)
+    assert rows[0]["theta_mean"] == pytest.approx(float(params[0, 0, 0]), rel=1e-5)
     ensemble.save(tmp_path / "de")
     loaded = CloudEnsemble.load(tmp_path / "de")
     assert loaded.spec.head == ensemble.spec.head
