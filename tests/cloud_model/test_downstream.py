@@ -44,6 +44,7 @@ def test_suite_runs_resumes_and_tabulates(tiny_checkpoint: Path, tmp_path: Path)
     report = run_suite(options, out, echo=lines.append)
     task = report["tasks"]["cloud_cv"]
     assert task["n_train"] == [48] and task["n_test"] == [32] and task["n_val"] == [10]
+    assert task["budget_minutes"] == pytest.approx(1e-6)
     expected = {
         "probe",
         "finetune_debye",
