@@ -62,8 +62,11 @@ class MemberNet(nn.Module):
         cfg = spec.encoder
         self.embed: nn.ModuleDict | None = None
         if spec.kind == "ids":
-            tok = nn.Embedding(cfg.vocab_size, cfg.d_model) if encoder is None else encoder.tok_emb
-            pos = nn.Embedding(cfg.max_len, cfg.d_model) if encoder is None else encoder.pos_emb
+            if encoder is None:  # a fresh encoder's embeddings (element-aware when its config is)
+                fresh = CloudEncoder(cfg)
+                tok, pos = fresh.tok_emb, fresh.pos_emb
+            else:
+                tok, pos = encoder.tok_emb, encoder.pos_emb
             self.embed = nn.ModuleDict({"tok": copy.deepcopy(tok), "pos": copy.deepcopy(pos)})
             self.drop = nn.Dropout(cfg.dropout)
         n_top = spec.n_trainable_blocks
