@@ -10,7 +10,9 @@ functions (:func:`cloud_model.model.embed_tokens`, :func:`~cloud_model.model.run
 A member maps features to targets in physical units: a regression head
 (standardised internally), a Debye head giving theta (``debye_output="theta"``)
 or the Debye heat capacity at the label temperatures
-(``debye_output="heat_capacity"``, :func:`cloud_model.debye.heat_capacity`).
+(``debye_output="heat_capacity"``, :func:`cloud_model.debye.heat_capacity`), or a
+Debye + Einstein head giving the heat capacity of Debye acoustic and Einstein
+optical branches (:class:`~cloud_model.heads.DebyeEinsteinHead`; heat capacity only).
 The loss is L1 or MSE on ``(prediction - y) / scale`` with ``scale`` the training
 targets' standard deviation per column, over the finite targets only.
 """
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 from cloud_model.configs import FinetuneConfig as FinetuneConfig
 from cloud_model.debye import heat_capacity
 from cloud_model.errors import ConfigError
-from cloud_model.heads import DebyeHead, RegressionHead, RegressionHeadConfig
+from cloud_model.heads import DebyeEinsteinHead, DebyeHead, RegressionHead, RegressionHeadConfig
 from cloud_model.model import Block, CloudEncoder, embed_tokens, pool_states, run_blocks
 from cloud_model.trunk import MemberSpec
 
@@ -60,8 +62,11 @@ class MemberNet(nn.Module):
         cfg = spec.encoder
         self.embed: nn.ModuleDict | None = None
         if spec.kind == "ids":
-            tok = nn.Embedding(cfg.vocab_size, cfg.d_model) if encoder is None else encoder.tok_emb
-            pos = nn.Embedding(cfg.max_len, cfg.d_model) if encoder is None else encoder.pos_emb
+            if encoder is None:  # a fresh encoder's embeddings (element-aware when its config is)
+                fresh = CloudEncoder(cfg)
+                tok, pos = fresh.tok_emb, fresh.pos_emb
+            else:
+                tok, pos = encoder.tok_emb, encoder.pos_emb
             self.embed = nn.ModuleDict({"tok": copy.deepcopy(tok), "pos": copy.deepcopy(pos)})
             self.drop = nn.Dropout(cfg.dropout)
         n_top = spec.n_trainable_blocks
@@ -72,9 +77,16 @@ class MemberNet(nn.Module):
             top, ln_f = list(encoder.blocks)[cfg.n_layer - n_top :], encoder.ln_f
         self.blocks = nn.ModuleList(copy.deepcopy(b) for b in top)
         self.ln_f = copy.deepcopy(ln_f) if spec.kind != "pooled" else None
-        self.head: RegressionHead | DebyeHead
+        self.head: RegressionHead | DebyeHead | DebyeEinsteinHead
         if isinstance(spec.head, RegressionHeadConfig):
             self.head = RegressionHead(cfg.d_model, spec.head.n_targets, spec.head.dropout)
+        elif spec.head.is_einstein:
+            if spec.debye_output != "heat_capacity":
+                raise ConfigError(
+                    "the debye_einstein head predicts heat capacities: set "
+                    "debye_output: heat_capacity (use the debye head for theta labels)"
+                )
+            self.head = DebyeEinsteinHead(cfg.d_model, spec.head)
         else:
             h = spec.head
             self.head = DebyeHead(cfg.d_model, h.theta_scale, h.theta_min, h.dropout)
@@ -84,7 +96,9 @@ class MemberNet(nn.Module):
         self.requires_grad_(True)  # copies of a frozen shared encoder arrive frozen
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """Head output: standardised ``(B, m)`` (regression) or theta ``(B,)`` in K (Debye).
+        """Head output: standardised ``(B, m)`` (regression), theta ``(B,)`` in K (Debye) or
+        packed parameters ``(B, 2K + 2)`` (Debye + Einstein, see
+        :class:`~cloud_model.heads.DebyeEinsteinHead`).
 
         Args:
             x: features from :func:`cloud_model.trunk.trunk_features`: ``(B, T)`` ids,
@@ -125,6 +139,8 @@ class MemberNet(nn.Module):
         """
         if isinstance(self.head, RegressionHead):
             return self.head.destandardise(out.float())  # (B, m)
+        if isinstance(self.head, DebyeEinsteinHead):
+            return self.head.heat_capacity(out, self.temperatures, n_atoms)  # (B, m)
         theta = out.float()  # (B,)
         if self.spec.debye_output == "theta":
             return theta[:, None]  # (B, 1)
@@ -249,7 +265,7 @@ def train_member(
     epochs: int,
     seed: int,
     device: torch.device,
-    on_epoch: Callable[[int, float, float | None], None] | None = None,
+    on_epoch: Callable[[int, float, float | None], bool | None] | None = None,
 ) -> MemberFitReport:
     """Train a member in place with AdamW, warm-up + cosine, early stopping on ``val``.
 
@@ -258,7 +274,8 @@ def train_member(
         train: training features and targets; val: validation rows (None = no early stopping).
         config: hyperparameters; epochs: passes to run at most; seed: shuffling/dropout seed.
         device: where to train (bf16 autocast on CUDA, fp32 on CPU).
-        on_epoch: called with ``(epoch, train_loss, val_loss)`` after every epoch.
+        on_epoch: called with ``(epoch, train_loss, val_loss)`` after every epoch; when it
+            returns True, training ends after that epoch (the best weights so far are kept).
 
     Returns:
         The report; the member holds the weights of the best validation epoch.
@@ -306,17 +323,19 @@ def train_member(
             evaluate_loss(member, val, config, device) if val is not None and len(val) else None
         )
         history.append((train_loss, val_loss))
-        if on_epoch is not None:
-            on_epoch(epoch, train_loss, val_loss)
-        if val_loss is None:
-            continue
-        if best is None or val_loss < best[0]:
-            state = {k: v.detach().clone() for k, v in member.state_dict().items()}
-            best, stale = (val_loss, epoch, state), 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
+        # a callback that returns True ends training after this epoch (e.g. a time budget)
+        stop = on_epoch is not None and on_epoch(epoch, train_loss, val_loss) is True
+        if val_loss is not None:
+            if best is None or val_loss < best[0]:
+                state = {k: v.detach().clone() for k, v in member.state_dict().items()}
+                best, stale = (val_loss, epoch, state), 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+        if stop:
+            logger.info("member training stopped by its callback after epoch %d", epoch)
+            break
     if best is not None:
         member.load_state_dict(best[2])
     member.eval()
@@ -334,7 +353,8 @@ def train_member(
 def predict_member(
     member: MemberNet, data: FeatureSet, config: FinetuneConfig, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """Predictions ``(n, m)`` in target units and raw head outputs (theta ``(n,)`` for Debye)."""
+    """Predictions ``(n, m)`` in target units and raw head outputs (theta ``(n,)`` for Debye,
+    packed parameters ``(n, 2K + 2)`` for Debye + Einstein)."""
     member.eval().to(device)
     preds, raws = [], []
     for start in range(0, len(data), config.eval_batch_size):

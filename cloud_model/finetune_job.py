@@ -5,6 +5,8 @@
 :class:`~cloud_model.finetune_data.DataSource`, with early stopping on the
 validation split, and scores the test split; :func:`predict_rows` turns an
 ensemble's predictions into CSV rows (mean and std per output).
+:func:`create_ensemble` is :meth:`CloudEnsemble.create` that also knows the
+``debye_einstein`` head (Debye acoustic + Einstein optical branches).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from cloud_model.checkpoint import resolve_checkpoint
 from cloud_model.ensemble import CloudEnsemble, EnsembleConfig, FitReport
 from cloud_model.ensemble_runtime import EpochCallback
 from cloud_model.errors import ConfigError, DataError
+from cloud_model.finetune import MemberNet
 from cloud_model.finetune_data import DataSource, LabelledData, load_labelled, split_rows
+from cloud_model.heads import DebyeHeadConfig
 from cloud_model.yaml_file import read_yaml
 
 logger = logging.getLogger(__name__)
@@ -35,7 +39,10 @@ __all__ = [
     "FinetuneJob",
     "JobReport",
     "LabelledData",
+    "EinsteinOptions",
+    "HeadKind",
     "TargetMetrics",
+    "create_ensemble",
     "load_labelled",
     "output_names",
     "predict_rows",
@@ -47,6 +54,20 @@ __all__ = [
 ]
 
 
+HeadKind = Literal["regression", "debye", "debye_einstein"]
+
+
+class EinsteinOptions(BaseModel):
+    """The optical-branch part of the ``debye_einstein`` head (ignored by other heads)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Einstein temperatures describing the optical branches (1 = one flat optical band)
+    modes: int = Field(default=1, ge=1, le=8)
+    # acoustic share of the 3R per atom: 1/n_atoms (an exact mode count for n atoms per
+    # primitive cell; needs n_atoms in the data) or learned per structure
+    acoustic_fraction: Literal["per_atom", "learned"] = "per_atom"
+
+
 class FinetuneJob(BaseModel):
     """A fine-tuning run as written in ``configs/finetune_*.yaml``."""
 
@@ -54,7 +75,10 @@ class FinetuneJob(BaseModel):
     data: DataSource
     # pretrained checkpoint: a directory, "default" (the shipped small model) or null (random init)
     checkpoint: str | None = "default"
-    head: Literal["regression", "debye"] = "regression"
+    # regression; debye (theta, or Cv through a Debye temperature); debye_einstein (Cv through
+    # a Debye temperature of the acoustic branches and Einstein temperatures of the optical ones)
+    head: HeadKind = "regression"
+    einstein: EinsteinOptions = Field(default_factory=EinsteinOptions)
     # 1 = plain fine-tuning; K > 1 = a deep ensemble with mean and std
     n_members: int = Field(default=1, ge=1)
     # all fine-tuning options; by default every block and the embeddings train
@@ -165,8 +189,8 @@ def run_finetune_job(
     config = job.model
     if job.head == "regression" and config.target_names is None:
         config = config.model_copy(update={"target_names": data.target_names})
-    ensemble = CloudEnsemble.create(
-        checkpoint, job.n_members, job.head, len(data.target_names), config
+    ensemble = create_ensemble(
+        checkpoint, job.n_members, job.head, len(data.target_names), config, einstein=job.einstein
     )
     validation = (val.scopes, val.y, val.n_atoms) if len(val.scopes) else None
     fit = ensemble.fit(
@@ -207,6 +231,63 @@ def run_finetune_job(
     return ensemble, report
 
 
+def create_ensemble(
+    checkpoint: str | Path | None,
+    n_members: int,
+    head: HeadKind,
+    n_targets: int,
+    config: EnsembleConfig | None = None,
+    *,
+    einstein: EinsteinOptions | None = None,
+) -> CloudEnsemble:
+    """A new, untrained ensemble; :meth:`CloudEnsemble.create` plus the ``debye_einstein`` head.
+
+    The Debye + Einstein head shares the Debye head's config class (its ``kind`` tells
+    them apart), so the ensemble is created with a Debye head and its member spec then
+    given the Debye + Einstein head config; members are re-drawn from the same seeds.
+
+    Args:
+        checkpoint, n_members, n_targets, config: as :meth:`CloudEnsemble.create`.
+        head: ``regression``, ``debye`` or ``debye_einstein``.
+        einstein: modes and acoustic fraction of the ``debye_einstein`` head (defaults).
+
+    Raises:
+        ConfigError: the ``debye_einstein`` head with ``debye_output: theta``, and whatever
+            :meth:`CloudEnsemble.create` raises.
+    """
+    if head != "debye_einstein":
+        return CloudEnsemble.create(checkpoint, n_members, head, n_targets, config)
+    config = config or EnsembleConfig()
+    if config.debye_output != "heat_capacity":
+        raise ConfigError(
+            "the debye_einstein head is trained on heat capacities: set model.debye_output: "
+            "heat_capacity (the debye head regresses theta labels)"
+        )
+    options = einstein or EinsteinOptions()
+    base = CloudEnsemble.create(checkpoint, n_members, "debye", n_targets, config)
+    head_config = DebyeHeadConfig.model_validate(
+        {
+            **base.spec.head.model_dump(),
+            "kind": "debye_einstein",
+            "einstein_modes": options.modes,
+            "acoustic_fraction": options.acoustic_fraction,
+        }
+    )
+    spec = base.spec.model_copy(update={"head": head_config})
+    members = []
+    for k in range(n_members):
+        torch.manual_seed(config.seed + k)  # as CloudEnsemble.create: one draw per member
+        members.append(MemberNet(spec, base.encoder).cpu())
+    return CloudEnsemble(
+        base.encoder,
+        base.tokenizer,
+        spec,
+        members,
+        config,
+        source_checkpoint=base.source_checkpoint,
+    )
+
+
 def _describe_test_split(data: LabelledData, job: FinetuneJob, n_test: int) -> str:
     """How the test rows were chosen, in words (the CLI prints it; report.json keeps it)."""
     if {"train", "train_and_val"} & set(data.splits):
@@ -234,7 +315,8 @@ def output_names(ensemble: CloudEnsemble) -> tuple[str, ...]:
 def predict_rows(ensemble: CloudEnsemble, data: LabelledData) -> list[dict[str, object]]:
     """One output row per input: id, split, scope, ``<name>_mean``/``<name>_std`` per output.
 
-    Debye ensembles also give ``theta_mean``/``theta_std`` (K); known truth values
+    Debye ensembles also give ``theta_mean``/``theta_std`` (K; for ``debye_einstein`` the
+    Debye temperature of the acoustic branches); known truth values
     of the data source's targets are copied into columns of their own names. A
     one-member model has no uncertainty: its rows carry no ``_std`` columns.
     """
@@ -245,6 +327,8 @@ def predict_rows(ensemble: CloudEnsemble, data: LabelledData) -> list[dict[str, 
     theta = None
     if ensemble.spec.head.kind == "debye" and ensemble.spec.debye_output != "theta":
         theta = ensemble.predict_theta(data.scopes)  # (K, n)
+    elif ensemble.spec.head.kind == "debye_einstein":
+        theta = ensemble.predict_theta(data.scopes)[..., 0]  # (K, n): the acoustic theta_D
     rows: list[dict[str, object]] = []
     for i, (rid, scope) in enumerate(zip(data.ids, data.scopes, strict=True)):
         row: dict[str, object] = {"id": rid, "split": data.splits[i], "scope": scope}

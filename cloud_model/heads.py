@@ -4,7 +4,9 @@ Heads are small modules: the masked-LM head (decoder tied to the token
 embedding), a regression head that works in standardised units and keeps the
 target mean/std as buffers, and the Debye head that outputs a positive Debye
 temperature in kelvin (the Debye physics, Cv and U from theta, lives in
-:mod:`cloud_model.debye`).
+:mod:`cloud_model.debye`), and the Debye + Einstein head that outputs a Debye
+temperature for the acoustic branches plus Einstein temperatures and weights for
+the optical ones (physics in :mod:`cloud_model.einstein`).
 
 Each ``CloudFor*`` wrapper owns an encoder and a head and has one
 ``forward(ids, mask, targets=None) -> (output, loss)`` for training and
@@ -16,13 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from cloud_model.debye import GAS_CONSTANT
+from cloud_model.einstein import acoustic_fraction, debye_einstein_heat_capacity
 from cloud_model.errors import ConfigError
 from cloud_model.model import CloudConfig, CloudEncoder
 
@@ -55,10 +59,16 @@ class RegressionHeadConfig(BaseModel):
 
 
 class DebyeHeadConfig(BaseModel):
-    """The Debye head: a positive Debye temperature per structure."""
+    """A Debye-family head: a positive Debye temperature per structure (``kind="debye"``), or
+    Debye temperature + Einstein temperatures and weights (``kind="debye_einstein"``).
+
+    Both kinds share this one config so that every place that holds a Debye head's
+    config (the ensemble card's member spec included) holds either; the Einstein
+    options are ignored by ``kind="debye"``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["debye"] = "debye"
+    kind: Literal["debye", "debye_einstein"] = "debye"
     # typical Debye temperature (K): the untrained head outputs about theta_min + theta_scale
     theta_scale: float = Field(default=400.0, gt=0.0)
     # floor (K) that keeps T / theta finite in the Debye functions
@@ -66,6 +76,21 @@ class DebyeHeadConfig(BaseModel):
     # loss used when theta itself is the label (AFLOW); Cv labels go through cloud_model.debye
     loss: Literal["l1", "mse"] = "l1"
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # debye_einstein: number K of Einstein temperatures describing the optical branches
+    einstein_modes: int = Field(default=1, ge=1, le=8)
+    # debye_einstein: acoustic share of the modes: 1/n from the atoms per primitive cell
+    # (an exact mode count, needs n_atoms) or a learned fraction in (0, 1) per structure
+    acoustic_fraction: Literal["per_atom", "learned"] = "per_atom"
+
+    @property
+    def is_einstein(self) -> bool:
+        """True for the Debye + Einstein head."""
+        return self.kind == "debye_einstein"
+
+
+def debye_einstein_head_config(**options: object) -> DebyeHeadConfig:
+    """Shorthand: ``DebyeHeadConfig(kind="debye_einstein", **options)``."""
+    return DebyeHeadConfig.model_validate({**options, "kind": "debye_einstein"})
 
 
 HeadConfig = Annotated[
@@ -178,6 +203,95 @@ class DebyeHead(nn.Module):
         return self.theta_min + self.theta_scale * F.softplus(s)  # (B,)
 
 
+class DebyeEinsteinParameters(NamedTuple):
+    """A Debye + Einstein head's output, unpacked (``B`` crystals, ``K`` Einstein modes)."""
+
+    theta_debye: torch.Tensor  # (B,) K, acoustic branches
+    theta_einstein: torch.Tensor  # (B, K) K, optical modes
+    weights: torch.Tensor  # (B, K) shares of the optical modes, summing to 1
+    learned_fraction: torch.Tensor  # (B,) acoustic share in (0, 1) (used when learned)
+
+
+class DebyeEinsteinHead(nn.Module):
+    """Pooled state -> Debye temperature, K Einstein temperatures and weights, packed ``(B, 2K + 2)``.
+
+    Columns: ``theta_D``, ``theta_E,1..K``, ``w_1..K`` (a softmax), ``f`` (a sigmoid, the
+    learned acoustic fraction; :meth:`fraction` uses ``1 / n_atoms`` instead unless the
+    config asks for a learned one). Temperatures are ``theta_min + theta_scale * softplus(s)``;
+    an untrained head starts at ``theta_D = theta_min + theta_scale`` with the Einstein modes
+    spread over 0.75-1.5 ``theta_scale`` (optical modes lie above the acoustic ones), equal
+    weights and ``f = 0.5``.
+    """
+
+    def __init__(self, d_model: int, config: DebyeHeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        k = config.einstein_modes
+        out = nn.Linear(d_model, 2 * k + 2)
+        self.net = nn.Sequential(
+            nn.Dropout(config.dropout), nn.Linear(d_model, d_model), nn.GELU(), out
+        )
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        start = torch.linspace(0.75, 1.5, k) if k > 1 else torch.ones(1)
+        with torch.no_grad():
+            out.bias[0] = math.log(math.e - 1.0)  # softplus = 1
+            out.bias[1 : k + 1] = torch.log(torch.expm1(start))  # softplus = start
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Args: pooled ``(B, C)``. Returns the packed parameters ``(B, 2K + 2)``."""
+        s = self.net(pooled).float()  # (B, 2K + 2), float32 even under autocast
+        k = self.config.einstein_modes
+        temps = self.config.theta_min + self.config.theta_scale * F.softplus(s[:, : k + 1])
+        weights = torch.softmax(s[:, k + 1 : 2 * k + 1], dim=-1)
+        fraction = torch.sigmoid(s[:, 2 * k + 1 :])
+        return torch.cat([temps, weights, fraction], dim=-1)  # (B, 2K + 2)
+
+    def unpack(self, out: torch.Tensor) -> DebyeEinsteinParameters:
+        """Packed ``(B, 2K + 2)`` -> named parts."""
+        k = self.config.einstein_modes
+        return DebyeEinsteinParameters(
+            theta_debye=out[:, 0],
+            theta_einstein=out[:, 1 : k + 1],
+            weights=out[:, k + 1 : 2 * k + 1],
+            learned_fraction=out[:, 2 * k + 1],
+        )
+
+    def fraction(self, out: torch.Tensor, n_atoms: torch.Tensor | None) -> torch.Tensor:
+        """Acoustic fraction ``(B,)``: ``1 / n_atoms`` (None = one atom: pure Debye), or learned."""
+        params = self.unpack(out)
+        if self.config.acoustic_fraction == "learned":
+            return params.learned_fraction
+        if n_atoms is None:
+            return torch.ones_like(params.theta_debye)
+        return acoustic_fraction(n_atoms.to(params.theta_debye))
+
+    def heat_capacity(
+        self, out: torch.Tensor, temperatures: torch.Tensor, n_atoms: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Cv ``(B, m)`` in J/(mol K) per mole of cells at ``temperatures`` ``(m,)`` K.
+
+        Args:
+            out: packed parameters ``(B, 2K + 2)`` from :meth:`forward` (cast to float).
+            temperatures: ``(m,)`` label temperatures in K.
+            n_atoms: ``(B,)`` atoms per (primitive) cell; None = per mole of atoms.
+        """
+        out = out.float()
+        params = self.unpack(out)
+        n = torch.ones_like(params.theta_debye) if n_atoms is None else n_atoms.to(out)
+        weights = params.weights / params.weights.sum(-1, keepdim=True)  # exact sum after casts
+        return debye_einstein_heat_capacity(
+            params.theta_debye,
+            params.theta_einstein,
+            temperatures.to(out),
+            fraction=self.fraction(out, n_atoms),
+            weights=weights,
+            n_atoms=n,
+        )  # (B, m)
+
+
 def _masked_loss(
     pred: torch.Tensor, target: torch.Tensor, kind: Literal["l1", "mse"]
 ) -> torch.Tensor:
@@ -262,6 +376,8 @@ class CloudForDebye(nn.Module):
 
     def __init__(self, encoder: CloudEncoder, head_config: DebyeHeadConfig) -> None:
         super().__init__()
+        if head_config.is_einstein:
+            raise ConfigError("a 'debye_einstein' head config builds CloudForDebyeEinstein")
         self.encoder = encoder
         self.head_config = head_config
         self.head = DebyeHead(
@@ -292,7 +408,64 @@ class CloudForDebye(nn.Module):
         return theta, _masked_loss(theta / scale, target / scale, self.head_config.loss)
 
 
-CloudModel = CloudForMaskedLM | CloudForRegression | CloudForDebye
+class CloudForDebyeEinstein(nn.Module):
+    """Encoder + Debye + Einstein head: packed ``(B, 2K + 2)`` parameters
+    (:class:`DebyeEinsteinHead`), trained on heat capacities."""
+
+    def __init__(self, encoder: CloudEncoder, head_config: DebyeHeadConfig) -> None:
+        super().__init__()
+        if not head_config.is_einstein:
+            raise ConfigError("CloudForDebyeEinstein needs a head config of kind 'debye_einstein'")
+        self.encoder = encoder
+        self.head_config = head_config
+        self.head = DebyeEinsteinHead(encoder.config.d_model, head_config)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        temperatures: Sequence[float] = (300.0,),
+        n_atoms: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Packed parameters, and a loss when heat-capacity labels are given.
+
+        Args:
+            ids: ``(B, T)``; mask: ``(B, T)`` bool.
+            targets: ``(B, m)`` (or ``(B,)``) Cv in J/(mol K) per mole of cells at
+                ``temperatures`` (m values, K); NaN = missing.
+            n_atoms: ``(B,)`` atoms per primitive cell (None = per mole of atoms).
+
+        Returns:
+            parameters ``(B, 2K + 2)`` and the L1/MSE loss on ``Cv / (3 R n)`` (the
+            fraction of Dulong-Petit, so every crystal weighs the same), or None.
+        """
+        params = self.head(self.encoder.encode(ids, mask))  # (B, 2K + 2)
+        if targets is None:
+            return params, None
+        temps = torch.tensor(tuple(temperatures), dtype=torch.float32, device=params.device)
+        cv = self.head.heat_capacity(params, temps, n_atoms)  # (B, m)
+        n = torch.ones(cv.shape[0], device=cv.device) if n_atoms is None else n_atoms.to(cv)
+        scale = 3.0 * GAS_CONSTANT * n[:, None]  # (B, 1)
+        target = targets.reshape(cv.shape).to(cv)
+        return params, _masked_loss(cv / scale, target / scale, self.head_config.loss)
+
+    @torch.no_grad()
+    def predict_heat_capacity(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        temperatures: Sequence[float],
+        n_atoms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cv ``(B, m)`` in J/(mol K) per mole of cells (eval mode is the caller's business)."""
+        params, _ = self.forward(ids, mask)
+        temps = torch.tensor(tuple(temperatures), dtype=torch.float32, device=params.device)
+        return self.head.heat_capacity(params, temps, n_atoms)
+
+
+CloudModel = CloudForMaskedLM | CloudForRegression | CloudForDebye | CloudForDebyeEinstein
 
 
 def build_model(
@@ -318,6 +491,8 @@ def build_model(
         return CloudForMaskedLM(encoder)
     if isinstance(head, RegressionHeadConfig):
         return CloudForRegression(encoder, head)
+    if head.is_einstein:
+        return CloudForDebyeEinstein(encoder, head)
     return CloudForDebye(encoder, head)
 
 

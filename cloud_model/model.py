@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from cloud_model.configs import ModelSize
+from cloud_model.element_features import ElementAwareEmbedding, ElementFeatureKind, table_width
 from cloud_model.errors import ConfigError
 
 # layers, width, heads, feed-forward width of each named size
@@ -54,6 +55,9 @@ class CloudConfig(BaseModel):
     layer_norm_eps: float = Field(default=1e-5, gt=0.0)
     # what pool() returns: the [CLS] state (published CLOUD) or the mean over real tokens
     pooling: Literal["cls", "mean"] = "cls"
+    # element tokens also embed a descriptor table (cloud_model.element_features); "none" =
+    # a plain learned embedding, as every checkpoint made before the option existed
+    element_features: ElementFeatureKind = "none"
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> CloudConfig:
@@ -197,10 +201,33 @@ class CloudEncoder(nn.Module):
     attention keys, so appending pads leaves every real token's state unchanged.
     """
 
-    def __init__(self, config: CloudConfig) -> None:
+    def __init__(self, config: CloudConfig, element_table: torch.Tensor | None = None) -> None:
+        """Args:
+        config: the architecture.
+        element_table: ``(V, F + 1)`` descriptors of the tokens
+            (:func:`cloud_model.element_features.element_table`) when
+            ``config.element_features`` is not ``"none"``; None = zeros, to be filled by
+            loading a checkpoint's weights.
+
+        Raises:
+            ConfigError: a table is given for ``element_features="none"``, or has the wrong shape.
+        """
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.tok_emb: nn.Embedding
+        if config.element_features == "none":
+            if element_table is not None:
+                raise ConfigError("an element descriptor table needs element_features != 'none'")
+            self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        else:
+            width = table_width(config.element_features)
+            if element_table is not None and element_table.shape[-1] != width:
+                raise ConfigError(
+                    f"element_features={config.element_features!r} needs a table of width "
+                    f"{width}, got {tuple(element_table.shape)}"
+                )
+            table = width if element_table is None else element_table
+            self.tok_emb = ElementAwareEmbedding(config.vocab_size, config.d_model, table)
         self.pos_emb = nn.Embedding(config.max_len, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
@@ -208,8 +235,10 @@ class CloudEncoder(nn.Module):
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections so the stream's variance does not grow with depth
         for name, param in self.named_parameters():
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") and not name.startswith("tok_emb."):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if isinstance(self.tok_emb, ElementAwareEmbedding):
+            self.tok_emb.init_projection()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -306,7 +335,7 @@ class CloudEncoder(nn.Module):
         """Number of parameters (optionally without token and position embeddings)."""
         n = sum(p.numel() for p in self.parameters())
         if not include_embeddings:
-            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+            n -= sum(p.numel() for p in self.tok_emb.parameters()) + self.pos_emb.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

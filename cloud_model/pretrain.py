@@ -149,6 +149,29 @@ def _device_and_dtype(
     return device, (torch.bfloat16 if precision == "bf16" else None)
 
 
+def new_encoder(config: PretrainConfig, tokenizer: ScopeTokenizer) -> CloudEncoder:
+    """A freshly initialised encoder of ``config.model`` for ``tokenizer``'s vocabulary.
+
+    With ``model.element_features`` set, its token embedding holds the tokenizer's element
+    descriptor table (:func:`cloud_model.element_features.element_table`).
+    """
+    from cloud_model.element_features import element_table
+
+    options = config.model
+    model_config = CloudConfig.named(
+        options.size,
+        tokenizer.vocab_size,
+        max_len=options.max_len,
+        dropout=options.dropout,
+        pooling=options.pooling,
+        element_features=options.element_features,
+    )
+    table = None
+    if options.element_features != "none":
+        table = element_table(tokenizer, options.element_features)
+    return CloudEncoder(model_config, table)
+
+
 def _optimizer_and_schedule(
     model: torch.nn.Module, train: TrainOptions
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -220,14 +243,7 @@ def train_loop(
     masking = _Masking.for_tokenizer(tokenizer, train.mask_prob)
 
     torch.manual_seed(derived_seed(train.seed, "init"))  # same initial weights on every rank
-    model_config = CloudConfig.named(
-        config.model.size,
-        tokenizer.vocab_size,
-        max_len=config.model.max_len,
-        dropout=config.model.dropout,
-        pooling=config.model.pooling,
-    )
-    model = CloudForMaskedLM(CloudEncoder(model_config)).to(device)
+    model = CloudForMaskedLM(new_encoder(config, tokenizer)).to(device)
     optimizer, scheduler = _optimizer_and_schedule(model, train)
     state_dir, fingerprint = out_dir / STATE_DIR, config.fingerprint()
     start_step, history = 0, []

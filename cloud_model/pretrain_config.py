@@ -1,14 +1,21 @@
-"""The pretraining configuration (``configs/pretrain_*.yaml``), validated by pydantic."""
+"""The pretraining configuration (``configs/pretrain_*.yaml``), validated by pydantic.
+
+``objective`` picks the loss: ``mlm`` (masked-language modelling on unlabelled SCOPE
+strings, :mod:`cloud_model.pretrain`) or ``multitask`` (per-task regression heads on
+labelled rows plus MLM as an auxiliary loss, :mod:`cloud_model.multitask`).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cloud_model.configs import ModelSize
+from cloud_model.element_features import ElementFeatureKind
 from cloud_model.errors import ConfigError
 from cloud_model.yaml_file import InvalidYamlError, read_yaml
 
@@ -24,6 +31,8 @@ class ModelOptions(_Strict):
     max_len: int = Field(default=64, gt=0)  # tokens per string, [CLS]/[SEP] included
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     pooling: Literal["cls", "mean"] = "cls"
+    # element tokens also embed physical descriptors (cloud_model.element_features)
+    element_features: ElementFeatureKind = "none"
 
 
 class DataOptions(_Strict):
@@ -72,6 +81,42 @@ class TrainOptions(_Strict):
         return self
 
 
+class MultitaskOptions(_Strict):
+    """The multi-task objective (``objective: multitask``): what is sampled and weighted."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")  # T = .inf in JSON
+
+    # total loss = mean task loss (z-scored) + mlm_weight x MLM loss; 0 turns MLM off
+    mlm_weight: float = Field(default=0.5, ge=0.0)
+    # MLM strings per step, drawn from the corpus's unlabelled strings beside the labelled batch
+    mlm_batch_size: int = Field(default=32, gt=0)
+    # task sampling p_t ~ n_t^(1/T): T=1 proportional to rows, .inf = every task equally often
+    task_temperature: float = Field(default=3.0, gt=0.0)
+    # keep only these "<dataset>:<target>" tasks of the corpus (None: every task)
+    tasks: list[str] | None = None
+    # loss on z-scored targets: L1 is robust to the heavy tails of formation energies
+    loss: Literal["l1", "mse"] = "l1"
+    head_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # validation rows evaluated per task (and MLM validation strings) at each evaluation
+    eval_max_rows: int = Field(default=2000, gt=0)
+
+    @model_validator(mode="after")
+    def _tasks_named(self) -> MultitaskOptions:
+        if self.tasks is not None:
+            if not self.tasks:
+                raise ValueError("tasks: give at least one task name, or null for every task")
+            bad = [
+                t for t in self.tasks if t.count(":") != 1 or t.startswith(":") or t.endswith(":")
+            ]
+            if bad:
+                raise ValueError(f"task names are '<dataset>:<target>'; got {bad}")
+        return self
+
+    def temperature_is_infinite(self) -> bool:
+        """Whether every task is sampled equally often."""
+        return math.isinf(self.task_temperature)
+
+
 # cadence options that may change between an interrupted run and its resumption
 _RESUMABLE_CHANGES = {
     "eval_every",
@@ -85,9 +130,22 @@ _RESUMABLE_CHANGES = {
 class PretrainConfig(_Strict):
     """A whole pretraining run."""
 
+    objective: Literal["mlm", "multitask"] = "mlm"
     model: ModelOptions = ModelOptions()
-    data: DataOptions = DataOptions()
+    data: DataOptions = DataOptions()  # the MLM corpus (objective: mlm)
     train: TrainOptions = TrainOptions()
+    multitask: MultitaskOptions = MultitaskOptions()  # objective: multitask
+    # options of cloud_model.multitask_corpus.build_multitask_corpus (MultiTaskDataOptions),
+    # validated by that model when the corpus is built
+    multitask_data: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _objective_options(self) -> PretrainConfig:
+        if self.objective == "mlm" and self.multitask_data:
+            raise ValueError(
+                "multitask_data is only read with objective: multitask (the MLM corpus is `data`)"
+            )
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PretrainConfig:
@@ -112,6 +170,13 @@ class PretrainConfig(_Strict):
     def fingerprint(self) -> str:
         """sha256 of everything that determines the trained weights (not logging cadence)."""
         data = self.model_dump(mode="json")
+        # options added after MLM runs existed: left out at their defaults, so that an
+        # interrupted MLM run still resumes under the same fingerprint
+        if data["objective"] == "mlm":
+            for key in ("objective", "multitask", "multitask_data"):
+                data.pop(key)
+        if data["model"]["element_features"] == "none":
+            data["model"].pop("element_features")
         data["train"] = {k: v for k, v in data["train"].items() if k not in _RESUMABLE_CHANGES}
         return hashlib.sha256(repr(sorted(_flatten(data))).encode()).hexdigest()
 

@@ -35,10 +35,27 @@ from loop.registry import ModelRegistry
 from loop.store import ChosenCandidate
 from loop.surrogate import Surrogate
 
-__all__ = ["Agent", "CampaignView", "Proposal", "Proposer"]
+__all__ = ["Agent", "CampaignView", "FidelityObservation", "Proposal", "Proposer"]
 
 logger = logging.getLogger(__name__)
 _phase = logging.getLogger("cloudlab.progress")  # what a live display shows (loop/cli/live.py)
+
+
+@dataclass(frozen=True)
+class FidelityObservation:
+    """One measurement at one fidelity (multi-fidelity campaigns, :mod:`loop.fidelity`).
+
+    Attributes:
+        index: the candidate's pool index.
+        fidelity: the fidelity's name.
+        values: the objective targets' values (``m``; NaN where missing).
+        cost: what the experiment cost.
+    """
+
+    index: int
+    fidelity: str
+    values: tuple[float, ...]
+    cost: float
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,12 @@ class CampaignView:
         pending: pool indices of jobs still in flight.
         n_jobs: jobs so far, failures included.
         decision_no: decisions made so far (seeds this one).
+        observations: with fidelities, every measurement at every fidelity.
+        taken_at: (pool index, fidelity) of every job (any state).
+        pending_at: (pool index, fidelity) of the jobs in flight.
+        cost_committed: summed cost of every job so far, in-flight ones included.
+
+    With fidelities, ``measured_*`` and ``taken`` are those of the highest fidelity.
     """
 
     measured_idx: Tensor
@@ -60,6 +83,10 @@ class CampaignView:
     pending: list[int]
     n_jobs: int
     decision_no: int
+    observations: tuple[FidelityObservation, ...] = ()
+    taken_at: frozenset[tuple[int, str]] = frozenset()
+    pending_at: tuple[tuple[int, str], ...] = ()
+    cost_committed: float = 0.0
 
 
 class Proposal(BaseModel):

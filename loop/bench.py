@@ -8,6 +8,14 @@ lab on a virtual clock: no waiting), so runs can be inspected with
 ``cloudlab status|report``. Runs execute in parallel as Ray tasks; a run whose
 ``result.json`` exists is not recomputed, so an interrupted benchmark resumes.
 Metrics (see :mod:`loop.metrics`) are computed against the pool's hidden values.
+
+Multi-fidelity benchmarks (a base campaign with ``fidelities``, :mod:`loop.fidelity`):
+a candidate counts as found only once measured at the highest fidelity, so the
+experiment-axis metrics read the highest-fidelity jobs only, and each strategy also
+gets cost-axis metrics (:func:`cost_metrics`): the cost to reach 50 % (and 90 %) of
+the top set and the share of the top set found within the cost budget, median and
+5-95 % band over seeds. A single-fidelity baseline is the same campaign with only
+the highest fidelity listed, so its jobs carry that fidelity's cost too.
 """
 
 from __future__ import annotations
@@ -78,6 +86,9 @@ class RunRecord(BaseModel):
     timings: RunTimings
     # the surrogate's predictions of its own picks, made before they were measured
     calibration: dict[str, Any] | None = None
+    # multi-fidelity runs: every job in order as (candidate id, fidelity, cost); submitted_ids
+    # then lists the highest-fidelity jobs only (what "found" means)
+    jobs: list[tuple[str, str, float]] = Field(default_factory=list)
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -152,12 +163,17 @@ def run_one(config_json: str, directory: str) -> dict[str, Any]:
     from loop.store import CampaignStore
 
     target = config.targets[0]
+    highest = config.highest_fidelity
     with CampaignStore(out, create=False) as store:
         rows = store.measurements()
-        measured = [m.candidate_id for m in rows]
-        jobs = [j.candidate_id for j in store.jobs()]
+        job_rows = store.jobs()
+        measured = [m.candidate_id for m, f, _ in store.fidelity_measurements() if f == highest]
+        jobs = [j.candidate_id for j in job_rows if j.fidelity == highest]
         values = {m.candidate_id: m.values[target].value for m in rows if target in m.values}
         calibration = pick_calibration(store.decisions(), values)
+        all_jobs = (
+            [(j.candidate_id, j.fidelity, j.cost) for j in job_rows] if config.fidelities else []
+        )
     record = RunRecord(
         name=config.name,
         measured_ids=measured,
@@ -167,6 +183,7 @@ def run_one(config_json: str, directory: str) -> dict[str, Any]:
         cpu_s=time.process_time() - c0,
         timings=RunTimings(**result.timings.model_dump(exclude={"extra"})),
         calibration=None if calibration is None else calibration.model_dump(),
+        jobs=all_jobs,
     )
     tmp = done.with_suffix(".tmp")
     tmp.write_text(record.model_dump_json())
@@ -290,6 +307,8 @@ def run_bench(
         if cal:
             entry["coverage90"] = float(np.median([c["coverage90"] for c in cal]))
             entry["nll"] = float(np.median([c["nll"] for c in cal]))
+        if base_config.fidelities:
+            entry["cost"] = cost_metrics(recs, tops[bench.top_fractions[0]], base_config)
         entry["wall_s_mean"] = float(np.mean([r["wall_s"] for r in recs]))
         entry["cpu_s_mean"] = float(np.mean([r["cpu_s"] for r in recs]))
         summary["strategies"][f"{name}-q{q}"] = entry
@@ -297,7 +316,15 @@ def run_bench(
     summary["runs"] = {
         r["name"]: {
             k: r.get(k)
-            for k in ("submitted_ids", "stop_reason", "wall_s", "cpu_s", "timings", "calibration")
+            for k in (
+                "submitted_ids",
+                "stop_reason",
+                "wall_s",
+                "cpu_s",
+                "timings",
+                "calibration",
+                "jobs",
+            )
         }
         for recs in records.values()
         for r in sorted(recs, key=lambda r: str(r["name"]))
@@ -306,6 +333,71 @@ def run_bench(
     (out / f"{bench.name}.md").write_text(markdown_table(summary, bench))
     plot_bench(summary, out / f"{bench.name}.png")
     return summary
+
+
+def cost_metrics(
+    records: list[dict[str, Any]], top: set[str], config: CampaignConfig
+) -> dict[str, Any]:
+    """Cost-axis metrics of multi-fidelity runs (median and 5-95 % band over seeds).
+
+    A top candidate counts as found when a highest-fidelity job of it was submitted;
+    the cost of a point is the summed cost of every job up to it (any fidelity).
+
+    Returns:
+        ``cost_to_50`` / ``cost_to_90``: cost when 50 % / 90 % of ``top`` was found
+        (a run that never got there counts as the budget plus one unit; ``reached_*``
+        is the share of runs that got there); ``top_at_budget``: share of ``top`` found
+        within the cost budget; ``n_high`` / ``n_low``: jobs at the highest / other
+        fidelities; ``curve``: share found at 50 evenly spaced costs up to the budget.
+    """
+    budget = float(config.budget.cost or 0.0)
+    highest = config.highest_fidelity
+    grid = np.linspace(budget / 50, budget, 50)
+    out: dict[str, Any] = {"budget": budget, "top_size": len(top)}
+    reach: dict[float, list[float | None]] = {0.5: [], 0.9: []}
+    at_budget, curves, n_high, n_low = [], [], [], []
+    for r in records:
+        jobs = r.get("jobs") or []
+        spent, found, points = 0.0, set(), []
+        for cid, fidelity, cost in jobs:
+            spent += float(cost)
+            if fidelity == highest and cid in top:
+                found.add(cid)
+            points.append((spent, len(found) / max(len(top), 1)))
+        costs = np.array([p[0] for p in points])
+        shares = np.array([p[1] for p in points])
+        for p in reach:
+            hit = np.nonzero(shares >= p - 1e-12)[0]
+            reach[p].append(float(costs[hit[0]]) if hit.size else None)
+        at_budget.append(float(shares[costs <= budget + 1e-9][-1]) if points else 0.0)
+        idx = np.searchsorted(costs, grid, side="right") - 1
+        curves.append(np.where(idx >= 0, shares[np.maximum(idx, 0)], 0.0))
+        n_high.append(sum(f == highest for _, f, _ in jobs))
+        n_low.append(sum(f != highest for _, f, _ in jobs))
+
+    def bands(values: list[float]) -> dict[str, float]:
+        a = np.asarray(values, dtype=float)
+        return {
+            "median": float(np.median(a)),
+            "p05": float(np.percentile(a, 5)),
+            "p95": float(np.percentile(a, 95)),
+        }
+
+    for p, values in reach.items():
+        filled = [v if v is not None else budget + 1 for v in values]
+        out[f"cost_to_{p * 100:.0f}"] = bands(filled)
+        out[f"reached_{p * 100:.0f}"] = float(np.mean([v is not None for v in values]))
+    out["top_at_budget"] = bands(at_budget)
+    out["n_high"] = bands(n_high)
+    out["n_low"] = bands(n_low)
+    stacked = np.stack(curves) if curves else np.zeros((0, len(grid)))
+    out["curve"] = {
+        "cost": grid.tolist(),
+        "median": np.median(stacked, 0).tolist() if len(stacked) else [],
+        "p05": np.percentile(stacked, 5, 0).tolist() if len(stacked) else [],
+        "p95": np.percentile(stacked, 95, 0).tolist() if len(stacked) else [],
+    }
+    return out
 
 
 def markdown_table(summary: dict[str, Any], bench: BenchConfig) -> str:
@@ -341,6 +433,21 @@ def markdown_table(summary: dict[str, Any], bench: BenchConfig) -> str:
             f"{cover} | "
             f"{t['fit'] + t['score']:.1f} / {t['acquisition']:.1f} |"
         )
+    costed = {n: e["cost"] for n, e in summary["strategies"].items() if "cost" in e}
+    if costed:
+        lines += [
+            "",
+            "| strategy | cost to 50 % of top (median [5-95], reached) | top found at cost "
+            "budget | jobs high / low (median) |",
+            "|---|---|---|---|",
+        ]
+        for name, c in costed.items():
+            c50, top = c["cost_to_50"], c["top_at_budget"]
+            lines.append(
+                f"| {name} | {c50['median']:.0f} [{c50['p05']:.0f}-{c50['p95']:.0f}], "
+                f"{c['reached_50']:.0%} | {top['median']:.2f} [{top['p05']:.2f}-{top['p95']:.2f}] | "
+                f"{c['n_high']['median']:.0f} / {c['n_low']['median']:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -154,6 +154,10 @@ class Campaign:
                         f"surrogate.transfer_sets: {name!r} is a {get_spec(name).kind} dataset; "
                         "give formula label sets (cloudlab data list)"
                     )
+        if cfg.fidelities:  # multi-fidelity: every simulated fidelity's values must exist
+            from loop.multifidelity import check_fidelities
+
+            check_fidelities(cfg, pool)
         unknown = sorted(set(cfg.initial_design.ids) - set(pool.ids))
         if unknown:
             raise ConfigError(
@@ -161,6 +165,10 @@ class Campaign:
                 f"(invalid rows are left out): {unknown[:10]}"
             )
         store = self._open_store()
+        if cfg.pool.generators is not None:  # candidates generated while it ran (loop/generate)
+            from loop.generate.growth import extend_pool
+
+            pool = extend_pool(pool, store)
         if store.n_candidates() == 0:
             store.add_candidates(zip(pool.ids, pool.scopes, strict=True))
         elif [c for c, _ in store.candidates()] != pool.ids:
@@ -171,7 +179,7 @@ class Campaign:
         self.pool, self.ledger = pool, Ledger(store, cfg, pool.ids)
         return self.ledger
 
-    def build_agent(self) -> Agent:
+    def build_agent(self) -> Proposer:
         """The agent over the configured surrogate, restored to its newest version."""
         from loop.registry import ModelRegistry
         from loop.surrogate import build_surrogate
@@ -179,8 +187,19 @@ class Campaign:
         ledger = self.prepare()
         assert self.pool is not None
         scopes = self.pool.scopes + self._prior_scopes
+        if self.config.fidelities:  # multi-fidelity: the cost-aware agent (loop/mf_agent.py)
+            from loop.mf_agent import build_mf_agent
+
+            return build_mf_agent(
+                self.config, self.pool.ids, scopes, ModelRegistry(ledger.store, self.directory),
+                self.timings,
+            )  # fmt: skip
         surrogate = build_surrogate(self.config, scopes, len(self.pool))
         registry = ModelRegistry(ledger.store, self.directory)
+        if self.config.pool.generators is not None:  # never a version fitted before the pool grew
+            from loop.generate.growth import registry_for
+
+            registry = registry_for(ledger.store, self.directory)
         return Agent(self.config, self.pool.ids, surrogate, registry, self._prior_y, self.timings)
 
     # ------------------------------------------------------------------ facts
@@ -204,14 +223,23 @@ class Campaign:
         state = ledger.loop_state(elapsed_s=0.0, decisions_without_improvement=0)
         return first_reason(rules_for(self.config), state)
 
-    def _request(self, candidate_id: str) -> ExperimentRequest:
+    def _request(self, candidate_id: str, fidelity: str = "") -> ExperimentRequest:
         assert self.pool is not None and self.ledger is not None
+        targets, parameters = self.config.targets, {}
+        if fidelity:  # what this fidelity reports, and its name for the adapter to route by
+            from loop.fidelity import output_names
+
+            f = next(f for f in self.config.fidelities if f.name == fidelity)
+            is_highest = fidelity == self.config.highest_fidelity
+            targets = tuple(output_names(f, targets, is_highest=is_highest).values())
+            parameters = {"fidelity": fidelity, **f.parameters}
         return ExperimentRequest(
             candidate_id=candidate_id,
-            targets=self.config.targets,
+            targets=targets,
             structure_cif=self.pool.cifs.get(candidate_id),
             scope=self.pool.scopes[self.ledger.index[candidate_id]],
             campaign=self.config.name,
+            parameters=parameters,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -288,7 +316,8 @@ class Campaign:
         open_jobs = self.prepare().store.open_jobs()
         for job in open_jobs:
             if job.handle is None or job.state == CREATED:
-                executor.submit(self._request(job.candidate_id), job.key)  # same key: no 2nd run
+                request = self._request(job.candidate_id, job.fidelity)
+                executor.submit(request, job.key)  # same key: no 2nd run
             else:
                 executor.track(job.handle)
             self._handed.add(job.key)
@@ -331,6 +360,8 @@ class Campaign:
             batch_fits = concurrency - busy >= min(batch, budget - c.n_jobs)
             waiting_for_all = cfg.dispatch.wait_for == "all" and busy > 0
             if reason is None and n_free > 0 and batch_fits and not waiting_for_all:
+                if cfg.pool.generators is not None and cfg.pool.generators.grow is not None:
+                    agent, ledger = self._grow_pool(agent)  # loop/generate/growth.py
                 n_new = self._submit_batch(agent, executor, min(n_free, batch))
                 if n_new == 0 and busy == 0:
                     return ledger.why_stuck()
@@ -361,12 +392,30 @@ class Campaign:
                 self._record(event)
             self._check_lab_deadline(c.n_open)
 
+    def _grow_pool(self, agent: Proposer) -> tuple[Proposer, Ledger]:
+        """Generated candidates join the pool when a growth step is due (``pool.generators.grow``).
+
+        The agent is rebuilt over the grown pool (a caller's own agent is kept as it is).
+        """
+        from loop.generate.growth import after_round
+
+        ledger = self.prepare()
+        assert self.pool is not None
+        grown = after_round(self.config, ledger, self.pool, self.directory)
+        if grown is None:
+            return agent, ledger
+        self.pool, self.ledger = grown, Ledger(ledger.store, self.config, grown.ids)
+        return (self.build_agent() if isinstance(agent, Agent) else agent), self.ledger
+
     def _submit_batch(self, agent: Proposer, executor: Executor, n_free: int) -> int:
         ledger, t0 = self.prepare(), time.perf_counter()
         proposal = agent.propose(ledger.view(), n_free)
         if not proposal.chosen:
             return 0
-        keys = [f"{self.config.name}/{c.candidate_id}" for c in proposal.chosen]
+        keys = [  # one job per candidate and fidelity
+            f"{self.config.name}/{c.candidate_id}" + (f"@{c.fidelity}" if c.fidelity else "")
+            for c in proposal.chosen
+        ]
         gated = self.config.approval.mode == "required"
         ledger.store.record_decision(
             keys=keys,
@@ -387,7 +436,7 @@ class Campaign:
                         ", ".join(c.candidate_id for c in proposal.chosen))  # fmt: skip
             return len(keys)
         for key, c in zip(keys, proposal.chosen, strict=True):
-            executor.submit(self._request(c.candidate_id), key)
+            executor.submit(self._request(c.candidate_id, c.fidelity), key)
         return len(keys)
 
     # ------------------------------------------------------------------ the approval gate
@@ -414,7 +463,7 @@ class Campaign:
         expire(store, self.config.approval)
         for job in store.jobs(states=[CREATED]):
             if job.key not in self._handed:
-                executor.submit(self._request(job.candidate_id), job.key)
+                executor.submit(self._request(job.candidate_id, job.fidelity), job.key)
                 self._handed.add(job.key)
                 logger.info("approved: %s submitted", job.candidate_id)
 

@@ -35,6 +35,8 @@ from adapters.queueserver import QueueServerConfig
 from adapters.sila2_lab import SilaConfig
 from cloud_model.configs import EnsembleConfig
 from cloud_model.errors import ConfigError
+from loop.fidelity import FidelityConfig, highest_fidelity
+from loop.generate.pipeline import GenerateConfig
 from simulators.config import SimulatedLabConfig
 
 if TYPE_CHECKING:
@@ -67,6 +69,8 @@ class PoolConfig(_Section):
     exclude_ids: list[str] = Field(default_factory=list)
     variant: Literal["cloud", "native"] = "cloud"  # SCOPE variant the surrogate reads
     symprec: float = Field(default=0.1, gt=0)  # spglib tolerance, Angstrom
+    # candidate generators (loop/generate): `grow` adds candidates from the hits while it runs
+    generators: GenerateConfig | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> PoolConfig:
@@ -309,6 +313,67 @@ class CampaignConfig(_Section):
     # them); "auto": $CLOUDLAB_THREADS, else the cores this process may use (cloud_model.threads)
     threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
     approval: ApprovalConfig = ApprovalConfig()
+    # multi-fidelity (loop/fidelity.py): named measurements with costs; none = one fidelity,
+    # every experiment costing 1
+    fidelities: list[FidelityConfig] = Field(default_factory=list, max_length=8)
+
+    @model_validator(mode="after")
+    def _check_fidelities(self) -> CampaignConfig:
+        if not self.fidelities:
+            return self
+        names = [f.name for f in self.fidelities]
+        if len(set(names)) != len(names):
+            raise ValueError(f"fidelities: duplicate names {names}")
+        highest_fidelity(self.fidelities)  # raises naming the problem
+        if len(self.targets) != 1:
+            raise ValueError(
+                f"fidelities: a multi-fidelity campaign measures one target, got {self.targets} "
+                "(constraints are not supported with fidelities)"
+            )
+        if self.surrogate.kind not in ("gp", "gp_cloud", "gp_transfer"):
+            raise ValueError(
+                f"fidelities: surrogate.kind {self.surrogate.kind} is not a GP; the "
+                "multi-fidelity GP uses the features of gp, gp_cloud or gp_transfer"
+            )
+        for i, f in enumerate(self.fidelities):
+            unknown = sorted(set(f.outputs) - set(self.targets))
+            if unknown:
+                raise ValueError(
+                    f"fidelities[{i}] ({f.name}).outputs: {unknown} are not targets of the "
+                    f"objective or constraints {list(self.targets)}"
+                )
+        if self.objectives or self.acquisition.kind not in ("qlogei", "random"):
+            raise ValueError(
+                "fidelities: the cost-aware acquisition optimises one objective; use "
+                "acquisition.kind qlogei (cost-aware) or random, without `objectives`"
+            )
+        if self.budget.cost is None:
+            raise ValueError("fidelities: give budget.cost (the budget is in cost units)")
+        if self.pool.generators is not None and self.pool.generators.grow is not None:
+            raise ValueError(
+                "fidelities: pool.generators.grow is not supported in a multi-fidelity campaign "
+                "(the cost-aware agent is not rebuilt over a grown pool); drop one of them"
+            )
+        return self
+
+    @property
+    def fidelity_names(self) -> tuple[str, ...]:
+        """The fidelities' names; ``("",)`` for a single-fidelity campaign."""
+        return tuple(f.name for f in self.fidelities) or ("",)
+
+    @property
+    def highest_fidelity(self) -> str:
+        """The name of the fidelity the campaign optimises; ``""`` without fidelities."""
+        return self.fidelities[highest_fidelity(self.fidelities)].name if self.fidelities else ""
+
+    def fidelity_cost(self, name: str) -> float:
+        """Cost of one experiment at fidelity ``name`` (1 without fidelities)."""
+        for f in self.fidelities:
+            if f.name == name:
+                return f.cost
+        if not self.fidelities and name == "":
+            return 1.0
+        raise ConfigError(f"unknown fidelity {name!r}; the campaign has {self.fidelity_names}")
 
     @model_validator(mode="after")
     def _batch_fits_concurrency(self) -> CampaignConfig:
@@ -362,8 +427,13 @@ class CampaignConfig(_Section):
         """sha256 of the canonical JSON: a resumed campaign must have the same config."""
         data = self.model_dump(mode="json")
         data.pop("threads")  # how fast it runs, not what it does: may change on resume
+        for section in ("pool", "prior"):  # campaigns from before pool generators existed resume
+            if isinstance(data.get(section), dict) and data[section].get("generators") is None:
+                data[section].pop("generators", None)
         if self.approval == ApprovalConfig():  # campaigns from before the gate existed resume
             data.pop("approval")
+        if not self.fidelities:  # nor do those from before fidelities existed
+            data.pop("fidelities")
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -5,6 +5,11 @@ candidates were measured and what they gave, which are taken or in flight, the
 best feasible result, the job counts. :class:`Ledger` derives them from the
 :class:`~loop.store.CampaignStore` (never from memory), so a resumed campaign
 sees exactly what an uninterrupted one saw.
+
+With fidelities (:mod:`loop.fidelity`), "measured" and "best" mean the highest
+fidelity; the view also lists every fidelity's observations, the (candidate,
+fidelity) pairs taken or in flight and the cost committed so far (in-flight jobs
+included), which is also what the cost stop rule reads.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adapters.base import EventKind, JobEvent, JobState
-from loop.agent import CampaignView
+from adapters.base import EventKind, JobEvent, JobState, Measurement
+from loop.agent import CampaignView, FidelityObservation
 from loop.config import CampaignConfig
+from loop.fidelity import output_names
 from loop.stop_rules import LoopState
 from loop.store import CREATED, PROPOSED, REJECTED, CampaignStore
 
@@ -72,6 +78,17 @@ class Ledger:
         self.ids = candidate_ids
         self.index = {cid: i for i, cid in enumerate(candidate_ids)}
         self.spec = config.objective_spec()
+        self.highest = config.highest_fidelity
+        # fidelity -> {reported name: objective target}
+        self._names = {
+            f.name: {
+                v: k
+                for k, v in output_names(
+                    f, config.targets, is_highest=f.name == self.highest
+                ).items()
+            }
+            for f in config.fidelities
+        }
 
     def counts(self) -> Counts:
         counts = self.store.job_counts()
@@ -85,14 +102,36 @@ class Ledger:
 
     def measured(self) -> tuple[Tensor, Tensor]:
         """Measured pool indices (``n``, sorted) and their ``n x m`` values (NaN if missing)."""
-        targets = self.config.targets
         rows: dict[int, list[float]] = {}
-        for m in self.store.measurements():
+        for m, fidelity, _ in self.store.fidelity_measurements():
+            if fidelity != self.highest:
+                continue
             if (at := self.index.get(m.candidate_id)) is not None:
-                rows[at] = [m.values[t].value if t in m.values else float("nan") for t in targets]
+                rows[at] = self._values(m, fidelity)
+        targets = self.config.targets
         order = sorted(rows)
         y = torch.tensor([rows[i] for i in order], dtype=torch.float64)
         return torch.tensor(order, dtype=torch.long), y.reshape(len(order), len(targets))
+
+    def _values(self, m: Measurement, fidelity: str) -> list[float]:
+        """The objective targets' values of a measurement at ``fidelity`` (NaN if missing)."""
+        names = self._names.get(fidelity)
+        values = (
+            {names[k]: v.value for k, v in m.values.items() if k in names}
+            if names is not None
+            else {k: v.value for k, v in m.values.items()}
+        )
+        return [values.get(t, float("nan")) for t in self.config.targets]
+
+    def observations(self) -> tuple[FidelityObservation, ...]:
+        """Every measurement at every fidelity, in the order it was recorded."""
+        out = []
+        for m, fidelity, cost in self.store.fidelity_measurements():
+            if (at := self.index.get(m.candidate_id)) is not None:
+                out.append(
+                    FidelityObservation(at, fidelity, tuple(self._values(m, fidelity)), cost)
+                )
+        return tuple(out)
 
     def best(self) -> Best | None:
         """The best feasible measured candidate, or None."""
@@ -109,11 +148,14 @@ class Ledger:
         """What the agent is shown."""
         jobs = self.store.jobs()
         idx, y = self.measured()
+        live = [j for j in jobs if j.candidate_id in self.index and j.state != REJECTED]
         return CampaignView(
             measured_idx=idx,
             measured_y=y,
             taken=frozenset(
-                self.index[j.candidate_id] for j in jobs if j.candidate_id in self.index
+                self.index[j.candidate_id]
+                for j in jobs
+                if j.candidate_id in self.index and j.fidelity == self.highest
             ),
             pending=[
                 self.index[j.candidate_id]
@@ -122,16 +164,29 @@ class Ledger:
             ],
             n_jobs=sum(j.state != REJECTED for j in jobs),
             decision_no=len(self.store.decisions()),
+            observations=self.observations() if self.config.fidelities else (),
+            taken_at=frozenset(
+                (self.index[j.candidate_id], j.fidelity)
+                for j in jobs
+                if j.candidate_id in self.index
+            ),
+            pending_at=tuple(
+                (self.index[j.candidate_id], j.fidelity) for j in live if not j.is_terminal
+            ),
+            cost_committed=self.store.committed_cost(),
         )
 
     def loop_state(self, *, elapsed_s: float, decisions_without_improvement: int) -> LoopState:
         """What the stop rules are shown."""
         c = self.counts()
         spent = sum(m.cost for m in self.store.measurements()) if self.config.budget.cost else 0.0
+        pairs = len(self.ids) * len(self.config.fidelity_names)  # (candidate, fidelity) pairs
+        if self.config.fidelities:  # the fidelities' costs, in-flight jobs included
+            spent = self.store.committed_cost()
         return LoopState(
             n_jobs=c.n_jobs,
             n_failed=c.n_failed,
-            pool_left=len(self.ids) - c.n_jobs - c.n_rejected,
+            pool_left=pairs - c.n_jobs - c.n_rejected,
             elapsed_s=elapsed_s,
             cost_spent=spent,
             decisions_without_improvement=decisions_without_improvement,
@@ -158,8 +213,15 @@ class Ledger:
     def why_stuck(self) -> str:
         """Why no new decision can be made although budget is left."""
         c = self.counts()
-        if len(self.ids) - c.n_jobs - c.n_rejected <= 0:
+        if len(self.ids) * len(self.config.fidelity_names) - c.n_jobs - c.n_rejected <= 0:
             return "pool exhausted"
+        if self.config.fidelities and self.config.budget.cost is not None:
+            left = self.config.budget.cost - self.store.committed_cost()
+            if left < self.config.fidelity_cost(self.highest):  # see loop/mf_acquisition.py
+                return (
+                    f"cost budget reached ({left:g} left: no highest-fidelity measurement fits, "
+                    "so no cheaper one is worth making)"
+                )
         lost = (JobState.FAILED.value, JobState.LOST.value)
         failed = [j for j in self.store.jobs() if j.state in lost]
         if self.store.n_measurements() < 2 and failed:

@@ -6,12 +6,18 @@ nothing and a resume can reconcile:
 * ``meta``         key/value: schema version, campaign config (JSON), created_at;
 * ``candidates``   the pool: index, id, SCOPE string;
 * ``jobs``         one row per experiment, keyed by its idempotency key, with the
-                   current state, the adapter's handle (JSON) and the decision that chose it;
+                   current state, the adapter's handle (JSON), the decision that chose it,
+                   its fidelity (``""`` in a single-fidelity campaign) and its cost;
 * ``job_events``   every state transition with its time;
-* ``measurements`` the values of SUCCEEDED jobs (a ``Measurement`` as JSON);
+* ``measurements`` the values of SUCCEEDED jobs (a ``Measurement`` as JSON), with the
+                   job's fidelity and cost (one measurement per candidate and fidelity);
 * ``model_versions`` surrogate versions (file + sha256 + training size + metrics);
 * ``decisions``    the acquisition decisions: model version, acquisition, the chosen
                    candidates with their acquisition values and predicted mean/std;
+* ``generated``    candidates added while the campaign runs (:mod:`loop.generate.growth`):
+                   id, CIF and provenance JSON; their (id, scope) rows are in ``candidates``;
+* ``growths``      one row per growth step: the round (decisions so far), the parents, how
+                   many were added, the newest model version then, the generation summary;
 * ``proposals``    with an approval gate (:mod:`loop.approval`): per proposed experiment,
                    what chose it (JSON) and its audit trail (status, who, when, note).
 
@@ -24,6 +30,11 @@ reconciled on resume) and becomes ``CREATED`` when approved or ``REJECTED``
 (terminal: the candidate is never proposed again) when rejected. Approving and
 rejecting are short conditional transactions, safe from another process while the
 campaign runs.
+
+Schema 2 (multi-fidelity, :mod:`loop.fidelity`) added ``fidelity`` and ``cost`` to
+``jobs`` and ``measurements`` and made a candidate unique per fidelity; a schema-1
+store is migrated in place when opened (one transaction; its rows get fidelity ``""``
+and cost 1, what a single-fidelity experiment costs).
 
 """
 
@@ -46,25 +57,44 @@ from cloud_model.errors import CloudlabError
 logger = logging.getLogger(__name__)
 
 STORE_FILENAME = "campaign.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs and measurements carry fidelity and cost
 CREATED = "CREATED"  # committed locally, not yet accepted by the adapter
 PROPOSED = "PROPOSED"  # waiting behind the approval gate: never submitted until approved
 REJECTED = "REJECTED"  # refused at the gate (by a person or a timeout): terminal, never run
+
+# --- schema 1 -> 2 (fidelity and cost per job and measurement), in one transaction
+_MIGRATE_1_TO_2 = """
+ALTER TABLE jobs RENAME TO jobs_v1;
+ALTER TABLE measurements RENAME TO measurements_v1;
+{jobs};
+{measurements};
+INSERT INTO jobs(key, candidate_id, state, handle, decision_id, message, created_at, updated_at)
+    SELECT key, candidate_id, state, handle, decision_id, message, created_at, updated_at
+    FROM jobs_v1;
+INSERT INTO measurements(key, candidate_id, measurement, recorded_at, seq)
+    SELECT key, candidate_id, measurement, recorded_at, seq FROM measurements_v1;
+DROP TABLE jobs_v1;
+DROP TABLE measurements_v1;
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS candidates (
     idx INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, scope TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
-    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL UNIQUE, state TEXT NOT NULL,
+    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL, state TEXT NOT NULL,
     handle TEXT, decision_id INTEGER, message TEXT,
-    created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    fidelity TEXT NOT NULL DEFAULT '', cost REAL NOT NULL DEFAULT 1.0,
+    UNIQUE (candidate_id, fidelity));
 CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, state TEXT NOT NULL,
     message TEXT, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS measurements (
-    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL UNIQUE, measurement TEXT NOT NULL,
-    recorded_at TEXT NOT NULL, seq INTEGER NOT NULL);
+    key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL, measurement TEXT NOT NULL,
+    recorded_at TEXT NOT NULL, seq INTEGER NOT NULL,
+    fidelity TEXT NOT NULL DEFAULT '', cost REAL NOT NULL DEFAULT 1.0,
+    UNIQUE (candidate_id, fidelity));
 CREATE TABLE IF NOT EXISTS model_versions (
     version INTEGER PRIMARY KEY, path TEXT, sha256 TEXT, n_train INTEGER NOT NULL,
     metrics TEXT NOT NULL, created_at TEXT NOT NULL);
@@ -75,6 +105,11 @@ CREATE TABLE IF NOT EXISTS proposals (
     key TEXT PRIMARY KEY, candidate_id TEXT NOT NULL UNIQUE, decision_id INTEGER NOT NULL,
     detail TEXT NOT NULL, status TEXT NOT NULL, proposed_at TEXT NOT NULL,
     decided_at TEXT, decided_by TEXT, note TEXT);
+CREATE TABLE IF NOT EXISTS generated (
+    id TEXT PRIMARY KEY, growth INTEGER NOT NULL, cif TEXT NOT NULL, provenance TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS growths (
+    round INTEGER PRIMARY KEY, parents TEXT NOT NULL, n_added INTEGER NOT NULL,
+    model_version INTEGER, summary TEXT NOT NULL, created_at TEXT NOT NULL);
 """
 
 
@@ -97,6 +132,8 @@ class JobRow(BaseModel):
     handle: JobHandle | None
     decision_id: int | None
     message: str | None
+    fidelity: str = ""  # "" in a single-fidelity campaign
+    cost: float = 1.0  # in the unit of budget.cost, committed when the job was created
 
     @property
     def is_terminal(self) -> bool:
@@ -115,6 +152,8 @@ class ChosenCandidate(BaseModel):
     predicted_mean: list[float] | None = None  # per target
     predicted_std: list[float] | None = None
     surrogate: str | None = None  # the model that chose it (``auto`` names its current pick)
+    fidelity: str = ""  # the fidelity to measure it at ("" in a single-fidelity campaign)
+    cost: float = 1.0  # what the experiment costs, in the unit of budget.cost
 
 
 class CampaignStore:
@@ -134,6 +173,8 @@ class CampaignStore:
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            if self._stored_version() == 1:
+                self._migrate_1_to_2()
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StoreError(
@@ -147,6 +188,40 @@ class CampaignStore:
                 f"campaign store {self.path} has schema version {version}, this cloudlab reads "
                 f"{SCHEMA_VERSION}"
             )
+
+    # ---- schema migration (1 -> 2: fidelity and cost) -------------------------------------
+    def _stored_version(self) -> int | None:
+        """The schema version the file holds (None: a new file), read before any DDL."""
+        has_meta = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if not has_meta:
+            return None
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return None if row is None else int(row[0])
+
+    def _migrate_1_to_2(self) -> None:
+        """Rebuild ``jobs`` and ``measurements`` with fidelity and cost, in one transaction."""
+        tables = {
+            name: sql.strip().rstrip(";")
+            for name, sql in (
+                ("jobs", _SCHEMA.split("CREATE TABLE IF NOT EXISTS jobs")[1].split(";")[0]),
+                (
+                    "measurements",
+                    _SCHEMA.split("CREATE TABLE IF NOT EXISTS measurements")[1].split(";")[0],
+                ),
+            )
+        }
+        script = _MIGRATE_1_TO_2.format(
+            jobs=f"CREATE TABLE jobs {tables['jobs']}",
+            measurements=f"CREATE TABLE measurements {tables['measurements']}",
+        )
+        with self.transaction() as db:
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        logger.info("campaign store %s migrated from schema 1 to 2 (fidelity, cost)", self.path)
 
     # ---- plumbing -------------------------------------------------------------------------
     @contextmanager
@@ -232,7 +307,8 @@ class CampaignStore:
                 c.candidate_id
                 for c in chosen
                 if db.execute(
-                    "SELECT 1 FROM jobs WHERE candidate_id = ?", (c.candidate_id,)
+                    "SELECT 1 FROM jobs WHERE candidate_id = ? AND fidelity = ?",
+                    (c.candidate_id, c.fidelity),
                 ).fetchone()
             ]
             if taken:
@@ -254,9 +330,9 @@ class CampaignStore:
             decision_id = int(cur.lastrowid or 0)
             for key, c in zip(keys, chosen, strict=True):
                 db.execute(
-                    "INSERT INTO jobs(key, candidate_id, state, handle, decision_id, message, created_at, updated_at)"
-                    " VALUES (?, ?, ?, NULL, ?, NULL, ?, ?)",
-                    (key, c.candidate_id, state, decision_id, now, now),
+                    "INSERT INTO jobs(key, candidate_id, state, handle, decision_id, message, created_at, updated_at, fidelity, cost)"
+                    " VALUES (?, ?, ?, NULL, ?, NULL, ?, ?, ?, ?)",
+                    (key, c.candidate_id, state, decision_id, now, now, c.fidelity, c.cost),
                 )
                 db.execute(
                     "INSERT INTO job_events(key, state, message, at) VALUES (?, ?, NULL, ?)",
@@ -309,15 +385,18 @@ class CampaignStore:
         """Store a SUCCEEDED job's measurement and mark the job SUCCEEDED, atomically."""
         now = _now()
         with self.transaction() as db:
-            row = db.execute("SELECT candidate_id FROM jobs WHERE key = ?", (key,)).fetchone()
+            row = db.execute(
+                "SELECT candidate_id, fidelity, cost FROM jobs WHERE key = ?", (key,)
+            ).fetchone()
             if row is None:
                 raise StoreError(f"unknown job {key!r}")
             if db.execute("SELECT 1 FROM measurements WHERE key = ?", (key,)).fetchone():
                 return  # already recorded (a resumed campaign re-reading a result)
             seq = db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
             db.execute(
-                "INSERT INTO measurements(key, candidate_id, measurement, recorded_at, seq) VALUES (?, ?, ?, ?, ?)",
-                (key, row[0], measurement.model_dump_json(), now, seq),
+                "INSERT INTO measurements(key, candidate_id, measurement, recorded_at, seq, fidelity, cost)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, row[0], measurement.model_dump_json(), now, seq, row[1], row[2]),
             )
             db.execute(
                 "UPDATE jobs SET state = ?, updated_at = ? WHERE key = ?",
@@ -329,7 +408,7 @@ class CampaignStore:
             )
 
     def jobs(self, *, states: Sequence[str] | None = None) -> list[JobRow]:
-        query = "SELECT key, candidate_id, state, handle, decision_id, message FROM jobs"
+        query = "SELECT key, candidate_id, state, handle, decision_id, message, fidelity, cost FROM jobs"
         params: tuple[Any, ...] = ()
         if states is not None:
             query += f" WHERE state IN ({','.join('?' * len(states))})"
@@ -343,6 +422,8 @@ class CampaignStore:
                 handle=None if r[3] is None else JobHandle.model_validate_json(r[3]),
                 decision_id=r[4],
                 message=r[5],
+                fidelity=r[6],
+                cost=float(r[7]),
             )
             for r in rows
         ]
@@ -363,6 +444,26 @@ class CampaignStore:
             Measurement.model_validate_json(r[0])
             for r in self._db.execute("SELECT measurement FROM measurements ORDER BY seq")
         ]
+
+    def fidelity_measurements(self) -> list[tuple[Measurement, str, float]]:
+        """Every measurement with its fidelity and cost, in the order it was recorded."""
+        return [
+            (Measurement.model_validate_json(r[0]), str(r[1]), float(r[2]))
+            for r in self._db.execute(
+                "SELECT measurement, fidelity, cost FROM measurements ORDER BY seq"
+            )
+        ]
+
+    def committed_cost(self) -> float:
+        """Summed cost of every job that ran, runs or will run (rejected proposals excluded).
+
+        In-flight jobs and proposals waiting at the approval gate count: a budget in cost
+        units is never exceeded by what is already on its way.
+        """
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(cost), 0) FROM jobs WHERE state != ?", (REJECTED,)
+        ).fetchone()
+        return float(row[0])
 
     def n_measurements(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0])
@@ -491,3 +592,61 @@ class CampaignStore:
                 )
                 decided.append(key)
         return decided
+
+    # ---- generated candidates (loop/generate/growth.py) -----------------------------------
+    def add_generated(
+        self,
+        *,
+        round_no: int,
+        parents: Sequence[str],
+        rows: Sequence[tuple[str, str, str, str]],
+        model_version: int | None,
+        summary: str,
+    ) -> None:
+        """Append generated candidates to the pool and record the growth step, atomically.
+
+        Args:
+            round_no: decisions made so far (the step is recorded once per round).
+            parents: ids of the hits the candidates were generated from.
+            rows: (id, scope, cif, provenance JSON) per new candidate, in pool order.
+            model_version: the newest surrogate version when the pool grew.
+            summary: the generation summary (JSON).
+        """
+        with self.transaction() as db:
+            start = db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
+            db.executemany(
+                "INSERT INTO candidates(idx, id, scope) VALUES (?, ?, ?)",
+                [(start + i, cid, scope) for i, (cid, scope, _, _) in enumerate(rows)],
+            )
+            db.executemany(
+                "INSERT INTO generated(id, growth, cif, provenance) VALUES (?, ?, ?, ?)",
+                [(cid, round_no, cif, prov) for cid, _, cif, prov in rows],
+            )
+            db.execute(
+                "INSERT INTO growths(round, parents, n_added, model_version, summary, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (round_no, json.dumps(list(parents)), len(rows), model_version, summary, _now()),
+            )
+
+    def generated(self) -> list[dict[str, Any]]:
+        """Generated candidates in pool order: id, scope, cif, growth (round) and provenance."""
+        rows = self._db.execute(
+            "SELECT g.id, c.scope, g.cif, g.growth, g.provenance FROM generated g "
+            "JOIN candidates c ON c.id = g.id ORDER BY c.idx"
+        ).fetchall()
+        return [
+            {"id": r[0], "scope": r[1], "cif": r[2], "growth": r[3], "provenance": json.loads(r[4])}
+            for r in rows
+        ]
+
+    def growths(self) -> list[dict[str, Any]]:
+        """The growth steps in order: round, parents, n_added, model_version, summary."""
+        rows = self._db.execute(
+            "SELECT round, parents, n_added, model_version, summary, created_at FROM growths "
+            "ORDER BY round"
+        ).fetchall()
+        return [
+            {"round": r[0], "parents": json.loads(r[1]), "n_added": r[2],
+             "model_version": r[3], "summary": json.loads(r[4]), "created_at": r[5]}
+            for r in rows
+        ]  # fmt: skip

@@ -41,12 +41,19 @@ logger = logging.getLogger(__name__)
 
 
 def ground_truth(config: CampaignConfig, pool: Pool) -> GroundTruth:
-    """The hidden table a simulated lab measures: the pool's labels."""
-    return GroundTruth(
+    """The hidden table a simulated lab measures: the pool's labels (and every fidelity's)."""
+    truth = GroundTruth(
         units=dict(pool.units),
         values={cid: dict(v) for cid, v in pool.truth.items()},
         source=str(config.pool.dataset or config.pool.file),
     )
+    if config.fidelities:  # each fidelity's values under the names it reports them
+        from loop.multifidelity import fidelity_columns
+        from simulators.multifidelity import with_fidelity_columns
+
+        columns, units = fidelity_columns(config, pool)
+        truth = with_fidelity_columns(truth, columns, units)
+    return truth
 
 
 def build_adapter(

@@ -38,23 +38,46 @@ def generate(
     cache_dir: Path = typer.Option(
         Path(".cloudlab/generate"), help="CHGNet energy cache (keyed by structure hash)."
     ),
+    symmetry_elements: str | None = typer.Option(
+        None, help="Also run the symmetry-first generator over these elements, e.g. Li,Mg,Al,O."
+    ),
+    require: str = typer.Option("", help="Symmetry generator: elements every product contains."),
+    n_symmetry: int = typer.Option(100, min=1, help="Symmetry generator: structures built."),
+    no_substitution: bool = typer.Option(
+        False, "--no-substitution", help="Symmetry generator only (the source is not read)."
+    ),
 ) -> None:
-    """Substitute into hits, relax with CHGNet, check, deduplicate, SCOPE-encode, hull."""
+    """Substitute into hits (and/or build symmetry-first structures), relax with CHGNet, check,
+    deduplicate, SCOPE-encode, hull."""
     from rich.console import Console
 
     from loop.generate import EnergyConfig, GenerateConfig, generate_candidates, write_pool_csv
     from loop.generate.checks import CheckConfig
     from loop.generate.parents import parents_from_campaign, parents_from_directory
     from loop.generate.substitution import SubstitutionConfig
+    from loop.generate.symmetry import SymmetryConfig
     from loop.store import STORE_FILENAME
 
     t0 = time.perf_counter()
-    if (source / STORE_FILENAME).exists():
+    if no_substitution:
+        parents = []
+    elif (source / STORE_FILENAME).exists():
         parents = parents_from_campaign(source, best)
     else:
         parents = parents_from_directory(source)
+    symmetry = None
+    if symmetry_elements:
+        symmetry = SymmetryConfig(
+            elements=[e.strip() for e in symmetry_elements.split(",") if e.strip()],
+            require=[e.strip() for e in require.split(",") if e.strip()],
+            n_proposals=n_symmetry,
+            cache_dir=cache_dir,
+        )
     config = GenerateConfig(
-        substitution=SubstitutionConfig(threshold=threshold, max_per_parent=max_per_parent),
+        substitution=None
+        if no_substitution
+        else SubstitutionConfig(threshold=threshold, max_per_parent=max_per_parent),
+        symmetry=symmetry,
         checks=CheckConfig(min_distance_a=min_distance, symprec=symprec),
         energies=EnergyConfig(
             relax=not no_relax, max_relax_steps=relax_steps, fmax_ev_per_a=fmax, cache_dir=cache_dir

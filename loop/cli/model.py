@@ -15,6 +15,7 @@ import typer
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
+    from cloud_model.multitask import MultitaskCallback, MultitaskEval, MultitaskResult
     from cloud_model.pretrain import EvalMetrics, PretrainCallback, PretrainResult, StepProgress
 
 
@@ -46,6 +47,42 @@ def _rich_pretrain_callback(progress: Progress) -> PretrainCallback:
     return RichCallback()
 
 
+def _rich_multitask_callback(progress: Progress) -> MultitaskCallback:
+    """A :class:`~cloud_model.multitask.MultitaskCallback` that drives a rich progress bar."""
+    from cloud_model.multitask import MultitaskCallback
+
+    class RichCallback(MultitaskCallback):
+        task: TaskID | None = None
+        validation = ""
+
+        def on_start(self, start_step: int, max_steps: int) -> None:
+            self.task = progress.add_task(
+                "pretrain (multi-task)", total=max_steps, completed=start_step, info=""
+            )
+
+        def on_step(self, step: StepProgress, task_loss: float, mlm_loss: float) -> None:
+            if self.task is not None:
+                info = (
+                    f"loss {step.loss:.3f} (tasks {task_loss:.3f}, mlm {mlm_loss:.3f})  "
+                    f"lr {step.lr:.1e}{self.validation}"
+                )
+                progress.update(self.task, completed=step.step, info=info)
+
+        def on_eval(self, metrics: MultitaskEval) -> None:
+            self.validation = f"  val MAE/MAD {metrics.score:.3f}"
+            rows = "; ".join(
+                f"{name} {m.mae:.4g} ({m.mae_over_mad:.3f})" for name, m in metrics.tasks.items()
+            )
+            mlm = "" if metrics.mlm_loss is None else f", MLM loss {metrics.mlm_loss:.4f}"
+            best = " [best]" if metrics.best else ""
+            progress.console.log(
+                f"step {metrics.step}: mean validation MAE/MAD {metrics.score:.4f}{mlm}{best}; "
+                f"MAE (MAE/MAD): {rows}"
+            )
+
+    return RichCallback()
+
+
 def pretrain_command(
     config: Path = typer.Argument(
         ..., exists=True, dir_okay=False, help="Pretraining YAML, e.g. configs/pretrain_small.yaml."
@@ -57,7 +94,8 @@ def pretrain_command(
         False, "--resume", help="Continue from the last training state in --out."
     ),
 ) -> None:
-    """Masked-LM pretraining of a CLOUD encoder on the SCOPE corpus; writes a checkpoint to --out."""
+    """Pretrain a CLOUD encoder (masked-LM, or multi-task with ``objective: multitask``); writes a
+    checkpoint to --out."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -71,6 +109,20 @@ def pretrain_command(
 
     cfg = PretrainConfig.from_yaml(config)
     command = shlex.join(["cloudlab", "pretrain", str(config), "--out", str(out)])
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+    )  # fmt: skip
+    if cfg.objective == "multitask":
+        from cloud_model.multitask import pretrain_multitask
+
+        with Progress(*columns) as progress:
+            outcome = pretrain_multitask(
+                cfg, out, resume=resume, callback=_rich_multitask_callback(progress),
+                command=command,
+            )  # fmt: skip
+        _echo_multitask_result(outcome, out)
+        return
     if cfg.train.num_workers > 1:  # data parallel under Ray Train: the workers log, no progress bar
         from adapters.ray_runtime import ensure_ray
         from cloud_model.ray_work import pretrain_with_ray
@@ -79,10 +131,6 @@ def pretrain_command(
         result = pretrain_with_ray(cfg, out, resume=resume, command=command)
         _echo_pretrain_result(result, out)
         return
-    columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-    )  # fmt: skip
     with Progress(*columns) as progress:
         callback = _rich_pretrain_callback(progress)
         result = pretrain(cfg, out, resume=resume, callback=callback, command=command)
@@ -99,6 +147,21 @@ def _echo_pretrain_result(result: PretrainResult, out: Path) -> None:
         typer.echo(
             f"validation MLM loss {last['loss']:.4f}, masked-token accuracy {last['accuracy']:.4f}"
         )
+
+
+def _echo_multitask_result(result: MultitaskResult, out: Path) -> None:
+    typer.echo(
+        f"checkpoint written to {out} (best: {out / 'best'}, step {result.best_step}; "
+        f"{result.n_parameters:,} parameters, {result.steps} steps in {result.wall_s:.0f} s, "
+        f"{result.steps_per_s:.2f} steps/s)"
+    )
+    if result.validation:
+        last = result.validation[-1]
+        typer.echo(f"mean validation MAE/MAD {last['score']:.4f} at step {last['step']}")
+        for name, m in last["tasks"].items():
+            typer.echo(
+                f"  {name}: MAE {m['mae']:.4g}, MAE/MAD {m['mae_over_mad']:.4f} ({m['n']} rows)"
+            )
 
 
 # ---------------------------------------------------------------- finetune / predict

@@ -12,9 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,7 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loop.generate.checks import CheckConfig, check_structure, min_distance, space_group
 from loop.generate.energies import ChgnetEnergies, EnergyConfig, structure_hash
-from loop.generate.substitution import SubstitutionConfig, propose_substitutions
+from loop.generate.growth import GrowConfig
+from loop.generate.substitution import Proposal, SubstitutionConfig, propose_substitutions
+from loop.generate.symmetry import SymmetryConfig, propose_symmetric
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
@@ -44,11 +47,16 @@ POOL_COLUMNS = (
 
 
 class GenerateConfig(BaseModel):
-    """Every setting of :func:`generate_candidates`."""
+    """Every setting of :func:`generate_candidates`; a campaign's ``pool.generators`` section.
+
+    ``substitution`` and ``symmetry`` select the generators (None: not used); ``grow``
+    adds candidates while a campaign runs (:mod:`loop.generate.growth`).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    substitution: SubstitutionConfig = SubstitutionConfig()
+    substitution: SubstitutionConfig | None = SubstitutionConfig()
+    symmetry: SymmetryConfig | None = None
     checks: CheckConfig = CheckConfig()
     energies: EnergyConfig = EnergyConfig()
     variant: Literal["cloud", "native"] = "cloud"  # SCOPE variant written to the pool
@@ -56,7 +64,10 @@ class GenerateConfig(BaseModel):
         default=None, description="registry CIF set of competing phases (e.g. mp_20_biternary)"
     )
     hull_max_atoms: int = Field(default=20, ge=1, description="larger competing cells left out")
-    max_candidates: int | None = Field(default=None, ge=1, description="most probable kept")
+    max_candidates: int | None = Field(
+        default=None, ge=1, description="most probable substitutions kept"
+    )
+    grow: GrowConfig | None = None
 
 
 class GeneratedCandidate(BaseModel):
@@ -103,22 +114,63 @@ class GenerationResult(BaseModel):
     summary: GenerationSummary
 
 
+class KnownStructures:
+    """Structures to deduplicate against, looked up by reduced formula.
+
+    Built from (id, structure) pairs, or from CIF texts (``from_cifs``), which are indexed
+    by their ``_chemical_formula_sum`` line and parsed only when a product of that formula
+    turns up (a pool of thousands costs nothing until then).
+    """
+
+    def __init__(self, structures: Sequence[tuple[str, Structure]] = ()) -> None:
+        self._parsed: dict[str, list[Structure]] = {}
+        self._cifs: dict[str, list[str]] = {}
+        for _, s in structures:
+            self._parsed.setdefault(s.composition.reduced_formula, []).append(s)
+
+    @classmethod
+    def from_cifs(cls, cifs: Mapping[str, str]) -> KnownStructures:
+        """Index CIF texts by formula without parsing them."""
+        from pymatgen.core import Composition
+
+        known = cls()
+        for text in cifs.values():
+            match = _FORMULA_SUM.search(text)
+            if match is None:
+                continue
+            formula = Composition(match.group(1).strip("'\" ")).reduced_formula
+            known._cifs.setdefault(formula, []).append(text)
+        return known
+
+    def add(self, structure: Structure) -> None:
+        """Count one more structure as known."""
+        self._parsed.setdefault(structure.composition.reduced_formula, []).append(structure)
+
+    def of_formula(self, formula: str) -> list[Structure]:
+        """Every known structure of this reduced formula."""
+        from pymatgen.core import Structure
+
+        for text in self._cifs.pop(formula, []):
+            self._parsed.setdefault(formula, []).append(Structure.from_str(text, fmt="cif"))
+        return self._parsed.get(formula, [])
+
+
+_FORMULA_SUM = re.compile(r"^_chemical_formula_sum\s+(.+)$", re.MULTILINE)
+
+
 def _group_unique(
-    items: Sequence[tuple[str, Structure]], known: Sequence[tuple[str, Structure]]
+    items: Sequence[tuple[str, Structure]], known: KnownStructures
 ) -> tuple[list[int], Counter[str]]:
     """Indices of ``items`` that match neither a ``known`` structure nor an earlier item."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     matcher = StructureMatcher()
-    by_formula: dict[str, list[Structure]] = {}
-    for _, s in known:
-        by_formula.setdefault(s.composition.reduced_formula, []).append(s)
     kept_by_formula: dict[str, list[Structure]] = {}
     keep: list[int] = []
     rejected: Counter[str] = Counter()
     for i, (_, s) in enumerate(items):
         formula = s.composition.reduced_formula
-        if any(matcher.fit(s, k) for k in by_formula.get(formula, [])):
+        if any(matcher.fit(s, k) for k in known.of_formula(formula)):
             rejected["duplicate_of_pool"] += 1
             continue
         if any(matcher.fit(s, k) for k in kept_by_formula.get(formula, [])):
@@ -133,15 +185,16 @@ def generate_candidates(
     parents: Sequence[tuple[str, Structure]],
     config: GenerateConfig,
     *,
-    pool: Sequence[tuple[str, Structure]] = (),
+    pool: Sequence[tuple[str, Structure]] | KnownStructures = (),
     energies: ChgnetEnergies | None = None,
 ) -> GenerationResult:
-    """Substitute into the parents, relax, check, deduplicate, SCOPE-encode, hull.
+    """Propose (substitution, symmetry), relax, check, deduplicate, SCOPE-encode, hull.
 
     Args:
-        parents: (id, structure) of the hits.
+        parents: (id, structure) of the hits substituted into (unused without substitution).
         config: generator, checks, CHGNet and hull settings.
-        pool: structures already in the campaign's pool; the parents count as pool too.
+        pool: structures already in the campaign's pool (pairs, or
+            :meth:`KnownStructures.from_cifs` for a large pool); the parents count as pool too.
         energies: a CHGNet evaluator to share (built from ``config.energies`` when None).
 
     Returns:
@@ -155,16 +208,23 @@ def generate_candidates(
     timings: dict[str, float] = {}
     counts: dict[str, int] = {"parents": len(parents)}
     t0 = time.perf_counter()
-    proposals, rejected = propose_substitutions(list(parents), config.substitution)
-    proposals.sort(key=lambda p: -p.probability)
-    if config.max_candidates is not None:
-        proposals = proposals[: config.max_candidates]
+    proposals: list[Proposal] = []
+    rejected: Counter[str] = Counter()
+    if config.substitution is not None and parents:
+        proposals, rejected = propose_substitutions(list(parents), config.substitution)
+        proposals.sort(key=lambda p: -p.probability)
+        if config.max_candidates is not None:
+            proposals = proposals[: config.max_candidates]
+    if config.symmetry is not None:
+        built, why = propose_symmetric(config.symmetry)
+        proposals += built
+        rejected.update({f"symmetry_{k}": v for k, v in why.items()})
     counts["proposed"] = len(proposals)
     timings["propose"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     evaluator = energies or ChgnetEnergies(config.energies)
-    relaxed: list[tuple[Any, Structure, Any]] = []  # (proposal, structure, energy record)
+    relaxed: list[tuple[Proposal, Structure, Any]] = []  # (proposal, structure, energy record)
     for proposal in proposals:
         structure = Structure.from_str(proposal.cif, fmt="cif")
         if min_distance(structure) < config.checks.min_distance_a:
@@ -189,7 +249,10 @@ def generate_candidates(
         else:
             rejected[reason] += 1
     counts["passed_checks"] = len(checked)
-    keep, dup = _group_unique([(p.formula, s) for p, s, _ in checked], [*parents, *pool])
+    known = pool if isinstance(pool, KnownStructures) else KnownStructures(pool)
+    for _, parent in parents:
+        known.add(parent)
+    keep, dup = _group_unique([(p.formula, s) for p, s, _ in checked], known)
     rejected.update(dup)
     unique = [checked[i] for i in keep]
     counts["unique"] = len(unique)
@@ -216,7 +279,15 @@ def generate_candidates(
                 or 0,
                 energy_per_atom=record.energy_per_atom,
                 relax_steps=record.relax_steps,
-                provenance=proposal.model_dump(mode="json", exclude={"cif", "formula"}),
+                provenance={
+                    **proposal.model_dump(mode="json", exclude={"cif", "formula"}),
+                    "relaxation": {
+                        "method": f"chgnet {config.energies.model_version}",
+                        "relax": config.energies.relax,
+                        "steps": record.relax_steps,
+                        "fmax_ev_per_a": config.energies.fmax_ev_per_a,
+                    },
+                },
             )
         )
     counts["encoded"] = len(candidates)

@@ -39,16 +39,24 @@ class SubstitutionConfig(BaseModel):
 
 
 class Proposal(BaseModel):
-    """One substituted structure before relaxation; ``cif`` is the unrelaxed P1 cell."""
+    """One generated structure before relaxation; ``cif`` is the unrelaxed P1 cell."""
 
     model_config = ConfigDict(extra="forbid")
 
-    parent_id: str
+    parent_id: str = Field(
+        description="the hit substituted into, or the observed structure seeding it"
+    )
     generator: str = GENERATOR_NAME
     substitutions: dict[str, str] = Field(
-        description="parent species -> new species, e.g. Na+ -> K+"
+        default_factory=dict, description="parent species -> new species, e.g. Na+ -> K+"
     )
-    probability: float = Field(description="joint probability from the lambda table")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the generator's own choices (space group, Wyckoff set...)",
+    )
+    probability: float = Field(
+        description="substitution: joint probability (lambda table); symmetry: template frequency"
+    )
     formula: str
     cif: str
 
