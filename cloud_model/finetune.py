@@ -34,7 +34,14 @@ from cloud_model.configs import FinetuneConfig as FinetuneConfig
 from cloud_model.debye import heat_capacity
 from cloud_model.errors import ConfigError
 from cloud_model.heads import DebyeEinsteinHead, DebyeHead, RegressionHead, RegressionHeadConfig
-from cloud_model.model import Block, CloudEncoder, embed_tokens, pool_states, run_blocks
+from cloud_model.model import (
+    Block,
+    CloudEncoder,
+    embed_tokens,
+    pool_states,
+    run_blocks,
+    token_embedding,
+)
 from cloud_model.trunk import MemberSpec
 
 logger = logging.getLogger(__name__)
@@ -62,11 +69,8 @@ class MemberNet(nn.Module):
         cfg = spec.encoder
         self.embed: nn.ModuleDict | None = None
         if spec.kind == "ids":
-            if encoder is None:  # a fresh encoder's embeddings (element-aware when its config is)
-                fresh = CloudEncoder(cfg)
-                tok, pos = fresh.tok_emb, fresh.pos_emb
-            else:
-                tok, pos = encoder.tok_emb, encoder.pos_emb
+            tok = token_embedding(cfg) if encoder is None else encoder.tok_emb
+            pos = nn.Embedding(cfg.max_len, cfg.d_model) if encoder is None else encoder.pos_emb
             self.embed = nn.ModuleDict({"tok": copy.deepcopy(tok), "pos": copy.deepcopy(pos)})
             self.drop = nn.Dropout(cfg.dropout)
         n_top = spec.n_trainable_blocks

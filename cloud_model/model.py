@@ -194,6 +194,29 @@ def pool_states(
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, C)
 
 
+def token_embedding(config: CloudConfig, element_table: torch.Tensor | None = None) -> nn.Embedding:
+    """The ``(V, C)`` token embedding of ``config``: plain, or element-aware with a descriptor table.
+
+    ``element_table`` (``(V, F + 1)``) is only for ``element_features != "none"``; None there
+    means zeros, to be filled by loading a checkpoint's weights.
+
+    Raises:
+        ConfigError: a table is given for ``element_features="none"``, or has the wrong shape.
+    """
+    if config.element_features == "none":
+        if element_table is not None:
+            raise ConfigError("an element descriptor table needs element_features != 'none'")
+        return nn.Embedding(config.vocab_size, config.d_model)
+    width = table_width(config.element_features)
+    if element_table is not None and element_table.shape[-1] != width:
+        raise ConfigError(
+            f"element_features={config.element_features!r} needs a table of width "
+            f"{width}, got {tuple(element_table.shape)}"
+        )
+    table = width if element_table is None else element_table
+    return ElementAwareEmbedding(config.vocab_size, config.d_model, table)
+
+
 class CloudEncoder(nn.Module):
     """Token + learned position embeddings, ``n_layer`` pre-norm blocks, final LayerNorm.
 
@@ -214,20 +237,7 @@ class CloudEncoder(nn.Module):
         """
         super().__init__()
         self.config = config
-        self.tok_emb: nn.Embedding
-        if config.element_features == "none":
-            if element_table is not None:
-                raise ConfigError("an element descriptor table needs element_features != 'none'")
-            self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        else:
-            width = table_width(config.element_features)
-            if element_table is not None and element_table.shape[-1] != width:
-                raise ConfigError(
-                    f"element_features={config.element_features!r} needs a table of width "
-                    f"{width}, got {tuple(element_table.shape)}"
-                )
-            table = width if element_table is None else element_table
-            self.tok_emb = ElementAwareEmbedding(config.vocab_size, config.d_model, table)
+        self.tok_emb = token_embedding(config, element_table)
         self.pos_emb = nn.Embedding(config.max_len, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])

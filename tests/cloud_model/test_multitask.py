@@ -348,3 +348,24 @@ def test_unknown_task_and_mlm_fingerprint_unchanged(
         update={"multitask": mlm.multitask.model_copy(update={"mlm_weight": 2.0})}
     )
     assert other.fingerprint() == mlm.fingerprint()
+
+
+def test_fresh_ids_member_of_an_element_aware_encoder_loads_its_weights() -> None:
+    """A member rebuilt without an encoder (as on load) has the element-aware embedding."""
+    from cloud_model.element_features import ElementAwareEmbedding
+    from cloud_model.finetune import MemberNet
+    from cloud_model.heads import regression_head_config
+    from cloud_model.trunk import MemberSpec
+
+    tok = ScopeTokenizer.default()
+    cfg = CloudConfig.named("tiny", tok.vocab_size, element_features="magpie")
+    encoder = CloudEncoder(cfg, element_table(tok, "magpie"))
+    spec = MemberSpec(
+        encoder=cfg, kind="ids", n_trainable_blocks=1, pooling="cls",
+        head=regression_head_config(["y"]),
+    )  # fmt: skip
+    trained = MemberNet(spec, encoder)
+    fresh = MemberNet(spec)
+    assert fresh.embed is not None and isinstance(fresh.embed["tok"], ElementAwareEmbedding)
+    fresh.load_state_dict(trained.state_dict())  # same tensor names: loads
+    assert torch.equal(fresh.embed["tok"].weight, trained.embed["tok"].weight)  # type: ignore[index]
