@@ -368,4 +368,7 @@ def test_fresh_ids_member_of_an_element_aware_encoder_loads_its_weights() -> Non
     fresh = MemberNet(spec)
     assert fresh.embed is not None and isinstance(fresh.embed["tok"], ElementAwareEmbedding)
     fresh.load_state_dict(trained.state_dict())  # same tensor names: loads
-    assert torch.equal(fresh.embed["tok"].weight, trained.embed["tok"].weight)  # type: ignore[index]
+    assert trained.embed is not None
+    fresh_w, trained_w = fresh.embed["tok"].weight, trained.embed["tok"].weight
+    assert isinstance(fresh_w, torch.Tensor) and isinstance(trained_w, torch.Tensor)
+    assert torch.equal(fresh_w, trained_w)
