@@ -142,10 +142,13 @@ class SurrogateConfig(_Section):
         # the first is used until the candidates have been scored
         default_factory=lambda: list[LearningKind](["gp_transfer", "cloud_ensemble"])
     )
-    # pretrained checkpoint directory; "default" = the shipped cloud-small; null = no pretraining
+    # pretrained checkpoint directory; "default" = the shipped cloud-small-multitask; null = no pretraining
     checkpoint: str | None = "default"
     n_members: int = Field(default=5, ge=1, le=64)  # K of the deep ensemble; 5 is usual
-    head: Literal["regression", "debye"] = "regression"
+    # cloud_ensemble output head: regression, debye (theta or Cv(T) via the Debye model) or
+    # debye_einstein (Cv(T), acoustic branches Debye + optical Einstein modes; needs
+    # ensemble.debye_output: heat_capacity)
+    head: Literal["regression", "debye", "debye_einstein"] = "regression"
     # gp: training rows kept (own measurements first, then a random share of prior data)
     gp_max_train: int = Field(default=500, ge=2, le=20_000)  # exact GP: O(n^3) per fit
     # gp, gp_cloud: model Yeo-Johnson-warped values (fitted per refit; loop/warp.py)
@@ -166,6 +169,11 @@ class SurrogateConfig(_Section):
                 )
             if "gp_cloud" in self.candidates and self.checkpoint is None:
                 raise ValueError("surrogate.candidates gp_cloud needs a surrogate.checkpoint")
+        if self.head == "debye_einstein" and self.ensemble.debye_output != "heat_capacity":
+            raise ValueError(
+                "surrogate.head debye_einstein predicts heat capacities: set "
+                "surrogate.ensemble.debye_output: heat_capacity (the debye head also takes theta)"
+            )
         return self
 
 

@@ -220,7 +220,7 @@ def write_report(directory: str | Path) -> Path:
         lines += _calibration_section(decisions, ids, y, out)
         if spec.is_multi:
             lines += _pareto_section(spec, ids, y, out)
-        if config.surrogate.head == "debye" and ids:
+        if config.surrogate.head == "debye" and config.surrogate.ensemble.debye_output == "theta" and ids:
             lines += _debye_curves(config, ids, y, out)
     lines += approvals
     for stale in out.glob("*.png"):  # a figure this run did not draw is an old run's

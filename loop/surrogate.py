@@ -497,15 +497,13 @@ def _build_one(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int
     if kind != "cloud_ensemble":
         raise ValueError(f"unknown surrogate kind {kind!r}")
     from cloud_model.checkpoint import resolve_checkpoint
-    from cloud_model.ensemble import CloudEnsemble
+    from cloud_model.finetune_job import create_ensemble
 
-    checkpoint = resolve_checkpoint(sc.checkpoint)  # "default" = the shipped cloud-small
+    checkpoint = resolve_checkpoint(sc.checkpoint)  # "default" = the shipped checkpoint
     ens_config = sc.ensemble.model_copy(
         update={"seed": config.seed, "target_names": config.targets}
     )
-    ensemble = CloudEnsemble.create(
-        checkpoint, sc.n_members, sc.head, len(config.targets), ens_config
-    )
+    ensemble = create_ensemble(checkpoint, sc.n_members, sc.head, len(config.targets), ens_config)
     ensemble.share_cache()  # runs in one process (benchmark workers) share the trunk's features
     return EnsembleSurrogate(ensemble, scopes, warm_start=config.finetune.warm_start)
 

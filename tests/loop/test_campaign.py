@@ -109,6 +109,27 @@ def test_campaign_finds_high_heat_capacity_and_fails_cleanly(cv_pool: Path, tmp_
         assert store.latest_model_version() is not None
 
 
+def test_debye_einstein_head_drives_a_campaign_on_heat_capacities(
+    cv_pool: Path, tmp_path: Path
+) -> None:
+    """surrogate.head debye_einstein: Cv(300 K) through Debye + Einstein temperatures."""
+    ensemble = {"n_trainable_blocks": 0, "model_size": "tiny", "epochs": 10, "warm_start_epochs": 3,
+                "debye_output": "heat_capacity", "temperatures": [300.0]}  # fmt: skip
+    surrogate = {"head": "debye_einstein", "n_members": 2, "ensemble": ensemble}
+    config = parse_config(_config(cv_pool, surrogate=surrogate, budget={"experiments": 16}))
+    result = Campaign(config, tmp_path / "run").run()
+    assert result.stop_reason == "experiment budget reached"
+    with CampaignStore(tmp_path / "run", create=False) as store:
+        decisions = store.decisions()
+        model = [c.predicted_mean[0] for d in decisions[2:] for c in d["chosen"] if c.predicted_mean]
+    assert model and all(0.0 < m < 400.0 for m in model)  # J/(mol K) per cell, finite
+    specs = [p.read_text() for p in (tmp_path / "run").rglob("*.json") if "ensemble" in p.name]
+    assert specs and all('"debye_einstein"' in text for text in specs)  # the head that was saved
+    theta_only = {**ensemble, "debye_output": "theta"}
+    with pytest.raises(CloudlabError, match="debye_einstein.*debye_output: heat_capacity"):
+        parse_config(_config(cv_pool, surrogate={**surrogate, "ensemble": theta_only}))
+
+
 def test_same_directory_refuses_a_different_config(cv_pool: Path, tmp_path: Path) -> None:
     from cloud_model.errors import ConfigError
 
