@@ -157,7 +157,7 @@ class Campaign:
         if cfg.fidelities:  # multi-fidelity: every simulated fidelity's values must exist
             from loop.multifidelity import check_fidelities
 
-            check_fidelities(cfg, pool)
+            check_fidelities(cfg.campaign_adapter_fidelities(), pool)  # own adapters: not here
         unknown = sorted(set(cfg.initial_design.ids) - set(pool.ids))
         if unknown:
             raise ConfigError(

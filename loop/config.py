@@ -35,7 +35,7 @@ from adapters.queueserver import QueueServerConfig
 from adapters.sila2_lab import SilaConfig
 from cloud_model.configs import EnsembleConfig
 from cloud_model.errors import ConfigError
-from loop.fidelity import FidelityConfig, highest_fidelity
+from loop.fidelity import FidelityConfig, highest_fidelity, output_names
 from loop.generate.pipeline import GenerateConfig
 from simulators.config import SimulatedLabConfig
 
@@ -253,6 +253,47 @@ AdapterConfig = Annotated[
     | SilaConfig,
     Field(discriminator="kind"),
 ]
+# a fidelity may name its own adapter (loop/fidelity.py): the union above completes its model
+FidelityConfig.model_rebuild(_types_namespace={"AdapterConfig": AdapterConfig})
+# adapters that compute on this machine: their settings take no unknown request parameter
+LocalAdapterConfig = GpawAdapterConfig | ChgnetAdapterConfig
+
+
+def _check_local_fidelity(
+    f: FidelityConfig, adapter: LocalAdapterConfig, outputs: dict[str, str]
+) -> None:
+    """A GPAW or CHGNet adapter can measure ``outputs`` (target -> reported name) and takes
+    ``f.parameters``."""
+    if isinstance(adapter, GpawAdapterConfig):
+        from adapters.dft import GPAW_TARGET_UNITS as units
+        from adapters.dft import GpawAdapter as local
+        from adapters.dft import GpawSettings as model
+    else:
+        from adapters.mlip import CHGNET_TARGET_UNITS as units  # type: ignore[assignment]
+        from adapters.mlip import ChgnetAdapter as local  # type: ignore[assignment]
+        from adapters.mlip import ChgnetSettings as model  # type: ignore[assignment]
+    unknown = {t: name for t, name in outputs.items() if name not in units}
+    if unknown:
+        target = next(iter(unknown))
+        example = target if target in units else sorted(units)[0]
+        raise ValueError(
+            f"outputs: the {adapter.kind} adapter cannot measure {sorted(unknown.values())} (it "
+            f"reports {sorted(units)}); map the objective's target to one of them, e.g. "
+            f"outputs: {{{target}: {example}}}"
+        )
+    forbidden = sorted(({"work_dir", "max_parallel"} | local.adapter_only) & f.parameters.keys())
+    if forbidden:
+        raise ValueError(
+            f"parameters: {forbidden} are settings of the {adapter.kind} adapter itself; put them "
+            "in the adapter's `settings`"
+        )
+    try:
+        model.model_validate({**adapter.settings, **f.parameters})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"parameters.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(problems) from None
 
 
 class DispatchSection(DispatchConfig):
@@ -343,13 +384,28 @@ class CampaignConfig(_Section):
                 f"fidelities: surrogate.kind {self.surrogate.kind} is not a GP; the "
                 "multi-fidelity GP uses the features of gp, gp_cloud or gp_transfer"
             )
+        highest = self.highest_fidelity
         for i, f in enumerate(self.fidelities):
+            where = f"fidelities[{i}] ({f.name})"
             unknown = sorted(set(f.outputs) - set(self.targets))
             if unknown:
                 raise ValueError(
-                    f"fidelities[{i}] ({f.name}).outputs: {unknown} are not targets of the "
+                    f"{where}.outputs: {unknown} are not targets of the "
                     f"objective or constraints {list(self.targets)}"
                 )
+            adapter = self.fidelity_adapter(f.name)
+            if f.simulated is not None and not isinstance(adapter, SimulatedLabConfig):
+                raise ValueError(
+                    f"{where}.simulated: only a simulated lab reads it, but this fidelity is "
+                    f"measured by the campaign's {adapter.kind} adapter; drop `simulated`, or "
+                    "give the campaign adapter kind simulated"
+                )
+            if isinstance(adapter, GpawAdapterConfig | ChgnetAdapterConfig):
+                reported = output_names(f, self.targets, is_highest=f.name == highest)
+                try:
+                    _check_local_fidelity(f, adapter, reported)
+                except ValueError as exc:
+                    raise ValueError(f"{where}.{exc}") from None
         if self.objectives or self.acquisition.kind not in ("qlogei", "random"):
             raise ValueError(
                 "fidelities: the cost-aware acquisition optimises one objective; use "
@@ -373,6 +429,31 @@ class CampaignConfig(_Section):
     def highest_fidelity(self) -> str:
         """The name of the fidelity the campaign optimises; ``""`` without fidelities."""
         return self.fidelities[highest_fidelity(self.fidelities)].name if self.fidelities else ""
+
+    def fidelity_adapter(self, name: str) -> AdapterConfig:
+        """The adapter that measures fidelity ``name``: its own, else the campaign's."""
+        for f in self.fidelities:
+            if f.name == name:
+                return f.adapter if f.adapter is not None else self.adapter
+        raise ConfigError(f"unknown fidelity {name!r}; the campaign has {self.fidelity_names}")
+
+    @property
+    def routes_fidelities(self) -> bool:
+        """Whether jobs go through :class:`adapters.routing.FidelityRouter`: some fidelity has
+        its own adapter, or the campaign's adapter computes locally (GPAW, CHGNet), whose
+        settings take no ``fidelity`` parameter (the router sends them each fidelity's
+        ``parameters`` only)."""
+        if not self.fidelities:
+            return False
+        local = isinstance(self.adapter, GpawAdapterConfig | ChgnetAdapterConfig)
+        return local or any(f.adapter is not None for f in self.fidelities)
+
+    def campaign_adapter_fidelities(self) -> CampaignConfig:
+        """This config with only the fidelities the campaign's ``adapter`` measures (and the
+        highest, which names the objective's columns): what a simulated lab is built from."""
+        highest = self.highest_fidelity
+        kept = [f for f in self.fidelities if f.adapter is None or f.name == highest]
+        return self.model_copy(update={"fidelities": kept})
 
     def fidelity_cost(self, name: str) -> float:
         """Cost of one experiment at fidelity ``name`` (1 without fidelities)."""
@@ -442,6 +523,9 @@ class CampaignConfig(_Section):
             data.pop("approval")
         if not self.fidelities:  # nor do those from before fidelities existed
             data.pop("fidelities")
+        for f in data.get("fidelities", []):  # nor those from before fidelities had adapters
+            if f.get("adapter") is None:
+                f.pop("adapter", None)
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 

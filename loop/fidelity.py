@@ -1,7 +1,8 @@
 """Fidelities of a campaign: named ways of measuring the objective, each with a cost.
 
 A campaign may declare ``fidelities:``. Each one is a named measurement of the
-objective's target(s) through the campaign's adapter, with a ``cost`` in the
+objective's target(s) through an adapter -- its own ``adapter`` (the same union
+as the campaign's: CHGNet, GPAW, an HTTP lab...) or else the campaign's -- with a ``cost`` in the
 budget's unit (``budget.cost``) and a mapping ``outputs`` of each objective target
 to the quantity that fidelity reports. Exactly one fidelity is the *highest*
 (the one the campaign optimises and reports): the one marked ``highest: true``, or
@@ -9,7 +10,9 @@ when none is marked, the one with the largest cost (a tie is an error).
 
 Every job carries its fidelity: the request's ``targets`` are the fidelity's
 output names and ``parameters`` holds ``{"fidelity": name, **parameters}``, so a
-lab or a DFT cluster behind one adapter can route by fidelity. In simulation
+lab or a DFT cluster behind one adapter can route by fidelity. When fidelities
+have adapters of their own, :class:`adapters.routing.FidelityRouter` sends each
+job to its fidelity's adapter (wired by :mod:`loop.wiring`). In simulation
 (``adapter.kind: simulated``) each lower fidelity reads its hidden values from
 ``simulated``: a column of the pool's dataset, a cached CHGNet table
 (:mod:`loop.multifidelity`) or a CSV file of ``id,value``.
@@ -21,9 +24,12 @@ Validating this module imports no torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # resolved by loop.config (FidelityConfig.model_rebuild): the union lives there
+    from loop.config import AdapterConfig
 
 __all__ = ["FidelityConfig", "SimulatedFidelity", "highest_fidelity", "output_names"]
 
@@ -55,7 +61,12 @@ class SimulatedFidelity(BaseModel):
 
 
 class FidelityConfig(BaseModel):
-    """One fidelity (see the module docstring)."""
+    """One fidelity (see the module docstring).
+
+    Its ``adapter`` field is the campaign's ``AdapterConfig`` union, which lives in
+    :mod:`loop.config`; that module completes this model when it is imported, so
+    build fidelities through :class:`loop.config.CampaignConfig`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -67,6 +78,26 @@ class FidelityConfig(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict)
     parameters: dict[str, Any] = Field(default_factory=dict)  # passed to the adapter
     simulated: SimulatedFidelity | None = None  # the hidden values of a simulated lab
+    # who measures this fidelity (e.g. chgnet, gpaw, http); None: the campaign's `adapter`
+    adapter: AdapterConfig | None = None
+
+    @model_validator(mode="after")
+    def _own_adapter(self) -> FidelityConfig:
+        if self.adapter is None:
+            return self
+        kind = self.adapter.kind
+        if kind == "simulated":
+            raise ValueError(
+                f"fidelity {self.name!r}: adapter kind simulated is not a fidelity's own adapter; "
+                "leave `adapter` out and give `simulated` (the campaign's simulated lab measures "
+                "every fidelity that has no adapter of its own)"
+            )
+        if self.simulated is not None:
+            raise ValueError(
+                f"fidelity {self.name!r}: `simulated` is read by a simulated lab only, but this "
+                f"fidelity is measured by its own {kind} adapter; drop one of them"
+            )
+        return self
 
 
 def highest_fidelity(fidelities: list[FidelityConfig]) -> int:

@@ -15,6 +15,15 @@ lab had, in either mode.
 * ``mode: inline`` -- the adapter in this process, the engine driven by the
   loop; a simulated lab then runs on a virtual clock that jumps to the next
   completion instead of waiting (benchmarks take no wall time beyond compute).
+
+When fidelities have adapters of their own (``CampaignConfig.routes_fidelities``),
+the adapter the engine drives is a :class:`adapters.routing.FidelityRouter` over
+one adapter per fidelity (built by :func:`build_lab`, in this process or inside
+each Ray actor from a picklable partial). A fidelity's own adapter keeps its
+state under ``<campaign dir>/fidelities/<name>/`` (e.g. its GPAW job
+directories); the campaign's adapter keeps its usual place. A simulated lab
+beside a real adapter runs on the wall clock (at its ``time_acceleration``):
+real jobs take real time, so a virtual clock cannot jump over them.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from loop.pool import Pool
 from simulators.config import SimulatedLabConfig
 from simulators.ground_truth import GroundTruth
 
-__all__ = ["build_adapter", "build_executor", "ground_truth"]
+__all__ = ["build_adapter", "build_executor", "build_lab", "ground_truth"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +60,8 @@ def ground_truth(config: CampaignConfig, pool: Pool) -> GroundTruth:
         from loop.multifidelity import fidelity_columns
         from simulators.multifidelity import with_fidelity_columns
 
-        columns, units = fidelity_columns(config, pool)
+        # only the fidelities the simulated lab measures (not those with adapters of their own)
+        columns, units = fidelity_columns(config.campaign_adapter_fidelities(), pool)
         truth = with_fidelity_columns(truth, columns, units)
     return truth
 
@@ -99,6 +109,71 @@ def build_adapter(
     raise TypeError(f"no adapter for config {type(config).__name__}")
 
 
+# a fidelity's own adapter: (fidelity name, its config, or None for the campaign's adapter)
+Route = tuple[str, AdapterConfig | None]
+
+
+def fidelity_routes(config: CampaignConfig) -> tuple[Route, ...]:
+    """Each fidelity with its own adapter config (None: measured by the campaign's)."""
+    return tuple((f.name, f.adapter) for f in config.fidelities)
+
+
+def build_lab(
+    config: AdapterConfig,
+    routes: tuple[Route, ...],
+    *,
+    directory: Path,
+    truth: GroundTruth | None = None,
+    virtual_time: bool = False,
+) -> LabAdapter:
+    """The campaign's adapter, or a fidelity router when ``routes`` give fidelities their own.
+
+    Args:
+        config: the campaign's ``adapter`` section.
+        routes: :func:`fidelity_routes` of the campaign; ``()`` for a campaign without
+            routing (then this is :func:`build_adapter`).
+        directory: the campaign directory; a fidelity's own adapter lives under
+            ``directory/fidelities/<name>``.
+        truth: what a simulated campaign adapter measures.
+        virtual_time: run a simulated campaign adapter on a virtual clock (only
+            without routing: see the module docstring).
+
+    Raises:
+        ConfigError: an adapter cannot be built from its config.
+    """
+    if not routes:
+        return build_adapter(config, directory=directory, truth=truth, virtual_time=virtual_time)
+    from adapters.routing import FidelityRouter
+
+    built: list[LabAdapter] = []
+    try:
+        shared: LabAdapter | None = None
+        adapters: dict[str, LabAdapter] = {}
+        for name, own in routes:
+            if own is None:
+                if shared is None:
+                    shared = build_adapter(config, directory=directory, truth=truth)
+                    built.append(shared)
+                adapters[name] = shared
+            else:
+                adapters[name] = build_adapter(own, directory=directory / "fidelities" / name)
+                built.append(adapters[name])
+        # the routing key goes to a shared adapter that can route by it; GPAW and CHGNet settings
+        # refuse unknown parameters (they tell fidelities apart by each one's `parameters`)
+        send = [
+            name
+            for name, own in routes
+            if own is None
+            and sum(o is None for _, o in routes) > 1
+            and not isinstance(config, GpawAdapterConfig | ChgnetAdapterConfig)
+        ]
+        return FidelityRouter(adapters, send_fidelity=send)
+    except BaseException:
+        for adapter in built:
+            adapter.close()
+        raise
+
+
 # adapters of a lab outside this process: probed once before the campaign starts
 _REMOTE = (HttpLabConfig, QueueServerConfig, SilaConfig)
 _PROBED = (HttpLabAdapter, QueueServerAdapter, Sila2Adapter)
@@ -121,11 +196,12 @@ def _write_truth(truth: GroundTruth, directory: Path) -> Path:
 
 
 def _simulated_lab_from_file(
-    config: AdapterConfig, directory: Path, truth_file: Path
+    config: AdapterConfig, directory: Path, truth_file: Path, routes: tuple[Route, ...] = ()
 ) -> LabAdapter:
-    """Build a simulated lab whose truth is the JSON file ``truth_file`` (in its actor)."""
+    """Build a simulated lab whose truth is the JSON file ``truth_file`` (in its actor),
+    behind a fidelity router when ``routes`` give fidelities adapters of their own."""
     truth = GroundTruth.model_validate_json(truth_file.read_text())
-    return build_adapter(config, directory=directory, truth=truth)
+    return build_lab(config, routes, directory=directory, truth=truth)
 
 
 def engine_config(config: CampaignConfig) -> DispatchConfig:
@@ -149,42 +225,60 @@ def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Execu
     from adapters.base import AuthError
     from loop.campaign import LabRefusedError
 
-    def probed(adapter: _Probed) -> _Probed:
+    def probed(adapter: _Probed, owner: LabAdapter | None = None) -> _Probed:
+        """``adapter`` once it answered its probe; else ``owner`` (default: it) is closed."""
         try:
             adapter.probe()
         except AuthError as exc:
-            adapter.close()
+            (owner or adapter).close()
             raise LabRefusedError(
                 f"{exc}. Nothing was submitted; fix the credentials and run "
                 f"`cloudlab resume {directory}`"
             ) from exc
         except BaseException:
-            adapter.close()
+            (owner or adapter).close()
             raise
         return adapter
 
-    truth = ground_truth(config, pool) if isinstance(config.adapter, SimulatedLabConfig) else None
+    routes = fidelity_routes(config) if config.routes_fidelities else ()
+    uses_campaign_adapter = not routes or any(own is None for _, own in routes)
+    served = [config.adapter] if uses_campaign_adapter else []  # every adapter config in use
+    served += [own for _, own in routes if own is not None]
+    simulated = isinstance(config.adapter, SimulatedLabConfig) and uses_campaign_adapter
+    truth = ground_truth(config, pool) if simulated else None
     settings = engine_config(config)
     if config.dispatch.mode == "ray":
         from adapters.dispatch import Dispatcher
 
-        if isinstance(config.adapter, _REMOTE):  # the actors build their own adapters
-            remote = build_adapter(config.adapter, directory=directory)
-            if not isinstance(remote, _PROBED):
-                raise TypeError(f"{type(remote).__name__} has no probe")
-            probed(remote).close()
+        for remote_config in served:  # the actors build their own adapters
+            if isinstance(remote_config, _REMOTE):
+                remote = build_adapter(remote_config, directory=directory)
+                if not isinstance(remote, _PROBED):
+                    raise TypeError(f"{type(remote).__name__} has no probe")
+                probed(remote).close()
         if truth is not None:  # the actor reads the truth from disk: a small constructor arg
             factory: Callable[[], LabAdapter] = functools.partial(
-                _simulated_lab_from_file, config.adapter, directory, _write_truth(truth, directory)
+                _simulated_lab_from_file,
+                config.adapter,
+                directory,
+                _write_truth(truth, directory),
+                routes,
             )
         else:
-            factory = functools.partial(build_adapter, config.adapter, directory=directory)
+            factory = functools.partial(build_lab, config.adapter, routes, directory=directory)
         return Dispatcher(factory, settings)
-    virtual = isinstance(config.adapter, SimulatedLabConfig)
-    adapter = build_adapter(config.adapter, directory=directory, truth=truth, virtual_time=virtual)
+    # a virtual clock only when the simulated lab is all there is (real jobs take real time)
+    virtual = simulated and not routes
+    adapter = build_lab(
+        config.adapter, routes, directory=directory, truth=truth, virtual_time=virtual
+    )
     if not virtual:
-        if isinstance(adapter, _PROBED):
-            probed(adapter)
+        from adapters.routing import FidelityRouter
+
+        parts = adapter.distinct if isinstance(adapter, FidelityRouter) else [adapter]
+        for part in parts:  # a router is closed whole when one of its labs does not answer
+            if isinstance(part, _PROBED):
+                probed(part, owner=adapter)
         return JobEngine(InProcessTransport(adapter), settings)
     from simulators.clock import EngineTime, VirtualClock
     from simulators.lab import SimulatedLab
