@@ -204,6 +204,29 @@ def _simulated_lab_from_file(
     return build_lab(config, routes, directory=directory, truth=truth)
 
 
+def adapter_factory(
+    config: CampaignConfig, directory: Path, truth: GroundTruth | None
+) -> Callable[[], LabAdapter]:
+    """What each Ray actor calls to build its adapter (or fidelity router): a picklable partial.
+
+    Args:
+        config: the campaign config.
+        directory: the campaign directory.
+        truth: what a simulated campaign adapter measures (written to
+            ``directory/lab/truth.json``, which the actor reads), or None.
+    """
+    routes = fidelity_routes(config) if config.routes_fidelities else ()
+    if truth is not None:  # the actor reads the truth from disk: a small constructor arg
+        return functools.partial(
+            _simulated_lab_from_file,
+            config.adapter,
+            directory,
+            _write_truth(truth, directory),
+            routes,
+        )
+    return functools.partial(build_lab, config.adapter, routes, directory=directory)
+
+
 def engine_config(config: CampaignConfig) -> DispatchConfig:
     """The engine's settings: the ``dispatch`` section without the loop's own fields."""
     loop_only = {"mode", "wait_for", "lab_deadline_s"}
@@ -256,17 +279,7 @@ def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Execu
                 if not isinstance(remote, _PROBED):
                     raise TypeError(f"{type(remote).__name__} has no probe")
                 probed(remote).close()
-        if truth is not None:  # the actor reads the truth from disk: a small constructor arg
-            factory: Callable[[], LabAdapter] = functools.partial(
-                _simulated_lab_from_file,
-                config.adapter,
-                directory,
-                _write_truth(truth, directory),
-                routes,
-            )
-        else:
-            factory = functools.partial(build_lab, config.adapter, routes, directory=directory)
-        return Dispatcher(factory, settings)
+        return Dispatcher(adapter_factory(config, directory, truth), settings)
     # a virtual clock only when the simulated lab is all there is (real jobs take real time)
     virtual = simulated and not routes
     adapter = build_lab(
