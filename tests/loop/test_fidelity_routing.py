@@ -33,6 +33,7 @@ from loop.wiring import adapter_factory, build_lab, fidelity_routes
 from simulators.config import SimulatedLabConfig
 from simulators.ground_truth import GroundTruth
 from simulators.journal import open_lab
+from tests.simulators.lab_server import TOKEN, TOKEN_ENV, free_port, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_CHGNET = importlib.util.find_spec("chgnet") is not None
@@ -272,6 +273,88 @@ def test_a_local_campaign_adapter_gets_fidelity_parameters_not_the_routing_key(
         assert router.send_fidelity == frozenset()  # GPAW's settings refuse unknown parameters
     finally:
         router.close()
+
+
+# ---------------------------------------------------------------- a robot lab over HTTP
+def _http_config(tmp_path: Path, url: str) -> dict[str, Any]:
+    """The expensive fidelity in a lab over HTTP, the cheap one on the campaign's simulated lab."""
+    from cloud_model.datasets import load_dataset
+
+    records = [r for r in load_dataset("carbon_24", ["val"]).records if r.id in set(CARBON_IDS)]
+    low = tmp_path / "low.csv"
+    low.write_text("id,value\n" + "".join(f"{r.id},{r.targets['energy_per_atom'] + 0.1}\n"
+                                          for r in records))  # fmt: skip
+    return _carbon_config(
+        budget={"experiments": 100, "cost": 202},  # both fidelities for the initial design
+        fidelities=[
+            {
+                "name": "robot",
+                "cost": 100,
+                "adapter": {
+                    "kind": "http",
+                    "name": "robot-lab",  # the adapter name stored with each job
+                    "base_url": url,
+                    "token_env": TOKEN_ENV,
+                    "max_attempts": 1,
+                    "connect_timeout_s": 2.0,
+                },
+            },
+            {"name": "cheap", "cost": 1, "simulated": {"file": str(low), "id_column": "id"}},
+        ],
+    )
+
+
+def test_a_robot_lab_over_http_measures_the_expensive_fidelity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloud_model.datasets import load_dataset
+
+    dft = {r.id: r.targets["energy_per_atom"] for r in load_dataset("carbon_24", ["val"]).records
+           if r.id in set(CARBON_IDS)}  # fmt: skip
+    truth = GroundTruth(
+        units={"energy_per_atom": "eV/atom"},
+        values={cid: {"energy_per_atom": v} for cid, v in dft.items()},
+        source="carbon_24 val",
+    )
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    server = start_server(tmp_path / "server", truth, SimulatedLabConfig(name="robot-lab"))
+    try:
+        config = parse_config(_http_config(tmp_path, server.url))
+        out = tmp_path / "run"
+        result = Campaign(config, out).run()
+    finally:
+        server.stop()
+    assert result.stop_reason.startswith("cost budget reached"), result.stop_reason
+    with CampaignStore(out, create=False) as store:
+        jobs = store.jobs()
+        rows = store.fidelity_measurements()
+    assert sorted(j.fidelity for j in jobs) == ["cheap", "cheap", "robot", "robot"]
+    assert {j.handle.adapter for j in jobs if j.handle and j.fidelity == "robot"} == {
+        "robot-lab@robot"
+    }
+    assert {j.handle.adapter for j in jobs if j.handle and j.fidelity == "cheap"} == {
+        "simulated@cheap"
+    }
+    for m, fidelity, _ in rows:
+        if fidelity == "robot":
+            assert m.values["energy_per_atom"].value == pytest.approx(dft[m.candidate_id])
+        else:
+            want = dft[m.candidate_id] + 0.1
+            assert m.values["energy_per_atom@cheap"].value == pytest.approx(want)
+
+
+def test_an_unreachable_fidelity_lab_stops_the_campaign_before_any_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.http_lab import LabUnreachableError
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    config = parse_config(_http_config(tmp_path, url))
+    with pytest.raises(LabUnreachableError, match="unreachable"):
+        Campaign(config, tmp_path / "run").run()
+    with CampaignStore(tmp_path / "run", create=False) as store:
+        assert store.jobs() == []
 
 
 # ---------------------------------------------------------------- a real campaign: CHGNet + lab
