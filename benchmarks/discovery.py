@@ -729,7 +729,7 @@ def report_stage(out: Path, results: Path, stages: dict[str, dict[str, Any]]) ->
             "unique_after_relaxation": hull["unique_after_relaxation"],
             "matched_a_registry_structure": hull["matched_registry"],
             "new_unique": hull["new_unique"],
-            "gpaw_confirmed": len(confirmed),
+            "gpaw_computed": len(confirmed),
         },
         "seconds": {"generate": gen["seconds"], "campaign": camp["seconds"],
                     "hull": hull["seconds"], "confirm": conf["seconds"], "total": round(total, 1)},
@@ -774,7 +774,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"* measured in the space {c['measured_in_space']} (outside, from growth: "
         f"{c['measured_outside_space']}); distinct after relaxation {c['unique_after_relaxation']}"
         f"; matching a registry structure {c['matched_a_registry_structure']}; "
-        f"new {c['new_unique']}; GPAW-confirmed {c['gpaw_confirmed']}", "",
+        f"new {c['new_unique']}; computed with GPAW {c['gpaw_computed']}", "",
         "## Where the time goes", "",
         "| stage | s | share |", "|---|---:|---:|",
     ]  # fmt: skip
@@ -792,7 +792,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("GPAW references: " + ", ".join(
             f"{r['element']} {r['wall_s']:.0f} s" for r in report["gpaw_references"]))  # fmt: skip
         d = report["gpaw_minus_chgnet_formation_energy"]
-        lines += ["", f"GPAW - CHGNet formation energy over the {d['n']} confirmed: mean "
+        lines += ["", f"GPAW - CHGNet formation energy over the {d['n']} computed: mean "
                   f"{d['mean']} eV/atom, largest |difference| {d['max_abs']} eV/atom", ""]  # fmt: skip
     if report["known_phases_gpaw"]:
         lines += ["Known registry phases computed the same way (what the confirmed decompose "
@@ -804,6 +804,14 @@ def markdown(report: dict[str, Any]) -> str:
                          f" | {k['gpaw_formation_energy_per_atom']:.3f} | "
                          f"{'-' if mp is None else f'{mp:.3f}'} |")  # fmt: skip
         lines.append("")
+        pairs = [
+            r for r in report["candidates"] if r["gpaw_energy_vs_chgnet_decomposition"] is not None
+        ]
+        if pairs:
+            lines += ["At fixed composition, where the offset above cancels (energy above CHGNet's "
+                      "decomposition products, eV/atom): " + ", ".join(
+                          f"{r['id']} ({r['formula']}) CHGNet {r['chgnet_e_above_hull']:+.3f}, "
+                          f"GPAW {r['gpaw_energy_vs_chgnet_decomposition']:+.3f}" for r in pairs), ""]  # fmt: skip
     lines += [
         "## New candidates (no registry structure matches; lowest CHGNet hull distance first)", "",
         "E_f: formation energy per atom (eV/atom); E_hull: CHGNet energy above the hull of the "
@@ -870,7 +878,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     report = report_stage(out, args.results, stages)
     log(f"report: {args.results / 'report.md'} ({len(report['candidates'])} new candidates, "
-        f"{report['counts']['gpaw_confirmed']} confirmed with GPAW)")  # fmt: skip
+        f"{report['counts']['gpaw_computed']} computed with GPAW)")  # fmt: skip
 
 
 if __name__ == "__main__":
