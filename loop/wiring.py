@@ -93,12 +93,12 @@ def build_adapter(
     if isinstance(config, GpawAdapterConfig):
         from adapters.dft import GpawAdapter
 
-        work_dir = str(config.work_dir or directory / "gpaw")
+        work_dir = str(Path(config.work_dir or directory / "gpaw").resolve())  # workers run elsewhere
         return GpawAdapter(settings={"work_dir": work_dir, **config.settings})
     if isinstance(config, ChgnetAdapterConfig):
         from adapters.mlip import ChgnetAdapter
 
-        work_dir = str(config.work_dir or directory / "chgnet")
+        work_dir = str(Path(config.work_dir or directory / "chgnet").resolve())
         return ChgnetAdapter(settings={"work_dir": work_dir, **config.settings})
     if isinstance(config, HttpLabConfig):
         return HttpLabAdapter(config)
