@@ -82,19 +82,29 @@ class ModelCard(BaseModel):
     data: DataSummary = Field(default_factory=DataSummary)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
+    # held-out evaluations made after training (e.g. the downstream suite's summary, with the
+    # command and the results file that reproduce it); not read by any loader
+    evaluation: dict[str, Any] = Field(default_factory=dict)
     command: str = ""  # the shell command that reproduces this checkpoint
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     n_parameters: int | None = None
     weights_sha256: str = ""
 
 
+SHIPPED_CHECKPOINT = "cloud-small-multitask"  # cloud_model/checkpoints/<this>
+
+
 def default_checkpoint() -> Path:
-    """Directory of the shipped pretrained ``small`` checkpoint (``cloud_model/checkpoints/cloud-small``).
+    """Directory of the shipped pretrained checkpoint (``cloud_model/checkpoints/cloud-small-multitask``).
+
+    A ``small`` encoder (4 x 256) with magpie element descriptors, pretrained on every
+    label outside the benchmark pools (multi-task + MLM, ``configs/pretrain_multitask.yaml``);
+    its model card lists the data, the exclusions, the losses and the downstream numbers.
 
     Raises:
         CheckpointError: the package was installed without its checkpoint files.
     """
-    path = Path(__file__).resolve().parent / "checkpoints" / "cloud-small"
+    path = Path(__file__).resolve().parent / "checkpoints" / SHIPPED_CHECKPOINT
     if not (path / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"the shipped checkpoint is missing: {path / WEIGHTS_FILE} not found")
     return path
@@ -107,7 +117,7 @@ def resolve_checkpoint(value: str | Path | None) -> Path | None:
     """The directory a checkpoint setting (config field or command-line option) names.
 
     Args:
-        value: ``"default"`` for the shipped ``cloud-small`` checkpoint
+        value: ``"default"`` for the shipped checkpoint
             (:func:`default_checkpoint`), None for no pretraining (a randomly
             initialised encoder), or the path of a checkpoint directory.
 
@@ -127,7 +137,7 @@ def resolve_checkpoint(value: str | Path | None) -> Path | None:
         what = "is not a directory" if path.exists() else "does not exist"
         raise CheckpointError(
             f"checkpoint {str(value)!r}: {path} {what}; give a checkpoint directory, "
-            f"{DEFAULT_CHECKPOINT!r} for the shipped cloud-small, or null/none for no pretraining"
+            f"{DEFAULT_CHECKPOINT!r} for the shipped {SHIPPED_CHECKPOINT}, or null/none for no pretraining"
         )
     return path
 

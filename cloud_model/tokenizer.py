@@ -18,16 +18,16 @@ SCOPE string tokenizes without unknown tokens. In order, with fixed ids:
   occupied Wyckoff orbits are unknown), e.g. ``[NOSYM] | [NOWYCK] | Na 0.5 Cl 0.5``.
 
 Versions. ``scope-vocab-1`` (443 tokens) is the structure-only vocabulary of the
-shipped ``cloud-small`` checkpoint; ``scope-vocab-2`` is the same 443 tokens, same
-ids, plus the two placeholders (445). The rule: a checkpoint's tokenizer is the
+retired ``cloud-small`` checkpoint (MLM only); ``scope-vocab-2`` is the same 443
+tokens, same ids, plus the two placeholders (445), the vocabulary of the shipped
+``cloud-small-multitask``. The rule: a checkpoint's tokenizer is the
 version written in its ``tokenizer.json`` (:meth:`ScopeTokenizer.load` accepts every
 version in :data:`VOCAB_VERSIONS` and checks the tokens), and its embedding table is
 sized from its card, so old checkpoints keep loading and encoding exactly as before;
 under ``scope-vocab-1`` the placeholders are unknown tokens (a structure-only model
-cannot read composition-only rows). :meth:`ScopeTokenizer.default` stays
-``scope-vocab-1`` (what from-scratch models and the shipped checkpoint use) until a
-``scope-vocab-2`` checkpoint is shipped; a model that trains on composition-only rows
-is built from :meth:`ScopeTokenizer.latest`.
+cannot read composition-only rows). :meth:`ScopeTokenizer.default` is
+``scope-vocab-2``, the shipped checkpoint's, so from-scratch models and the shipped
+one share ids; :meth:`ScopeTokenizer.for_version` builds an older one.
 
 Tokenization: part 1 gives one token per generator character; in part 2 a native
 orbit ``4a:Na`` gives the two tokens ``4a`` ``Na`` (the binding is the order: an
@@ -62,9 +62,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-VOCAB_VERSION = "scope-vocab-1"  # the default: structure-only, the shipped checkpoint's
+STRUCTURE_VOCAB_VERSION = "scope-vocab-1"  # structure-only (the retired cloud-small's)
 LATEST_VOCAB_VERSION = "scope-vocab-2"  # + the composition-only placeholders
-VOCAB_VERSIONS = (VOCAB_VERSION, LATEST_VOCAB_VERSION)  # each extends the previous at the end
+VOCAB_VERSION = LATEST_VOCAB_VERSION  # the default: the shipped checkpoint's
+VOCAB_VERSIONS = (STRUCTURE_VOCAB_VERSION, LATEST_VOCAB_VERSION)  # each extends the previous at the end
 NO_SYMMETRY = "[NOSYM]"  # part 1 of a composition-only string: space group unknown
 NO_WYCKOFF = "[NOWYCK]"  # part 2 of a composition-only string: Wyckoff orbits unknown
 PLACEHOLDER_TOKENS = (NO_SYMMETRY, NO_WYCKOFF)
@@ -153,7 +154,7 @@ class ScopeTokenizer:
 
     @classmethod
     def default(cls) -> ScopeTokenizer:
-        """The default vocabulary (:data:`VOCAB_VERSION`, structure-only), built once."""
+        """The default vocabulary (:data:`VOCAB_VERSION`, the shipped checkpoint's), built once."""
         return _tokenizer(VOCAB_VERSION)
 
     @classmethod

@@ -27,7 +27,12 @@ from cloud_model.multitask_corpus import (
 from cloud_model.multitask_data import MultiTaskCorpus
 from cloud_model.pretrain_corpus import in_validation
 from cloud_model.scope import encode_scope
-from cloud_model.tokenizer import LATEST_VOCAB_VERSION, VOCAB_VERSION, ScopeTokenizer
+from cloud_model.tokenizer import (
+    LATEST_VOCAB_VERSION,
+    STRUCTURE_VOCAB_VERSION,
+    VOCAB_VERSION,
+    ScopeTokenizer,
+)
 
 CRABNET_DIR = "crabnet"
 
@@ -258,20 +263,21 @@ def test_every_crabnet_composition_string_tokenizes_without_unknowns(data_dir: P
 
 
 def test_old_checkpoint_still_loads_and_encodes(tmp_path: Path) -> None:
-    from cloud_model.checkpoint import (
-        DataSummary,
-        ModelCard,
-        default_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-    )
+    """A scope-vocab-1 checkpoint (the retired cloud-small's vocabulary) keeps its ids."""
+    from cloud_model.checkpoint import DataSummary, ModelCard, load_checkpoint, save_checkpoint
     from cloud_model.heads import MaskedLMHeadConfig, build_model
     from cloud_model.model import CloudConfig
 
-    model, tokenizer, card = load_checkpoint(default_checkpoint())
-    assert tokenizer.version == VOCAB_VERSION == card.tokenizer.version  # type: ignore[union-attr]
+    old = ScopeTokenizer.for_version(STRUCTURE_VOCAB_VERSION)
+    torch.manual_seed(0)
+    summary = DataSummary(datasets={"mp_20": 1}, n_train=1, n_validation=0)
+    built = build_model(CloudConfig.named("tiny", old.vocab_size), MaskedLMHeadConfig()).eval()
+    save_checkpoint(tmp_path / "v1", built, old, ModelCard(size="tiny", data=summary))
+    model, tokenizer, card = load_checkpoint(tmp_path / "v1")
+    assert tokenizer.version == STRUCTURE_VOCAB_VERSION == card.tokenizer.version  # type: ignore[union-attr]
     assert tokenizer.vocab_size == model.encoder.config.vocab_size == 443
     latest = ScopeTokenizer.latest()
+    assert ScopeTokenizer.default().version == VOCAB_VERSION == LATEST_VOCAB_VERSION
     assert latest.vocab_size == 445 and latest.tokens[:443] == tokenizer.tokens  # no id moved
     structure = "1 6 a O D D a D O D b O O O c O O O d O O O e O O O 0 | 4a 4b | Na 0.5 Cl 0.5"
     assert latest.encode(structure) == tokenizer.encode(structure)
@@ -282,11 +288,9 @@ def test_old_checkpoint_still_loads_and_encodes(tmp_path: Path) -> None:
         hidden = model.encoder(batch.ids, batch.mask)
     assert hidden.shape[0] == 2 and torch.isfinite(hidden).all()
     # a new checkpoint carries scope-vocab-2 and loads with it
-    torch.manual_seed(0)
     fresh = build_model(CloudConfig.named("tiny", latest.vocab_size), MaskedLMHeadConfig()).eval()
-    summary = DataSummary(datasets={"crabnet_expt_gap": 1}, n_train=1, n_validation=0)
-    save_checkpoint(tmp_path, fresh, latest, ModelCard(size="tiny", data=summary))
-    _, loaded, new_card = load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path / "v2", fresh, latest, ModelCard(size="tiny", data=summary))
+    _, loaded, new_card = load_checkpoint(tmp_path / "v2")
     assert loaded.version == LATEST_VOCAB_VERSION and loaded.tokens == latest.tokens
     assert new_card.tokenizer is not None and new_card.tokenizer.vocab_size == 445
 
