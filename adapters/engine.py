@@ -15,7 +15,12 @@ happen. The rules are the same for every transport:
 * refused credentials (:class:`~adapters.base.AuthError`) end the job here as
   REFUSED: not an experiment outcome, the caller decides (the campaign stops);
 * a job running longer than its timeout is cancelled at the adapter and ends
-  TIMED_OUT; a job cancelled before the adapter accepted it ends CANCELLED.
+  TIMED_OUT; a job cancelled before the adapter accepted it ends CANCELLED;
+* ``group_concurrency`` caps the jobs of one group at the adapter (a job's group
+  is its fidelity: ``request.parameters["fidelity"]``, or for a tracked handle the
+  ``@<fidelity>`` suffix a :class:`~adapters.routing.FidelityRouter` gave it). A
+  job whose group is full waits in the queue without holding a slot, and jobs
+  behind it that belong to other groups go first.
 
 Each job moves through phases::
 
@@ -44,7 +49,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters.base import (
     EventKind,
@@ -55,6 +60,7 @@ from adapters.base import (
     JobStatus,
     Measurement,
 )
+from adapters.routing import FIDELITY_PARAMETER
 from adapters.transport import AdapterOp, OpKind, OpOutcome, Transport
 from cloud_model.errors import CloudlabError
 
@@ -65,6 +71,7 @@ __all__ = [
     "DuplicateJobError",
     "JobEngine",
     "SystemClock",
+    "job_group",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +107,9 @@ class DispatchConfig(BaseModel):
         actor_num_cpus: CPUs Ray reserves per actor (adapter calls mostly wait).
         max_actor_restarts: Ray restarts of a crashed actor (-1 = unlimited).
         start_timeout_s: for the actors to build their adapters.
+        group_concurrency: group (fidelity) name -> the most jobs of that group at
+            the adapter at once, within ``concurrency``; groups not named are
+            limited by ``concurrency`` only.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -116,6 +126,26 @@ class DispatchConfig(BaseModel):
     actor_num_cpus: float = Field(default=0.0, ge=0)
     max_actor_restarts: int = Field(default=3, ge=-1)
     start_timeout_s: float = Field(default=120.0, gt=0)
+    group_concurrency: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("group_concurrency")
+    @classmethod
+    def _positive_limits(cls, limits: dict[str, int]) -> dict[str, int]:
+        bad = {g: n for g, n in limits.items() if n < 1}
+        if bad:
+            raise ValueError(f"group_concurrency {bad}: every limit must be at least 1")
+        return limits
+
+
+def job_group(request: ExperimentRequest | None, handle: JobHandle | None) -> str | None:
+    """A job's group for ``group_concurrency``: the fidelity it is routed to, or None."""
+    if request is not None:
+        fidelity = request.parameters.get(FIDELITY_PARAMETER)
+        return fidelity if isinstance(fidelity, str) and fidelity else None
+    if handle is not None:
+        _, at, fidelity = handle.adapter.rpartition("@")
+        return fidelity if at and fidelity else None
+    return None
 
 
 class SystemClock:
@@ -158,6 +188,7 @@ class _Job:
     cancel_sent: bool = False
     last_state: JobState | None = None
     hinted: bool = False  # the next poll waits for the transport's wake hint
+    group: str | None = None  # see DispatchConfig.group_concurrency
 
 
 class JobEngine:
@@ -206,6 +237,7 @@ class JobEngine:
         self._waiting: deque[_Job] = deque()
         self._slots: list[dict[str, _Job]] = [{} for _ in range(transport.lanes)]
         self._n_slotted = 0
+        self._group_slotted: dict[str, int] = {}  # group -> jobs of it holding a slot
         self._calls: dict[int, dict[int, tuple[_Job, OpKind]]] = {}  # lane -> ops in flight
         self._op_seq = 0
         self._closing = False
@@ -245,6 +277,7 @@ class JobEngine:
             self._lane_of(idempotency_key),
             request,
             timeout_s,
+            group=job_group(request, None),
         )
         self._inbox.put(("submit", job))
 
@@ -260,6 +293,7 @@ class JobEngine:
             self._lane_of(handle.idempotency_key),
             None,
             timeout_s,
+            group=job_group(None, handle),
         )
         job.handle, job.phase, job.submit_sent = handle, _Phase.ACTIVE, True
         self._inbox.put(("track", job))
@@ -496,8 +530,7 @@ class JobEngine:
         elif kind == "track":
             job = command[1]
             self._jobs[job.key] = job
-            self._slots[job.lane][job.key] = job
-            self._n_slotted += 1
+            self._take_slot(job)
             job.due = self.clock.monotonic()
             timeout = job.timeout_s or self.config.job_timeout_s
             job.deadline = None if timeout is None else job.due + timeout
@@ -538,7 +571,7 @@ class JobEngine:
     def _next_due(self) -> float:
         """When the next call falls due on an idle lane (at most 1 s ahead on a wall clock)."""
         now = self.clock.monotonic()
-        if self._waiting and self._n_slotted < self.concurrency and not self._closing:
+        if self._can_fill():
             return now  # a free slot to fill
         due = (
             float("inf") if self.clock.is_virtual else now + (_MAX_WAIT_S if self._closing else 1.0)
@@ -560,13 +593,40 @@ class JobEngine:
             due = now + max(self.config.poll_interval_s, 1e-3)
         return max(due, now)
 
+    def _group_full(self, job: _Job) -> bool:
+        limit = None if job.group is None else self.config.group_concurrency.get(job.group)
+        return limit is not None and self._group_slotted.get(job.group or "", 0) >= limit
+
+    def _can_fill(self) -> bool:
+        """A waiting job could take a slot now."""
+        if not self._waiting or self._n_slotted >= self.concurrency or self._closing:
+            return False
+        if not self.config.group_concurrency:
+            return True
+        return any(j.phase is _Phase.WAITING and not self._group_full(j) for j in self._waiting)
+
+    def _take_slot(self, job: _Job) -> None:
+        self._slots[job.lane][job.key] = job
+        self._n_slotted += 1
+        if job.group is not None:
+            self._group_slotted[job.group] = self._group_slotted.get(job.group, 0) + 1
+
     def _fill_slots(self, now: float) -> None:
-        while self._waiting and self._n_slotted < self.concurrency and not self._closing:
+        if self._closing:
+            return
+        held: deque[_Job] = deque()  # their group is full: they keep their place in the queue
+        while self._waiting and self._n_slotted < self.concurrency:
             job = self._waiting.popleft()
-            if job.phase is _Phase.WAITING:
-                job.phase, job.due = _Phase.READY, now
-                self._slots[job.lane][job.key] = job
-                self._n_slotted += 1
+            if job.phase is not _Phase.WAITING:
+                continue
+            if self._group_full(job):
+                held.append(job)
+                continue
+            job.phase, job.due = _Phase.READY, now
+            self._take_slot(job)
+        if held:
+            held.extend(self._waiting)
+            self._waiting = held
 
     def _send(self, now: float) -> None:
         hint = self.transport.wake_hint()
@@ -715,6 +775,8 @@ class JobEngine:
         self._jobs.pop(job.key, None)
         if self._slots[job.lane].pop(job.key, None) is not None:
             self._n_slotted -= 1
+            if job.group is not None:
+                self._group_slotted[job.group] -= 1
         self._emit(job, kind, **fields)
 
     def _emit(self, job: _Job, kind: EventKind, **fields: Any) -> None:

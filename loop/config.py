@@ -473,6 +473,13 @@ class CampaignConfig(_Section):
                 f"{concurrency}: a batch could never be submitted; lower the batch or raise "
                 "the concurrency"
             )
+        unknown = sorted(set(self.dispatch.group_concurrency) - set(self.fidelity_names))
+        if unknown:
+            raise ValueError(
+                f"dispatch.group_concurrency names {unknown}, not fidelities of this campaign "
+                f"(its fidelities: {self.fidelity_names}); set a fidelity's limit with its "
+                "`max_in_flight`"
+            )
         return self
 
     @model_validator(mode="after")
@@ -526,6 +533,10 @@ class CampaignConfig(_Section):
         for f in data.get("fidelities", []):  # nor those from before fidelities had adapters
             if f.get("adapter") is None:
                 f.pop("adapter", None)
+            if f.get("max_in_flight") is None:  # nor before they had in-flight limits
+                f.pop("max_in_flight", None)
+        if not data["dispatch"].get("group_concurrency"):
+            data["dispatch"].pop("group_concurrency", None)
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -80,6 +80,11 @@ class FidelityConfig(BaseModel):
     simulated: SimulatedFidelity | None = None  # the hidden values of a simulated lab
     # who measures this fidelity (e.g. chgnet, gpaw, http); None: the campaign's `adapter`
     adapter: AdapterConfig | None = None
+    # jobs of this fidelity at its adapter at once (the job engine's group limit); None: its
+    # own adapter's capacity when it has one (`max_parallel`, a lab's capacity), else only
+    # `dispatch.concurrency` limits it. A job over the limit waits in the engine's queue
+    # without holding a slot that another fidelity's job could use.
+    max_in_flight: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _own_adapter(self) -> FidelityConfig:

@@ -228,9 +228,40 @@ def adapter_factory(
 
 
 def engine_config(config: CampaignConfig) -> DispatchConfig:
-    """The engine's settings: the ``dispatch`` section without the loop's own fields."""
+    """The engine's settings: the ``dispatch`` section without the loop's own fields, and
+    each fidelity's in-flight limit (:func:`fidelity_limits`)."""
     loop_only = {"mode", "wait_for", "lab_deadline_s"}
-    return DispatchConfig(**config.dispatch.model_dump(exclude=loop_only))
+    settings = config.dispatch.model_dump(exclude=loop_only)
+    settings["group_concurrency"] = {**fidelity_limits(config), **settings["group_concurrency"]}
+    return DispatchConfig(**settings)
+
+
+def fidelity_limits(config: CampaignConfig) -> dict[str, int]:
+    """Fidelity name -> the most of its jobs at its adapter at once.
+
+    A fidelity's ``max_in_flight``, else the capacity of its own adapter
+    (``max_parallel`` of GPAW and CHGNet, ``capacity`` of a lab; every fidelity with
+    an adapter config gets an instance of its own, :func:`build_lab`). Fidelities
+    measured by the campaign's adapter are limited by ``dispatch.concurrency`` only,
+    unless they set ``max_in_flight``.
+    """
+    limits: dict[str, int] = {}
+    for f in config.fidelities:
+        if f.max_in_flight is not None:
+            limits[f.name] = f.max_in_flight
+        elif f.adapter is not None:
+            limits[f.name] = _adapter_capacity(f.adapter)
+    return limits
+
+
+def _adapter_capacity(config: AdapterConfig) -> int:
+    """Jobs the adapter built from ``config`` runs at once."""
+    if isinstance(config, GpawAdapterConfig | ChgnetAdapterConfig):
+        from adapters.local_adapter import LocalJobSettings
+
+        default = LocalJobSettings.model_fields["max_parallel"].default
+        return int(config.settings.get("max_parallel", default))
+    return int(getattr(config, "capacity", 1))
 
 
 def build_executor(config: CampaignConfig, pool: Pool, directory: Path) -> Executor:

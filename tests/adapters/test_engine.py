@@ -25,7 +25,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from adapters.base import (
     ExperimentRequest,
@@ -611,3 +611,46 @@ def test_local_ray_starts_on_demand_without_user_action(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == ["SUBMITTED", "SUCCEEDED"]
     assert (tmp_path / ".ray" / "auth_token").exists()  # Ray >= 2.60 made its own token
+
+
+def test_a_full_fidelity_waits_without_holding_a_slot_another_fidelity_could_use(
+    tmp_path: Path,
+) -> None:
+    """Per-fidelity limits (``group_concurrency``): slow jobs of a fidelity whose adapter runs
+    one at a time queue in the engine while the cheap fidelity's jobs reach their adapter."""
+    from adapters.routing import FidelityRouter
+
+    (tmp_path / "dft").mkdir()
+    (tmp_path / "ml").mkdir()
+    dft, ml = (
+        JournalLab(str(tmp_path / "dft"), TRUTH, 1),
+        JournalLab(str(tmp_path / "ml"), TRUTH, 4),
+    )
+    router = FidelityRouter({"dft": dft, "ml": ml})
+    config = FAST.model_copy(update={"concurrency": 4, "group_concurrency": {"dft": 1}})
+    engine = JobEngine(InProcessTransport(router), config)
+    for i in range(3):  # three slow DFT jobs first, then four quick ML ones
+        engine.submit(request(i, fidelity="dft", duration_s=0.4), f"dft-{i}")
+    for i in range(3, 7):
+        engine.submit(request(i, fidelity="ml", duration_s=0.05), f"ml-{i}")
+    ml_done_at, dft_done_at = [], []
+    peak = 0
+    start = time.monotonic()
+    while engine.outstanding():
+        peak = max(peak, engine.in_flight())
+        for event in engine.next_events(timeout=0.01):
+            if event.kind is EventKind.SUCCEEDED:
+                done = ml_done_at if event.idempotency_key.startswith("ml") else dft_done_at
+                done.append(time.monotonic() - start)
+    engine.shutdown()
+    assert dft.peak_in_flight() == 1  # the limit held at the DFT adapter
+    assert len(dft.jobs()) == 3 and len(ml.jobs()) == 4
+    assert peak <= 4
+    # the ML jobs did not wait behind the queued DFT jobs: all four ended before the 1st DFT one
+    assert len(ml_done_at) == 4 and max(ml_done_at) < min(dft_done_at)
+    assert len(dft_done_at) == 3
+
+
+def test_group_limits_must_be_positive() -> None:
+    with pytest.raises(ValidationError, match="at least 1"):
+        DispatchConfig(group_concurrency={"dft": 0})

@@ -29,7 +29,13 @@ from cloud_model.errors import ConfigError
 from loop.campaign import Campaign
 from loop.config import load_config, parse_config
 from loop.store import CampaignStore
-from loop.wiring import adapter_factory, build_lab, fidelity_routes
+from loop.wiring import (
+    adapter_factory,
+    build_lab,
+    engine_config,
+    fidelity_limits,
+    fidelity_routes,
+)
 from simulators.config import SimulatedLabConfig
 from simulators.ground_truth import GroundTruth
 from simulators.journal import open_lab
@@ -221,6 +227,24 @@ def test_routed_config_round_trips_and_old_fingerprints_stay(tmp_path: Path) -> 
     assert not plain.routes_fidelities
     assert "adapter" not in str(data["fidelities"])
     assert parse_config(data).fingerprint() == plain.fingerprint()
+
+
+def test_each_fidelity_with_its_own_adapter_gets_that_adapters_in_flight_limit() -> None:
+    config = load_config(REPO / "configs" / "mf_chgnet_gpaw.yaml")
+    # chgnet: its own adapter's max_parallel; gpaw is measured by the campaign's adapter
+    assert fidelity_limits(config) == {"chgnet": 1}
+    assert engine_config(config).group_concurrency == {"chgnet": 1}
+    data = config.model_dump(mode="json")
+    data["fidelities"][1]["adapter"]["settings"]["max_parallel"] = 2
+    data["fidelities"][0]["max_in_flight"] = 1
+    changed = parse_config(data)
+    assert fidelity_limits(changed) == {"gpaw": 1, "chgnet": 2}
+    assert changed.fingerprint() != config.fingerprint()
+    data["dispatch"]["group_concurrency"] = {"chgnet": 3}  # the dispatch section wins
+    assert engine_config(parse_config(data)).group_concurrency == {"gpaw": 1, "chgnet": 3}
+    data["dispatch"]["group_concurrency"] = {"dft": 3}
+    with pytest.raises(ConfigError, match=r"group_concurrency names \['dft'\]"):
+        parse_config(data)
 
 
 def test_the_ray_factory_pickles_and_builds_the_router(tmp_path: Path) -> None:
