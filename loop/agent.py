@@ -35,7 +35,7 @@ from loop.registry import ModelRegistry
 from loop.store import ChosenCandidate
 from loop.surrogate import Surrogate
 
-__all__ = ["Agent", "CampaignView", "FidelityObservation", "Proposal", "Proposer"]
+__all__ = ["Agent", "CampaignView", "FidelityObservation", "PoolAgent", "Proposal", "Proposer"]
 
 logger = logging.getLogger(__name__)
 _phase = logging.getLogger("cloudlab.progress")  # what a live display shows (loop/cli/live.py)
@@ -108,7 +108,46 @@ class Proposer(Protocol):
     def propose(self, view: CampaignView, n_free: int) -> Proposal: ...
 
 
-class Agent:
+class PoolAgent:
+    """What every agent holds: the campaign config, the pool's ids, a surrogate, the
+    registry of its fitted versions (the newest is restored on construction) and the
+    timings its stages add to.
+
+    Args:
+        config: the campaign config.
+        candidate_ids: the pool's ids; pool index ``i`` is ``candidate_ids[i]``.
+        surrogate: the model.
+        registry: where fitted versions go (and the newest is restored from).
+        timings: where fit, scoring and acquisition seconds are added up.
+        restore: restore the newest fitted version (False for a surrogate that does not learn).
+    """
+
+    def __init__(
+        self,
+        config: CampaignConfig,
+        candidate_ids: list[str],
+        surrogate: Surrogate,
+        registry: ModelRegistry,
+        timings: Timings,
+        *,
+        restore: bool = True,
+    ) -> None:
+        self.config = config
+        self.ids = candidate_ids
+        self.index = {cid: i for i, cid in enumerate(candidate_ids)}
+        self.registry = registry
+        self.timings = timings
+        self._version: int | None = None
+        self._n_fit = -1
+        if restore and (restored := registry.restore(surrogate)) is not None:
+            self._version, self._n_fit = restored.version, restored.n_train
+
+    @property
+    def model_version(self) -> int | None:
+        return self._version
+
+
+class Agent(PoolAgent):
     """Initial design, refit policy and acquisition over one surrogate.
 
     Args:
@@ -129,21 +168,11 @@ class Agent:
         prior_y: Tensor,
         timings: Timings,
     ) -> None:
-        self.config = config
-        self.ids = candidate_ids
-        self.index = {cid: i for i, cid in enumerate(candidate_ids)}
         self.surrogate = surrogate
-        self.registry = registry
         self.prior_y = prior_y
-        self.timings = timings
-        self._version: int | None = None
-        self._n_fit = -1
-        if surrogate.learns and (restored := registry.restore(surrogate)) is not None:
-            self._version, self._n_fit = restored.version, restored.n_train
-
-    @property
-    def model_version(self) -> int | None:
-        return self._version
+        super().__init__(
+            config, candidate_ids, surrogate, registry, timings, restore=surrogate.learns
+        )
 
     def propose(self, view: CampaignView, n_free: int) -> Proposal:
         """Choose up to ``n_free`` candidates (none while the initial design is in flight)."""

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from loop.agent import CampaignView, Proposal
+from loop.agent import CampaignView, PoolAgent, Proposal
 from loop.config import CampaignConfig
 from loop.mf_acquisition import select_pairs
 from loop.mf_surrogate import MultiFidelityGPSurrogate
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 _phase = logging.getLogger("cloudlab.progress")
 
 
-class MultiFidelityAgent:
+class MultiFidelityAgent(PoolAgent):
     """Cost-aware proposals of (candidate, fidelity) pairs (see the module docstring).
 
     Args:
@@ -59,25 +59,13 @@ class MultiFidelityAgent:
         registry: ModelRegistry,
         timings: Timings,
     ) -> None:
-        self.config = config
-        self.ids = candidate_ids
-        self.index = {cid: i for i, cid in enumerate(candidate_ids)}
         self.surrogate = surrogate
-        self.registry = registry
-        self.timings = timings
         highest = config.highest_fidelity
         # fidelity 0 of the surrogate is the highest; the others keep the config's order
         self.order = [highest] + [f.name for f in config.fidelities if f.name != highest]
         self.fid_index = {name: k for k, name in enumerate(self.order)}
         self.costs = [config.fidelity_cost(name) for name in self.order]
-        self._version: int | None = None
-        self._n_fit = -1
-        if (restored := registry.restore(surrogate)) is not None:
-            self._version, self._n_fit = restored.version, restored.n_train
-
-    @property
-    def model_version(self) -> int | None:
-        return self._version
+        super().__init__(config, candidate_ids, surrogate, registry, timings)
 
     def propose(self, view: CampaignView, n_free: int) -> Proposal:
         """Up to ``n_free`` (candidate, fidelity) pairs whose costs fit the budget left."""
