@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from loop.campaign import Campaign
 from loop.config import parse_config
 from loop.store import CampaignStore
 from loop.surrogate import build_surrogate
+from tests.loop.cv_data import cv_rows, cv_scopes, write_cv_pool
 
 
 def _record(mean: torch.Tensor, std: torch.Tensor, y: torch.Tensor) -> PrequentialRecord:
@@ -56,10 +56,7 @@ def test_calibrated_likelihood_forgives_a_global_scale_but_not_misplaced_uncerta
 
 
 def _cv(data_dir: Path, n: int = 50) -> tuple[list[str], torch.Tensor]:
-    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:n]
-    return [r["cloud"] for r in rows], torch.tensor(
-        [[float(r["cv"])] for r in rows], dtype=torch.float64
-    )
+    return cv_scopes(data_dir, n)
 
 
 def _auto_config(**surrogate: object) -> dict:
@@ -180,13 +177,7 @@ def test_auto_config_needs_two_different_candidates() -> None:
 def test_auto_campaign_records_which_model_chose_each_candidate(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:60]
-    pool = tmp_path / "pool.csv"
-    with pool.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "scope", "cv"])
-        for i, r in enumerate(rows):
-            w.writerow([f"cv-{i}", r["cloud"], r["cv"]])
+    pool = write_cv_pool(tmp_path / "pool.csv", cv_rows(data_dir, 60))
     data = _auto_config()
     data["pool"] = {
         "file": str(pool),

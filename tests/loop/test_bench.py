@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ import yaml
 
 from loop import metrics as M
 from loop.bench import _run_dict, load_bench, run_bench
+from tests.loop.cv_data import cv_rows, write_cv_pool
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("bench_*.yaml"))
 
@@ -57,12 +57,7 @@ def test_batch_size_sets_dispatch_and_refit_cadence() -> None:
 
 
 def test_bench_runs_resumes_and_reports(ray_session: None, data_dir: Path, tmp_path: Path) -> None:
-    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:100]
-    pool = tmp_path / "pool.csv"
-    with pool.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "scope", "cv"])
-        w.writerows([f"cv-{i}", r["cloud"], r["cv"]] for i, r in enumerate(rows))
+    pool = write_cv_pool(tmp_path / "pool.csv", cv_rows(data_dir, 100))
     campaign = {
         "name": "base",
         "pool": {

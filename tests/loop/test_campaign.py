@@ -19,6 +19,7 @@ from cloud_model.errors import CloudlabError
 from loop.campaign import Campaign, LabRefusedError
 from loop.config import parse_config
 from loop.store import CampaignStore
+from tests.loop.cv_data import cv_rows, write_cv_pool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,14 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def cv_pool(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     """120 crystals of cloud_cv (SCOPE strings + heat capacity at 300 K) as a CSV pool."""
-    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:120]
-    path = tmp_path_factory.mktemp("pool") / "cv_pool.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "scope", "cv"])
-        for i, r in enumerate(rows):
-            w.writerow([f"cv-{i}", r["cloud"], r["cv"]])
-    return path
+    return write_cv_pool(tmp_path_factory.mktemp("pool") / "cv_pool.csv", cv_rows(data_dir, 120))
 
 
 def _config(pool: Path, **overrides: object) -> dict:

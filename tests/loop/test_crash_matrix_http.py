@@ -12,7 +12,6 @@ The inline SIGKILL case runs by default; the other three are marked slow.
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import sqlite3
@@ -29,23 +28,18 @@ from cloud_model.errors import CloudlabError
 from loop.store import STORE_FILENAME, CampaignStore
 from simulators.config import SimulatedLabConfig
 from simulators.ground_truth import GroundTruth
+from tests.loop import cv_data
 from tests.simulators.lab_server import REPO, TOKEN, TOKEN_ENV, LabServer, start_server
 
 
 @pytest.fixture(scope="module")
 def cv_rows(data_dir: Path) -> list[dict[str, str]]:
     """40 crystals of cloud_cv: SCOPE strings with their heat capacity at 300 K."""
-    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:40]
-    return [{"id": f"cv-{i}", "scope": r["cloud"], "cv": r["cv"]} for i, r in enumerate(rows)]
+    return cv_data.cv_rows(data_dir, 40)
 
 
 def _pool(tmp_path: Path, rows: list[dict[str, str]]) -> Path:
-    path = tmp_path / "cv_pool.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["id", "scope", "cv"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return cv_data.write_cv_pool(tmp_path / "cv_pool.csv", rows)
 
 
 def _budget(mode: str) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
@@ -11,13 +10,11 @@ from cloud_model.checkpoint import default_checkpoint
 from loop.config import parse_config
 from loop.gp_blocks import BlockGPSurrogate, cloud_block_features
 from loop.surrogate import build_surrogate
+from tests.loop.cv_data import cv_scopes
 
 
 def _cv(data_dir: Path, n: int = 60) -> tuple[list[str], torch.Tensor]:
-    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:n]
-    return [r["cloud"] for r in rows], torch.tensor(
-        [[float(r["cv"])] for r in rows], dtype=torch.float64
-    )
+    return cv_scopes(data_dir, n)
 
 
 def test_cloud_block_is_a_label_free_pca_of_the_pool(data_dir: Path) -> None:

@@ -9,7 +9,6 @@ the campaign, stopped there, resumes once the lab is back on its state directory
 
 from __future__ import annotations
 
-import csv
 import os
 import sqlite3
 import subprocess
@@ -28,24 +27,19 @@ from loop.records import Progress
 from loop.store import STORE_FILENAME, CampaignStore
 from simulators.config import SimulatedLabConfig
 from simulators.ground_truth import GroundTruth
+from tests.loop import cv_data
 from tests.simulators.lab_server import REPO, TOKEN, TOKEN_ENV, LabServer, free_port, start_server
 
 
 @pytest.fixture(scope="module")
 def cv_rows(data_dir: Path) -> list[dict[str, str]]:
     """40 crystals of cloud_cv: SCOPE strings with their heat capacity at 300 K."""
-    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:40]
-    return [{"id": f"cv-{i}", "scope": r["cloud"], "cv": r["cv"]} for i, r in enumerate(rows)]
+    return cv_data.cv_rows(data_dir, 40)
 
 
 @pytest.fixture
 def cv_pool(tmp_path: Path, cv_rows: list[dict[str, str]]) -> Path:
-    path = tmp_path / "cv_pool.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["id", "scope", "cv"])
-        writer.writeheader()
-        writer.writerows(cv_rows)
-    return path
+    return cv_data.write_cv_pool(tmp_path / "cv_pool.csv", cv_rows)
 
 
 def _config(pool: Path, base_url: str) -> dict:

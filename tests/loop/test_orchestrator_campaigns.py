@@ -29,6 +29,7 @@ from loop.campaign import Campaign
 from loop.config import parse_config
 from loop.store import CampaignStore
 from simulators.ground_truth import GroundTruth
+from tests.loop.cv_data import cv_rows, write_cv_pool
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -38,14 +39,7 @@ BUDGET = 24
 @pytest.fixture(scope="module")
 def cv_pool(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     """60 crystals of cloud_cv (SCOPE strings + heat capacity at 300 K) as a CSV pool."""
-    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:60]
-    path = tmp_path_factory.mktemp("pool") / "cv_pool.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "scope", "cv"])
-        for i, r in enumerate(rows):
-            w.writerow([f"cv-{i}", r["cloud"], r["cv"]])
-    return path
+    return write_cv_pool(tmp_path_factory.mktemp("pool") / "cv_pool.csv", cv_rows(data_dir, 60))
 
 
 def _truth(pool: Path) -> GroundTruth:

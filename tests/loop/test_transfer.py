@@ -13,11 +13,11 @@ from loop.features import composition_from_scope
 from loop.gp_blocks import TransferGPSurrogate
 from loop.surrogate import build_surrogate
 from loop.transfer import TransferReport, transfer_features
+from tests.loop.cv_data import cv_scopes
 
 
 def _scopes(data_dir: Path, n: int = 60) -> list[str]:
-    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:n]
-    return [r["cloud"] for r in rows]
+    return cv_scopes(data_dir, n)[0]
 
 
 def test_transfer_drops_every_row_of_a_campaign_formula_and_caches(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from loop.acquisition import select_batch
 from loop.config import parse_config
 from loop.surrogate import GPSurrogate, build_surrogate
 from loop.warp import YeoJohnson
+from tests.loop.cv_data import cv_scopes
 
 
 def test_yeo_johnson_inverts_and_gaussianises_a_skewed_sample() -> None:
@@ -42,9 +42,8 @@ def test_yeo_johnson_inverts_and_gaussianises_a_skewed_sample() -> None:
 def test_warped_gp_reports_raw_scale_beliefs_and_round_trips(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    rows = list(csv.DictReader((data_dir / "cloud" / "cloud_cv_train_and_val.csv").open()))[:60]
-    scopes = [r["cloud"] for r in rows]
-    cv = torch.tensor([float(r["cv"]) for r in rows], dtype=torch.float64)
+    scopes, labels = cv_scopes(data_dir, 60)
+    cv = labels[:, 0]
     # two targets: a skewed objective (exp of Cv) and a constraint column
     y = torch.stack([((cv - cv.mean()) / cv.std()).exp(), cv], dim=1)
     config = parse_config(
