@@ -223,7 +223,7 @@ def unique_proposals(
     thousands of proposals affordable; the registry is compared against every group.
     """
     from loop.generate.checks import space_group
-    from loop.generate.pipeline import KnownStructures, _group_unique
+    from loop.generate.pipeline import KnownStructures, unique_structures
 
     groups: dict[tuple[str, int, int], list[int]] = defaultdict(list)
     for i, (proposal, structure) in enumerate(proposals):
@@ -233,7 +233,7 @@ def unique_proposals(
     keep: list[int] = []
     rejected: Counter[str] = Counter()
     for members in groups.values():
-        kept, why = _group_unique([(proposals[i][0].formula, proposals[i][1]) for i in members],
+        kept, why = unique_structures([(proposals[i][0].formula, proposals[i][1]) for i in members],
                                   registry)  # fmt: skip
         keep += [members[k] for k in kept]
         rejected.update(why)

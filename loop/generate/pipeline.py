@@ -158,10 +158,12 @@ class KnownStructures:
 _FORMULA_SUM = re.compile(r"^_chemical_formula_sum\s+(.+)$", re.MULTILINE)
 
 
-def _group_unique(
+def unique_structures(
     items: Sequence[tuple[str, Structure]], known: KnownStructures
 ) -> tuple[list[int], Counter[str]]:
-    """Indices of ``items`` that match neither a ``known`` structure nor an earlier item."""
+    """Indices of ``items`` (formula, structure) that match neither a ``known`` structure nor an
+    earlier item (pymatgen ``StructureMatcher`` within each reduced formula), and the counts
+    of the others by reason (``duplicate_of_pool``, ``duplicate_of_generated``)."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     matcher = StructureMatcher()
@@ -252,7 +254,7 @@ def generate_candidates(
     known = pool if isinstance(pool, KnownStructures) else KnownStructures(pool)
     for _, parent in parents:
         known.add(parent)
-    keep, dup = _group_unique([(p.formula, s) for p, s, _ in checked], known)
+    keep, dup = unique_structures([(p.formula, s) for p, s, _ in checked], known)
     rejected.update(dup)
     unique = [checked[i] for i in keep]
     counts["unique"] = len(unique)
