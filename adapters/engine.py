@@ -60,7 +60,7 @@ from adapters.base import (
     JobStatus,
     Measurement,
 )
-from adapters.routing import FIDELITY_PARAMETER
+from adapters.routing import FIDELITY_PARAMETER, routed_fidelity
 from adapters.transport import AdapterOp, OpKind, OpOutcome, Transport
 from cloud_model.errors import CloudlabError
 
@@ -142,10 +142,8 @@ def job_group(request: ExperimentRequest | None, handle: JobHandle | None) -> st
     if request is not None:
         fidelity = request.parameters.get(FIDELITY_PARAMETER)
         return fidelity if isinstance(fidelity, str) and fidelity else None
-    if handle is not None:
-        _, at, fidelity = handle.adapter.rpartition("@")
-        return fidelity if at and fidelity else None
-    return None
+    route = None if handle is None else routed_fidelity(handle)
+    return None if route is None else route[1]
 
 
 class SystemClock:

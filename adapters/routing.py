@@ -47,11 +47,17 @@ from adapters.base import (
     PermanentAdapterError,
 )
 
-__all__ = ["FIDELITY_PARAMETER", "FidelityRouter"]
+__all__ = ["FIDELITY_PARAMETER", "FidelityRouter", "routed_fidelity"]
 
 logger = logging.getLogger(__name__)
 
 FIDELITY_PARAMETER = "fidelity"  # the request parameter that names a job's fidelity
+
+
+def routed_fidelity(handle: JobHandle) -> tuple[str, str] | None:
+    """(sub-adapter name, fidelity) of a handle the router returned; None for any other."""
+    name, at, fidelity = handle.adapter.rpartition("@")
+    return (name, fidelity) if at and fidelity else None
 
 
 class FidelityRouter(LabAdapter):
@@ -114,13 +120,14 @@ class FidelityRouter(LabAdapter):
 
     def _route(self, handle: JobHandle) -> tuple[str, LabAdapter, JobHandle]:
         """The fidelity, its adapter and the adapter's own handle of a routed ``handle``."""
-        name, at, fidelity = handle.adapter.rpartition("@")
-        adapter = self.routes.get(fidelity) if at else None
-        if adapter is None:
+        route = routed_fidelity(handle)
+        adapter = None if route is None else self.routes.get(route[1])
+        if route is None or adapter is None:
             raise JobNotFoundError(
                 f"job {handle.job_id} (adapter {handle.adapter!r}) was not routed by this "
                 f"router, which serves {sorted(self.routes)}"
             )
+        name, fidelity = route
         return fidelity, adapter, handle.model_copy(update={"adapter": name})
 
     # ------------------------------------------------------------------ contract

@@ -150,13 +150,9 @@ class PoolAgent:
 class Agent(PoolAgent):
     """Initial design, refit policy and acquisition over one surrogate.
 
-    Args:
-        config: the campaign config.
-        candidate_ids: the pool's ids; pool index ``i`` is ``candidate_ids[i]``.
-        surrogate: the model; its indices address the pool, then the prior rows.
-        registry: where fitted versions go (and the newest is restored from).
-        prior_y: ``p x m`` labels of the prior rows (indices ``N .. N + p - 1``).
-        timings: where fit, scoring and acquisition seconds are added up.
+    Args: those of :class:`PoolAgent` (the surrogate's indices address the pool, then the
+    prior rows), and ``prior_y``, the ``p x m`` labels of the prior rows (indices
+    ``N .. N + p - 1``).
     """
 
     def __init__(

@@ -629,8 +629,8 @@ def test_a_full_fidelity_waits_without_holding_a_slot_another_fidelity_could_use
     router = FidelityRouter({"dft": dft, "ml": ml})
     config = FAST.model_copy(update={"concurrency": 4, "group_concurrency": {"dft": 1}})
     engine = JobEngine(InProcessTransport(router), config)
-    for i in range(3):  # three slow DFT jobs first, then four quick ML ones
-        engine.submit(request(i, fidelity="dft", duration_s=0.4), f"dft-{i}")
+    for i in range(3):  # three slow DFT jobs first, then four quick ML ones (16x shorter)
+        engine.submit(request(i, fidelity="dft", duration_s=0.8), f"dft-{i}")
     for i in range(3, 7):
         engine.submit(request(i, fidelity="ml", duration_s=0.05), f"ml-{i}")
     ml_done_at, dft_done_at = [], []
