@@ -5,8 +5,9 @@ knows (:class:`CampaignView`: measured candidates and values, candidates taken
 or in flight, the decision number) and returns a :class:`Proposal`:
 
 * **initial design** while fewer than ``initial_design.n_random + len(ids)``
-  jobs exist (the given ids first, then seeded random picks), and always for a
-  surrogate that does not learn (random);
+  jobs exist (the given ids first, then seeded random picks, or with ``method:
+  diverse`` max-min picks over the surrogate's pool features, :mod:`loop.design`),
+  and always for a surrogate that does not learn (random);
 * **refit policy**: the surrogate is refitted (measurements + prior data) when
   ``finetune.every_n_results`` new measurements arrived since the last fit; each
   fit becomes a version in the :class:`~loop.registry.ModelRegistry`;
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from loop.acquisition import select_batch
 from loop.config import CampaignConfig
+from loop.design import max_min_design
 from loop.records import Timings
 from loop.registry import ModelRegistry
 from loop.store import ChosenCandidate
@@ -166,6 +168,8 @@ class Agent(PoolAgent):
     ) -> None:
         self.surrogate = surrogate
         self.prior_y = prior_y
+        self._design: Tensor | None = None
+        self._design_done = False  # design features computed (they may be None)
         super().__init__(
             config, candidate_ids, surrogate, registry, timings, restore=surrogate.learns
         )
@@ -200,13 +204,32 @@ class Agent(PoolAgent):
         ]
         chosen = given[:k]
         rest = available[~torch.isin(available, torch.tensor(chosen, dtype=torch.long))]
-        order = torch.randperm(rest.numel(), generator=gen)[: k - len(chosen)]
-        chosen += [int(rest[i]) for i in order]
+        features = self._design_features()
+        if features is None:
+            order = torch.randperm(rest.numel(), generator=gen)[: k - len(chosen)]
+            chosen += [int(rest[i]) for i in order]
+        else:
+            taken = torch.tensor(sorted(view.taken) + chosen, dtype=torch.long)
+            chosen += max_min_design(features, rest, taken, k - len(chosen), gen)
         return Proposal(
             chosen=[ChosenCandidate(candidate_id=self.ids[i]) for i in chosen],
             model_version=self._version,
             acquisition="initial_design",
         )
+
+    def _design_features(self) -> Tensor | None:
+        """The surrogate's pool features for a diverse design (computed once), else None."""
+        if self.config.initial_design.method != "diverse" or not self.surrogate.learns:
+            return None
+        if not self._design_done:
+            self._design, self._design_done = self.surrogate.design_features(), True
+            if self._design is None:
+                logger.warning(
+                    "initial_design.method diverse: surrogate %s has no label-free pool "
+                    "features; the initial design is random",
+                    self.surrogate.name,
+                )
+        return self._design
 
     def _maybe_refit(self, measured_idx: Tensor, measured_y: Tensor) -> None:
         n = int(measured_idx.numel())

@@ -441,6 +441,13 @@ class AutoSurrogate(Surrogate):
         mean, std = self.active.mean_std(idx)
         return self.recal.apply(mean, std)
 
+    def design_features(self) -> Tensor | None:
+        """Every candidate's design features side by side, each candidate weighted equally."""
+        from loop.design import block_scaled
+
+        blocks = [f for f in (m.design_features() for m in self.members.values()) if f is not None]
+        return block_scaled(blocks) if blocks else None
+
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         for name, member in self.members.items():

@@ -193,10 +193,15 @@ class AcquisitionConfig(_Section):
 
 
 class InitialDesignConfig(_Section):
-    """Experiments before the surrogate has data: random ones, or given ids."""
+    """Experiments before the surrogate has data: given ids, then ``n_random`` more.
+
+    ``method``: ``random`` (seeded uniform picks) or ``diverse`` (greedy max-min distance over
+    the surrogate's label-free pool features, :mod:`loop.design`; random when it has none).
+    """
 
     n_random: int = Field(default=16, ge=0, le=1_000_000)
     ids: list[str] = Field(default_factory=list)
+    method: Literal["random", "diverse"] = "random"
 
 
 class BudgetConfig(_Section):
@@ -535,6 +540,8 @@ class CampaignConfig(_Section):
                 f.pop("adapter", None)
             if f.get("max_in_flight") is None:  # nor before they had in-flight limits
                 f.pop("max_in_flight", None)
+        if data["initial_design"].get("method") == "random":  # nor before diverse designs
+            data["initial_design"].pop("method")
         if not data["dispatch"].get("group_concurrency"):
             data["dispatch"].pop("group_concurrency", None)
         text = json.dumps(data, sort_keys=True)

@@ -91,6 +91,13 @@ class BlockGPSurrogate(GPSurrogate):
             )
         self.blocks = blocks
 
+    def design_features(self) -> Tensor | None:
+        """The pool rows of every block, each block at unit total variance."""
+        from loop.design import block_scaled
+
+        pool = self.features[: self.n_pool]
+        return block_scaled([pool[:, a:b] for a, b in self.blocks])
+
     def _gp(self, train_idx: Tensor, train_y: Tensor) -> Model:
         from botorch.models import SingleTaskGP
         from botorch.models.transforms import Normalize, Standardize

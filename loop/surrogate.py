@@ -118,6 +118,11 @@ class Surrogate(abc.ABC):
         s = self.samples(idx)
         return s.mean(0), s.std(0) if s.shape[0] > 1 else torch.zeros_like(s[0])
 
+    def design_features(self) -> Tensor | None:
+        """``N x d`` pool features a diverse initial design spreads over (:mod:`loop.design`),
+        computed without labels; None when this surrogate has none (the design is random)."""
+        return None
+
     @abc.abstractmethod
     def save(self, directory: Path) -> None:
         """Write the fitted state into ``directory`` (created; safetensors + JSON, no pickle)."""
@@ -153,11 +158,17 @@ class EnsembleSurrogate(Surrogate):
     name = "cloud_ensemble"
 
     def __init__(
-        self, ensemble: EnsemblePredictor, scopes: list[str], *, warm_start: bool = True
+        self,
+        ensemble: EnsemblePredictor,
+        scopes: list[str],
+        *,
+        warm_start: bool = True,
+        n_pool: int | None = None,
     ) -> None:
         self.ensemble = ensemble
         self.scopes = scopes
         self.warm_start = warm_start
+        self.n_pool = len(scopes) if n_pool is None else n_pool
         self._model: LookupEnsembleModel | None = None
         self._moments: tuple[Tensor, Tensor] | None = None  # (N x m, N x m) Bayesian heads
         self._fitted_once = False
@@ -218,6 +229,20 @@ class EnsembleSurrogate(Surrogate):
             return super().mean_std(idx)
         mean, std = self._moments
         return mean[idx.long()], std[idx.long()]
+
+    def design_features(self) -> Tensor | None:
+        """PCA scores of the pretrained trunk's pooled embeddings of the pool (none without a
+        pretrained checkpoint: a random trunk's distances mean nothing)."""
+        source = getattr(self.ensemble, "source_checkpoint", None)
+        if source is None:
+            return None
+        from loop.design import block_scaled
+        from loop.gp_blocks import CLOUD_DIMS, cloud_block_features
+
+        pool = self.scopes[: self.n_pool]
+        return block_scaled(
+            [cloud_block_features(pool, Path(source), n_fit=len(pool), dims=CLOUD_DIMS)]
+        )
 
     def save(self, directory: Path) -> None:
         self.ensemble.save(directory)
@@ -396,6 +421,12 @@ class GPSurrogate(Surrogate):
             return torch.empty(0, m, dtype=torch.float64), torch.empty(0, m, dtype=torch.float64)
         return torch.cat(means), torch.cat(stds)
 
+    def design_features(self) -> Tensor | None:
+        """The pool rows of the GP's own features, at unit total variance."""
+        from loop.design import block_scaled
+
+        return block_scaled([self.features[: self.n_pool]])
+
     def held_out(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """Leave-one-out predictions of the last fit's pool rows: ``idx``, mean, std.
 
@@ -505,7 +536,7 @@ def _build_one(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int
     )
     ensemble = create_ensemble(checkpoint, sc.n_members, sc.head, len(config.targets), ens_config)
     ensemble.share_cache()  # runs in one process (benchmark workers) share the trunk's features
-    return EnsembleSurrogate(ensemble, scopes, warm_start=config.finetune.warm_start)
+    return EnsembleSurrogate(ensemble, scopes, warm_start=config.finetune.warm_start, n_pool=n_pool)
 
 
 def _second_block(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int) -> Tensor:
