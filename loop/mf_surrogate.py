@@ -169,6 +169,7 @@ class MultiFidelityGPSurrogate(Surrogate):
         keep = torch.isfinite(y)
         idx, y = self._subsample(train_idx.long()[keep], y[keep])
         gp = self._build(idx, y)
+        warm = self._warm_start(gp)
         mll = ExactMarginalLogLikelihood(gp.likelihood, gp)
         try:
             fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": self.fit_maxiter}})
@@ -177,10 +178,23 @@ class MultiFidelityGPSurrogate(Surrogate):
         gp.eval()
         self._model, self._train = gp, (idx, y)
         corr = self.task_correlation()
-        metrics = {"n_train": float(len(idx))}
+        metrics = {"n_train": float(len(idx)), "warm_start": float(warm)}
         for k in range(1, self.n_fidelities):
             metrics[f"corr_0_{k}"] = float(corr[0, k])
         return metrics
+
+    def _warm_start(self, gp: Any) -> bool:
+        """Start ``gp``'s hyperparameters from the last fit's (the data grew by a batch, so the
+        optimum moved little and L-BFGS needs fewer steps); the last fit is restored on resume,
+        so a resumed campaign warm-starts from the same values."""
+        if self._model is None:
+            return False
+        try:
+            gp.load_state_dict(self._model.state_dict())
+        except (RuntimeError, KeyError) as exc:  # another shape: start from the prior
+            logger.debug("multi-fidelity GP: no warm start (%s)", exc)
+            return False
+        return True
 
     def task_correlation(self) -> Tensor:
         """``L x L`` correlation between fidelities of the fitted task covariance ``B``."""
