@@ -26,17 +26,29 @@ _NEW = ", CLOUD: cloud-small-multitask"
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}" + _OLD,
     "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, default (auto)" + _NEW,
+    "bench_perov_5_diverse": (
+        "perov_5 window, {budget} of {pool:,}, auto + diverse initial design" + _NEW
+    ),
     "bench_aflow_debye": "AFLOW lowest theta, {budget} of {pool:,}" + _OLD,
     "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1 vs 8" + _OLD,
     "bench_aflow_debye_gp_cloud": "AFLOW lowest theta, {budget} of {pool:,}, CLOUD + GP" + _OLD,
     "bench_aflow_debye_transfer": "AFLOW lowest theta, {budget} of {pool:,}, GP + transfer",
     "bench_aflow_debye_prior": "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows",
     "bench_aflow_debye_auto": "AFLOW lowest theta, {budget} of {pool:,}, default (auto)" + _NEW,
+    "bench_aflow_debye_diverse": (
+        "AFLOW lowest theta, {budget} of {pool:,}, auto + diverse initial design" + _NEW
+    ),
     "bench_mpts52": "mpts_52 time split, {budget} of {pool:,}" + _OLD,
     "bench_mpts52_auto": "mpts_52 time split, {budget} of {pool:,}, auto (gp, CLOUD)" + _NEW,
+    "bench_mpts52_diverse": (
+        "mpts_52 time split, {budget} of {pool:,}, auto + diverse initial design" + _NEW
+    ),
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}" + _OLD,
     "bench_carbon24_gp_cloud": "carbon_24 lowest E, {budget} of {pool:,}, CLOUD + GP" + _OLD,
     "bench_carbon24_auto": "carbon_24 lowest E, {budget} of {pool:,}, default (auto)" + _NEW,
+    "bench_carbon24_diverse": (
+        "carbon_24 lowest E, {budget} of {pool:,}, auto + diverse initial design" + _NEW
+    ),
     "bench_carbon24_bayes": "carbon_24 lowest E, {budget} of {pool:,}, Bayesian heads" + _OLD,
     "bench_carbon24_finetune": (
         "carbon_24 lowest E, {budget} of {pool:,}, top block fine-tuned" + _OLD
@@ -79,7 +91,9 @@ def table() -> str:
             # the batch-size suffix only where a benchmark compares batch sizes
             short = strategy if len(batch_sizes) > 1 else re.sub(r"-q\d+$", "", strategy)
             lines.append(
-                "| " + " | ".join([title if i == 0 else "", short, *_row(entry, data["budget"])]) + " |"
+                "| "
+                + " | ".join([title if i == 0 else "", short, *_row(entry, data["budget"])])
+                + " |"
             )
     return "\n".join(lines)
 
