@@ -34,6 +34,9 @@ LABELS = {
     "bench_aflow_debye_gp_cloud": "AFLOW lowest theta, {budget} of {pool:,}, CLOUD + GP" + _OLD,
     "bench_aflow_debye_transfer": "AFLOW lowest theta, {budget} of {pool:,}, GP + transfer",
     "bench_aflow_debye_prior": "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows",
+    "bench_aflow_debye_prior_diverse": (
+        "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows, diverse design"
+    ),
     "bench_aflow_debye_auto": "AFLOW lowest theta, {budget} of {pool:,}, default (auto)" + _NEW,
     "bench_aflow_debye_diverse": (
         "AFLOW lowest theta, {budget} of {pool:,}, auto + diverse initial design" + _NEW

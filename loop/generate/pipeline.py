@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loop.generate.checks import CheckConfig, check_structure, min_distance, space_group
 from loop.generate.energies import ChgnetEnergies, EnergyConfig, structure_hash
@@ -67,7 +67,24 @@ class GenerateConfig(BaseModel):
     max_candidates: int | None = Field(
         default=None, ge=1, description="most probable substitutions kept"
     )
+    elements: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="the chemical space: proposals with any other element are left out",
+    )
     grow: GrowConfig | None = None
+
+    @field_validator("elements")
+    @classmethod
+    def _known_elements(cls, value: list[str] | None) -> list[str] | None:
+        from pymatgen.core import Element
+
+        if value is None:
+            return None
+        unknown = [e for e in value if not Element.is_valid_symbol(e)]
+        if unknown:
+            raise ValueError(f"not element symbols: {', '.join(unknown)}")
+        return sorted(set(value))
 
 
 class GeneratedCandidate(BaseModel):
@@ -183,6 +200,15 @@ def unique_structures(
     return keep, rejected
 
 
+def _inside(proposals: list[Proposal], elements: Sequence[str]) -> tuple[list[Proposal], int]:
+    """The proposals whose every element is in ``elements``, and how many were not."""
+    from pymatgen.core import Composition
+
+    space = set(elements)
+    inside = [p for p in proposals if {e.symbol for e in Composition(p.formula)} <= space]
+    return inside, len(proposals) - len(inside)
+
+
 def generate_candidates(
     parents: Sequence[tuple[str, Structure]],
     config: GenerateConfig,
@@ -215,10 +241,16 @@ def generate_candidates(
     if config.substitution is not None and parents:
         proposals, rejected = propose_substitutions(list(parents), config.substitution)
         proposals.sort(key=lambda p: -p.probability)
+        if config.elements is not None:
+            proposals, outside = _inside(proposals, config.elements)
+            rejected["outside_space"] += outside
         if config.max_candidates is not None:
             proposals = proposals[: config.max_candidates]
     if config.symmetry is not None:
         built, why = propose_symmetric(config.symmetry)
+        if config.elements is not None:
+            built, outside = _inside(built, config.elements)
+            why["outside_space"] = why.get("outside_space", 0) + outside
         proposals += built
         rejected.update({f"symmetry_{k}": v for k, v in why.items()})
     counts["proposed"] = len(proposals)

@@ -66,6 +66,32 @@ def test_rock_salt_substitution_balanced_unique_encoded_with_provenance(
     assert len({c.id for c in out}) == len(out)
 
 
+def test_the_chemical_space_keeps_substitutions_inside_it(energies: ChgnetEnergies) -> None:
+    parents = [("nacl", _rock_salt(5.64)), ("kcl", _rock_salt(6.29, "K"))]
+    sub = SubstitutionConfig(threshold=5e-3, max_per_parent=8)
+    free = generate_candidates(
+        parents, GenerateConfig(substitution=sub, energies=energies.config), energies=energies
+    )
+    space = ["Br", "Cl", "K", "Li", "Na"]
+    inside = generate_candidates(
+        parents,
+        GenerateConfig(substitution=sub, energies=energies.config, elements=space),
+        energies=energies,
+    )
+
+    def elements(candidates: list) -> set[str]:
+        return {e.symbol for c in candidates for e in Structure.from_str(c.cif, fmt="cif").species}
+
+    assert elements(free.candidates) - set(space)  # unconstrained, products leave the space
+    assert inside.candidates and elements(inside.candidates) <= set(space)
+    assert inside.summary.rejected["outside_space"] > 0
+    assert {c.formula for c in inside.candidates} == {
+        c.formula for c in free.candidates if elements([c]) <= set(space)
+    }
+    with pytest.raises(ValueError, match="not element symbols: Xx"):
+        GenerateConfig(elements=["Na", "Xx"])
+
+
 def test_chgnet_energy_cache_hits_and_misses(tmp_path: Path) -> None:
     config = EnergyConfig(relax=False, cache_dir=tmp_path)
     first = ChgnetEnergies(config)
