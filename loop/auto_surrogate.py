@@ -175,21 +175,68 @@ _BETA_MIN = 0.05  # a mean with (almost) no signal keeps a usable spread
 _OWN_MIN = 8  # own picks needed before the spread is fitted on them alone
 
 
-def _conformal_90(z: Tensor) -> float:
-    """The split-conformal 90 % quantile of ``|z|``: the ``ceil(0.9 (n + 1))``-th smallest.
+_ACI_GAMMA = 0.05  # step of the adaptive level per value (Gibbs and Candes 2021 use 0.005-0.05)
 
-    Larger than the plain 0.9 quantile for small ``n`` (the largest value up to n = 18), so
-    intervals scaled by it cover 90 % of the next draw, not only of the past ones.
+
+def _conformal(z: Tensor, level: float = 0.9) -> float:
+    """The split-conformal ``level`` quantile of ``|z|``: the ``ceil(level (n + 1))``-th smallest.
+
+    Larger than the plain quantile for small ``n`` (the largest value up to n = 18 at 0.9), so
+    intervals scaled by it cover ``level`` of the next draw, not only of the past ones.
     """
     ordered = z.sort().values
-    k = min(math.ceil(0.9 * (len(ordered) + 1)), len(ordered))
+    k = min(max(math.ceil(level * (len(ordered) + 1)), 1), len(ordered))
     return float(ordered[k - 1])
 
 
+def _adaptive_conformal_90(z: Tensor, gamma: float = _ACI_GAMMA) -> float:
+    """The conformal quantile of ``|z|`` (in the order measured) at an adaptive level.
+
+    Adaptive conformal inference (Gibbs and Candes, NeurIPS 2021): walking through the values,
+    each is checked against the interval the ones before it gave, and the miss rate in use
+    moves by ``gamma * (0.1 - miss)``: up after covered values, down after misses. A
+    campaign's picks are not exchangeable (each batch is chosen where the model looks best,
+    and later batches reach further), so the plain quantile of past values under-covers the
+    next ones; the adaptive level is what keeps the long-run coverage at 90 % under such
+    drift. Values of one batch are walked in their stored order.
+    """
+    a = 0.1
+    for t in range(1, len(z)):
+        miss = a > 0 and float(z[t]) > _conformal(z[:t], 1 - a)
+        a = min(max(a + gamma * (0.1 - float(miss)), 0.0), 0.5)
+    return _conformal(z, 1 - a)
+
+
+def _held_out_z(mean: Tensor, r: Tensor, w: Tensor, *, fixed_slope: bool, floor: float) -> Tensor:
+    """``|z|`` of each value under the map fitted without it (closed-form leave-one-out).
+
+    The map's intercept, slope and variance scale are fitted on the same few values the
+    spread is then read from; in-sample residuals are smaller than the next batch's (by about
+    ``sqrt((n - 3) / n)``: 0.6 at n = 8), so the conformal quantile of them is too. The
+    leave-one-out residual of weighted least squares is ``r_i / (1 - h_ii)`` (``h`` the
+    leverage) and the variance scale without value ``i`` is the others' mean ``r^2 / w``.
+    """
+    n = int(r.numel())
+    iw = 1 / w
+    h = iw / iw.sum()
+    if not fixed_slope:
+        mw = (iw * mean).sum() / iw.sum()
+        var = (iw * (mean - mw) ** 2).sum()
+        if float(var) > 0:
+            h = h + iw * (mean - mw) ** 2 / var
+    r_loo = r / (1 - h).clamp_min(1e-3)
+    e = r.pow(2) / w
+    c_loo = ((e.sum() - e) / max(n - 1, 1)).clamp_min(floor**2)
+    return r_loo.abs() / (c_loo * w).sqrt()
+
+
 def _fit_column(
-    mean: Tensor, std: Tensor, y: Tensor, own: Tensor, floor: float
+    mean: Tensor, std: Tensor, y: Tensor, own: Tensor, floor: float, held_out: bool = True
 ) -> tuple[float, float, float, float, float, float]:
-    """Best ``(ll_sum, alpha, beta, spread, k1, k0)`` for one target's prequential values."""
+    """Best ``(ll_sum, alpha, beta, spread, k1, k0)`` for one target's prequential values.
+
+    ``held_out``: read the spread from leave-one-out residuals (:func:`_held_out_z`; the
+    default) rather than in-sample ones."""
     n = int(y.numel())
     s2 = std.clamp_min(floor).pow(2)
     shape = s2 / s2.mean()
@@ -218,14 +265,25 @@ def _fit_column(
         # model version then covered none of its picks)
         alpha = alpha_eff
     beta_eff = max(beta, _BETA_MIN)
-    z = (y - alpha - beta_eff * mean).abs() / (k1 * std.clamp_min(floor).pow(2) + k0).sqrt()
+    if held_out:
+        z = _held_out_z(
+            mean,
+            y - alpha - beta_eff * mean,
+            (1 - t_best) * shape + t_best,
+            fixed_slope=beta < _BETA_MIN,
+            floor=floor,
+        )
+    else:
+        z = (y - alpha - beta_eff * mean).abs() / (k1 * s2 + k0).sqrt()
     if int(own.sum()) >= _OWN_MIN:
         z = z[own]  # its own picks (what coverage is judged on) are harder than the others
-    spread = _conformal_90(z) / _Z90 if z.numel() >= 2 else 1.0
+    spread = _adaptive_conformal_90(z) / _Z90 if z.numel() >= 2 else 1.0
     return best[0], alpha, beta_eff, min(max(spread, 0.05), 1e4), k1, k0
 
 
-def recalibrate(record: PrequentialRecord, m: int, floor: float) -> Recalibration:
+def recalibrate(
+    record: PrequentialRecord, m: int, floor: float, *, held_out: bool = True
+) -> Recalibration:
     """Score a model's prequential predictions and fit the map that calibrates them.
 
     Per target, the mean is mapped affinely (``alpha + beta * mean``, ``beta >= 0``) and
@@ -236,16 +294,17 @@ def recalibrate(record: PrequentialRecord, m: int, floor: float) -> Recalibratio
     the candidates but are off in scale or offset (common for a small ensemble) is not
     thrown out for that, and uninformative stds cost no more than the error of the mean.
 
-    The spread that is applied afterwards is the split-conformal factor for 90 % intervals
-    (the ``ceil(0.9 (n + 1))``-th smallest ``|z|`` of the recalibrated past predictions, over
-    1.645), counted on the model's own
-    picks once it has made enough of them (a model's errors are larger on the candidates
-    it chose for looking best than on others').
+    The spread that is applied afterwards is the conformal factor for 90 % intervals (a
+    quantile of the recalibrated past predictions' ``|z|``, over 1.645), counted on the model's
+    own picks once it has made enough of them (a model's errors are larger on the candidates
+    it chose for looking best than on others'), at the adaptive level of
+    :func:`_adaptive_conformal_90`, which follows the misses so far because the picks drift.
 
     Args:
         record: prequential predictions.
         m: number of targets.
         floor: smallest standard deviation believed (a zero-spread ensemble is not certain).
+        held_out: the spread from leave-one-out residuals (see :func:`_fit_column`).
     """
     if len(record) == 0:
         return Recalibration.identity(m)
@@ -255,7 +314,9 @@ def recalibrate(record: PrequentialRecord, m: int, floor: float) -> Recalibratio
         mean, std, y, own = record.column(j)
         if y.numel() == 0:
             continue
-        ll, alpha[j], beta[j], spread[j], k1[j], k0[j] = _fit_column(mean, std, y, own, floor)
+        ll, alpha[j], beta[j], spread[j], k1[j], k0[j] = _fit_column(
+            mean, std, y, own, floor, held_out
+        )
         total += ll
     return Recalibration(
         total / len(record), tuple(alpha), tuple(beta), tuple(spread), tuple(k1), tuple(k0)

@@ -244,11 +244,55 @@ def test_calibration_scores_predictions_against_measurements() -> None:
 
 
 def test_spread_is_the_split_conformal_quantile() -> None:
-    from loop.auto_surrogate import _conformal_90
+    from loop.auto_surrogate import _conformal
 
     z = torch.arange(1, 101, dtype=torch.float64)  # 1..100
-    assert _conformal_90(z) == 91.0  # ceil(0.9 * 101) = 91st smallest
-    assert _conformal_90(z[:10]) == 10.0  # few values: the largest
+    assert _conformal(z) == 91.0  # ceil(0.9 * 101) = 91st smallest
+    assert _conformal(z[:10]) == 10.0  # few values: the largest
+
+
+def test_held_out_z_is_the_leave_one_out_refit() -> None:
+    """The closed form equals refitting the weighted line and the scale without each value."""
+    from loop.auto_surrogate import _held_out_z
+
+    gen = torch.Generator().manual_seed(3)
+    n = 12
+    mean = torch.randn(n, generator=gen, dtype=torch.float64)
+    y = 0.3 + 0.7 * mean + 0.4 * torch.randn(n, generator=gen, dtype=torch.float64)
+    w = 0.5 + torch.rand(n, generator=gen, dtype=torch.float64)
+    iw = 1 / w
+
+    def line(keep: torch.Tensor, fixed: float | None) -> tuple[float, float]:
+        a = iw[keep]
+        mw = float((a * mean[keep]).sum() / a.sum())
+        yw = float((a * y[keep]).sum() / a.sum())
+        if fixed is not None:
+            return yw - fixed * mw, fixed
+        b = float(
+            (a * (mean[keep] - mw) * (y[keep] - yw)).sum() / (a * (mean[keep] - mw) ** 2).sum()
+        )
+        return yw - b * mw, b
+
+    for fixed in (None, 0.05):
+        alpha, beta = line(torch.ones(n, dtype=torch.bool), fixed)
+        z = _held_out_z(mean, y - alpha - beta * mean, w, fixed_slope=fixed is not None, floor=1e-9)
+        for i in range(n):
+            keep = torch.arange(n) != i
+            a_i, b_i = line(keep, fixed)
+            r_i = y[i] - a_i - b_i * mean[i]
+            r_all = y - alpha - beta * mean
+            c_i = float((r_all[keep] ** 2 / w[keep]).mean())
+            assert float(z[i]) == pytest.approx(abs(float(r_i)) / math.sqrt(c_i * float(w[i])))
+
+
+def test_adaptive_level_widens_after_drift_and_matches_split_without_it() -> None:
+    from loop.auto_surrogate import _adaptive_conformal_90, _conformal
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(80, generator=gen, dtype=torch.float64).abs()
+    drift = torch.cat([z[:40], 3 * z[40:]])  # the later picks are three times harder
+    assert _adaptive_conformal_90(drift) > _conformal(drift)
+    assert _adaptive_conformal_90(z[:10]) == _conformal(z[:10]) == float(z[:10].max())
 
 
 def test_bayesian_head_ensemble_gives_joint_draws_and_noisy_moments(

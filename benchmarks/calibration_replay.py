@@ -1,0 +1,160 @@
+"""Replay the ``auto`` surrogate's recalibration on finished benchmark runs.
+
+Every ``auto`` run keeps, in its newest model version, each candidate model's prequential
+record: the predictions each model version made of the rows measured after it, in the
+order they were measured. The store's model versions say how long the record was at each
+refit (``<member>.prequential_values``) and which member was chosen. That is enough to
+recompute, offline and in seconds, the interval coverage that any recalibration rule would
+have had on the chosen model's next rows, without rerunning a campaign (the rule only
+changes reported beliefs: the acquisition runs on the chosen member's own belief).
+
+    python benchmarks/calibration_replay.py /work/runs/bench_aflow_debye_diverse \
+        --out benchmarks/results/calibration_replay_aflow.json
+
+Coverage here is of model version ``v``'s predictions of the rows measured between refits
+``v`` and ``v + 1``; the benchmark table's coverage is of the predictions recorded when each
+pick was decided, which differ only where a batch was decided by an older version. The first
+version (fitted before any prequential value exists, calibrated on held-out training rows)
+is not replayed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import loop.auto_surrogate as auto
+from loop.auto_surrogate import (
+    _Z90,
+    PrequentialRecord,
+    Recalibration,
+    _conformal,
+    recalibrate,
+)
+
+Rule = Callable[[PrequentialRecord, int, float], Recalibration]
+
+
+def _rule(held_out: bool, adaptive: bool) -> Rule:
+    """:func:`recalibrate` with leave-one-out or in-sample residuals and with the adaptive
+    or the plain split-conformal level (both off: the rule before the adaptive level)."""
+
+    def rule(record: PrequentialRecord, m: int, floor: float) -> Recalibration:
+        if adaptive:
+            return recalibrate(record, m, floor, held_out=held_out)
+        shipped = auto._adaptive_conformal_90
+        auto._adaptive_conformal_90 = lambda z, gamma=0.0: _conformal(z, 0.9)
+        try:
+            return recalibrate(record, m, floor, held_out=held_out)
+        finally:
+            auto._adaptive_conformal_90 = shipped
+
+    return rule
+
+
+def _prefix(record: PrequentialRecord, n: int) -> PrequentialRecord:
+    out = PrequentialRecord()
+    out.mean, out.std, out.y = record.mean[:n], record.std[:n], record.y[:n]
+    out.target, out.own = record.target[:n], record.own[:n]
+    return out
+
+
+def _newest_state(run: Path) -> dict | None:
+    versions = sorted(
+        (p for p in run.rglob("auto.json") if p.parent.name[1:].isdigit()),
+        key=lambda p: int(p.parent.name[1:]),
+    )
+    return json.loads(versions[-1].read_text()) if versions else None
+
+
+def replay_run(run: Path, rules: dict[str, Rule]) -> dict[str, list[tuple[int, bool]]] | None:
+    """Per rule, ``(version, covered)`` for every replayed value of one run (None: not auto)."""
+    state = _newest_state(run)
+    db = next(run.rglob("campaign.sqlite"), None)
+    if state is None or db is None:
+        return None
+    members: list[str] = state["members"]
+    records = {n: PrequentialRecord.from_json(r) for n, r in state["records"].items()}
+    with sqlite3.connect(db) as con:
+        rows = con.execute(
+            "SELECT version, metrics FROM model_versions ORDER BY version"
+        ).fetchall()
+    lengths = []
+    for version, metrics in rows:
+        m = json.loads(metrics)
+        lengths.append((version, int(m.get(f"{members[0]}.prequential_values", 0)), m))
+    out: dict[str, list[tuple[int, bool]]] = {name: [] for name in rules}
+    floor = float(state["floor"])
+    for k, (version, start, metrics) in enumerate(lengths):
+        end = lengths[k + 1][1] if k + 1 < len(lengths) else len(records[members[0]])
+        if start < 8 or end <= start:
+            continue
+        chosen = members[int(metrics["chosen_index"])]
+        record = records[chosen]
+        mean, std, y, _ = (t[start:end] for t in _column(record))
+        for name, rule in rules.items():
+            recal = rule(_prefix(record, start), 1, floor)
+            mu, sd = recal.apply(mean.unsqueeze(-1), std.clamp_min(floor).unsqueeze(-1))
+            covered = ((y - mu.squeeze(-1)).abs() <= _Z90 * sd.squeeze(-1)).tolist()
+            out[name] += [(version, bool(c)) for c in covered]
+    return out
+
+
+def _column(record: PrequentialRecord) -> tuple[torch.Tensor, ...]:
+    return record.column(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bench_dirs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, help="write the summary as JSON here")
+    args = parser.parse_args(argv)
+    rules: dict[str, Rule] = {
+        "shipped": _rule(held_out=True, adaptive=True),
+        "held_out_split": _rule(held_out=True, adaptive=False),
+        "in_sample_adaptive": _rule(held_out=False, adaptive=True),
+        "in_sample_split": _rule(held_out=False, adaptive=False),  # the rule before
+    }
+    summary: dict[str, dict] = {}
+    for bench in args.bench_dirs:
+        runs = sorted(p for p in (bench / "runs").iterdir() if p.is_dir())
+        per_rule: dict[str, list[float]] = {n: [] for n in rules}
+        pooled: dict[str, list[bool]] = {n: [] for n in rules}
+        for run in runs:
+            res = replay_run(run, rules)
+            if res is None:
+                continue
+            for name, values in res.items():
+                if values:
+                    hits = [c for _, c in values]
+                    per_rule[name].append(sum(hits) / len(hits))
+                    pooled[name] += hits
+        summary[bench.name] = {
+            name: {
+                "runs": len(per_rule[name]),
+                "values": len(pooled[name]),
+                "coverage_pooled": sum(pooled[name]) / max(len(pooled[name]), 1),
+                "coverage_median_run": statistics.median(per_rule[name])
+                if per_rule[name]
+                else None,
+            }
+            for name in rules
+        }
+        for name, s in summary[bench.name].items():
+            print(
+                f"{bench.name} {name}: coverage {s['coverage_pooled']:.3f} pooled over "
+                f"{s['values']} values, median run {s['coverage_median_run']}"
+            )
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
