@@ -192,6 +192,14 @@ def main() -> None:
                 heapq.heappush(top, (-m, s))
                 if len(top) > 20:
                     heapq.heappop(top)
+            if n_chunks % 25 == 0:
+                rate = len(seen) / (time.perf_counter() - t_gen)
+                print(
+                    f"{n_chunks}/{len(chunks)} chunks, {len(seen):,} distinct of {args.target:,} "
+                    f"({rate:.1f}/s, ~{(args.target - len(seen)) / max(rate, 1e-9) / 60:.0f} min left)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if len(seen) >= args.target:
                 pool.terminate()
                 break
