@@ -46,6 +46,7 @@ LABELS = {
     "bench_mpts52_diverse": (
         "mpts_52 time split, {budget} of {pool:,}, auto + diverse initial design" + _NEW
     ),
+    "bench_mpts52_gp_diverse": "mpts_52 time split, {budget} of {pool:,}, GP, diverse initial design",
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}" + _OLD,
     "bench_carbon24_gp_cloud": "carbon_24 lowest E, {budget} of {pool:,}, CLOUD + GP" + _OLD,
     "bench_carbon24_auto": "carbon_24 lowest E, {budget} of {pool:,}, default (auto)" + _NEW,
