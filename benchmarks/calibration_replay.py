@@ -5,8 +5,10 @@ record: the predictions each model version made of the rows measured after it, i
 order they were measured. The store's model versions say how long the record was at each
 refit (``<member>.prequential_values``) and which member was chosen. That is enough to
 recompute, offline and in seconds, the interval coverage that any recalibration rule would
-have had on the chosen model's next rows, without rerunning a campaign (the rule only
-changes reported beliefs: the acquisition runs on the chosen member's own belief).
+have had on the chosen model's next rows, without rerunning a campaign. The acquisition
+runs on the chosen member's own belief, so a rule changes the reported beliefs, and, in
+pools larger than the acquisition's shortlist (2,048), which candidates reach the shortlist
+(ranked on the reported belief); the replay holds the picks fixed.
 
     python benchmarks/calibration_replay.py /work/runs/bench_aflow_debye_diverse \
         --out benchmarks/results/calibration_replay_aflow.json
