@@ -10,8 +10,9 @@ runs on the chosen member's own belief, so a rule changes the reported beliefs, 
 pools larger than the acquisition's shortlist (2,048), which candidates reach the shortlist
 (ranked on the reported belief); the replay holds the picks fixed.
 
-    python benchmarks/calibration_replay.py /work/runs/bench_aflow_debye_diverse \
-        --out benchmarks/results/calibration_replay_aflow.json
+    cloudlab bench configs/bench_aflow_debye_diverse.yaml --out runs/bench_aflow_debye_diverse
+    python benchmarks/calibration_replay.py runs/bench_aflow_debye_diverse \
+        --out benchmarks/results/calibration_replay_aflow_debye_diverse.json
 
 Coverage here is of model version ``v``'s predictions of the rows measured between refits
 ``v`` and ``v + 1``; the benchmark table's coverage is of the predictions recorded when each
@@ -29,35 +30,18 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+from loop.auto_surrogate import _Z90, PrequentialRecord, Recalibration, recalibrate
 
-import loop.auto_surrogate as auto
-from loop.auto_surrogate import (
-    _Z90,
-    PrequentialRecord,
-    Recalibration,
-    _conformal,
-    recalibrate,
-)
-
+_MIN_EVIDENCE = 8  # AutoSurrogate's default: fewer values leave the choice at its fallback
 Rule = Callable[[PrequentialRecord, int, float], Recalibration]
 
 
 def _rule(held_out: bool, adaptive: bool) -> Rule:
     """:func:`recalibrate` with leave-one-out or in-sample residuals and with the adaptive
-    or the plain split-conformal level (both off: the rule before the adaptive level)."""
-
-    def rule(record: PrequentialRecord, m: int, floor: float) -> Recalibration:
-        if adaptive:
-            return recalibrate(record, m, floor, held_out=held_out)
-        shipped = auto._adaptive_conformal_90
-        auto._adaptive_conformal_90 = lambda z, gamma=0.0: _conformal(z, 0.9)
-        try:
-            return recalibrate(record, m, floor, held_out=held_out)
-        finally:
-            auto._adaptive_conformal_90 = shipped
-
-    return rule
+    or the plain split-conformal level (both off: the rule before this change)."""
+    return lambda record, m, floor: recalibrate(
+        record, m, floor, held_out=held_out, adaptive=adaptive
+    )
 
 
 def _prefix(record: PrequentialRecord, n: int) -> PrequentialRecord:
@@ -95,21 +79,17 @@ def replay_run(run: Path, rules: dict[str, Rule]) -> dict[str, list[tuple[int, b
     floor = float(state["floor"])
     for k, (version, start, metrics) in enumerate(lengths):
         end = lengths[k + 1][1] if k + 1 < len(lengths) else len(records[members[0]])
-        if start < 8 or end <= start:
+        if start < _MIN_EVIDENCE or end <= start:
             continue
         chosen = members[int(metrics["chosen_index"])]
         record = records[chosen]
-        mean, std, y, _ = (t[start:end] for t in _column(record))
+        mean, std, y, _ = (t[start:end] for t in record.column(0))
         for name, rule in rules.items():
             recal = rule(_prefix(record, start), 1, floor)
             mu, sd = recal.apply(mean.unsqueeze(-1), std.clamp_min(floor).unsqueeze(-1))
             covered = ((y - mu.squeeze(-1)).abs() <= _Z90 * sd.squeeze(-1)).tolist()
             out[name] += [(version, bool(c)) for c in covered]
     return out
-
-
-def _column(record: PrequentialRecord) -> tuple[torch.Tensor, ...]:
-    return record.column(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -175,7 +175,7 @@ _BETA_MIN = 0.05  # a mean with (almost) no signal keeps a usable spread
 _OWN_MIN = 8  # own picks needed before the spread is fitted on them alone
 
 
-_ACI_GAMMA = 0.05  # step of the adaptive level per value (Gibbs and Candes 2021 use 0.005-0.05)
+_ACI_GAMMA = 0.05  # step of the adaptive miss rate per value
 
 
 def _conformal(z: Tensor, level: float = 0.9) -> float:
@@ -212,7 +212,8 @@ def _held_out_z(mean: Tensor, r: Tensor, w: Tensor, *, fixed_slope: bool, floor:
 
     The map's intercept, slope and variance scale are fitted on the same few values the
     spread is then read from; in-sample residuals are smaller than the next batch's (by about
-    ``sqrt((n - 3) / n)``: 0.6 at n = 8), so the conformal quantile of them is too. The
+    ``sqrt((n - 3) / n)`` for three fitted parameters: 0.79 at n = 8), so the conformal
+    quantile of them is too. The
     leave-one-out residual of weighted least squares is ``r_i / (1 - h_ii)`` (``h`` the
     leverage) and the variance scale without value ``i`` is the others' mean ``r^2 / w``.
     """
@@ -231,12 +232,20 @@ def _held_out_z(mean: Tensor, r: Tensor, w: Tensor, *, fixed_slope: bool, floor:
 
 
 def _fit_column(
-    mean: Tensor, std: Tensor, y: Tensor, own: Tensor, floor: float, held_out: bool = True
+    mean: Tensor,
+    std: Tensor,
+    y: Tensor,
+    own: Tensor,
+    floor: float,
+    held_out: bool = True,
+    adaptive: bool = True,
 ) -> tuple[float, float, float, float, float, float]:
     """Best ``(ll_sum, alpha, beta, spread, k1, k0)`` for one target's prequential values.
 
-    ``held_out``: read the spread from leave-one-out residuals (:func:`_held_out_z`; the
-    default) rather than in-sample ones."""
+    ``held_out``: read the spread from leave-one-out residuals (:func:`_held_out_z`) rather
+    than in-sample ones; ``adaptive``: at the level of :func:`_adaptive_conformal_90` rather
+    than the plain split-conformal 90 % (both on by default; off reproduces the earlier rule,
+    which ``benchmarks/calibration_replay.py`` compares against)."""
     n = int(y.numel())
     s2 = std.clamp_min(floor).pow(2)
     shape = s2 / s2.mean()
@@ -277,12 +286,18 @@ def _fit_column(
         z = (y - alpha - beta_eff * mean).abs() / (k1 * s2 + k0).sqrt()
     if int(own.sum()) >= _OWN_MIN:
         z = z[own]  # its own picks (what coverage is judged on) are harder than the others
-    spread = _adaptive_conformal_90(z) / _Z90 if z.numel() >= 2 else 1.0
+    quantile = _adaptive_conformal_90(z) if adaptive else _conformal(z)
+    spread = quantile / _Z90 if z.numel() >= 2 else 1.0
     return best[0], alpha, beta_eff, min(max(spread, 0.05), 1e4), k1, k0
 
 
 def recalibrate(
-    record: PrequentialRecord, m: int, floor: float, *, held_out: bool = True
+    record: PrequentialRecord,
+    m: int,
+    floor: float,
+    *,
+    held_out: bool = True,
+    adaptive: bool = True,
 ) -> Recalibration:
     """Score a model's prequential predictions and fit the map that calibrates them.
 
@@ -304,7 +319,7 @@ def recalibrate(
         record: prequential predictions.
         m: number of targets.
         floor: smallest standard deviation believed (a zero-spread ensemble is not certain).
-        held_out: the spread from leave-one-out residuals (see :func:`_fit_column`).
+        held_out, adaptive: how the spread is read (see :func:`_fit_column`).
     """
     if len(record) == 0:
         return Recalibration.identity(m)
@@ -315,7 +330,7 @@ def recalibrate(
         if y.numel() == 0:
             continue
         ll, alpha[j], beta[j], spread[j], k1[j], k0[j] = _fit_column(
-            mean, std, y, own, floor, held_out
+            mean, std, y, own, floor, held_out, adaptive
         )
         total += ll
     return Recalibration(

@@ -285,6 +285,22 @@ def test_held_out_z_is_the_leave_one_out_refit() -> None:
             assert float(z[i]) == pytest.approx(abs(float(r_i)) / math.sqrt(c_i * float(w[i])))
 
 
+def test_recalibrate_reads_the_spread_from_held_out_residuals() -> None:
+    """Few values, a fitted line: leave-one-out residuals give wider intervals than in-sample."""
+    from loop.auto_surrogate import PrequentialRecord, recalibrate
+
+    gen = torch.Generator().manual_seed(1)
+    mean = torch.randn(10, 1, generator=gen, dtype=torch.float64)
+    y = 2.0 * mean + 0.5 * torch.randn(10, 1, generator=gen, dtype=torch.float64)
+    record = PrequentialRecord()
+    record.extend(mean, torch.full_like(mean, 0.3), y, own=True)
+    shipped = recalibrate(record, 1, 1e-9)
+    in_sample = recalibrate(record, 1, 1e-9, held_out=False, adaptive=False)
+    assert shipped.alpha == in_sample.alpha and shipped.beta == in_sample.beta
+    assert shipped.ll == in_sample.ll  # the choice between models is unchanged
+    assert shipped.spread[0] > 1.1 * in_sample.spread[0]
+
+
 def test_adaptive_level_widens_after_drift_and_matches_split_without_it() -> None:
     from loop.auto_surrogate import _adaptive_conformal_90, _conformal
 
