@@ -266,7 +266,7 @@ def _analytic_screen(
         return None
     if kind == "qucb" and spec.constraints:
         return None
-    mean, std = surrogate.mean_std(available.long())  # n x m each
+    mean, std = surrogate.decision_mean_std(available.long())  # n x m, the belief acted on
     sign = 1.0 if spec.sense == "maximize" else -1.0
     mu, sigma = sign * mean[:, spec.primary], std[:, spec.primary].clamp_min(1e-12)  # (n,)
     if kind == "qucb":

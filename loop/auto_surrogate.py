@@ -21,7 +21,8 @@ The chosen model's predictions are then recalibrated by the same map
 given its past prequential predictions 90 % coverage) in what :meth:`mean_std`
 reports, which is what every decision records and the calibration report scores.
 The acquisition runs on the chosen member's own belief (:meth:`model`,
-:meth:`samples`); :meth:`calibrated_model` is the recalibrated one. Until ``min_evidence`` prequential values exist the first
+:meth:`samples`, and :meth:`decision_mean_std`, which ranks a large pool's shortlist);
+:meth:`calibrated_model` is the recalibrated one. Until ``min_evidence`` prequential values exist the first
 candidate (the composition GP by default) is used as it is.
 """
 
@@ -516,6 +517,10 @@ class AutoSurrogate(Surrogate):
     def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         mean, std = self.active.mean_std(idx)
         return self.recal.apply(mean, std)
+
+    def decision_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The chosen member's own belief: what :meth:`model` and :meth:`samples` act on."""
+        return self.active.decision_mean_std(idx)
 
     def design_features(self) -> Tensor | None:
         """Every candidate's design features side by side, each candidate weighted equally."""

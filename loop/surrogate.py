@@ -118,6 +118,15 @@ class Surrogate(abc.ABC):
         s = self.samples(idx)
         return s.mean(0), s.std(0) if s.shape[0] > 1 else torch.zeros_like(s[0])
 
+    def decision_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of the belief the acquisition acts on (:meth:`model`, :meth:`samples`).
+
+        What ranks a large pool's shortlist, so that the shortlist and the batch chosen from it
+        read one belief. The same as :meth:`mean_std` unless a surrogate reports a belief other
+        than the one it decides on (``auto`` reports its chosen member's recalibrated belief).
+        """
+        return self.mean_std(idx)
+
     def design_features(self) -> Tensor | None:
         """``N x d`` pool features a diverse initial design spreads over (:mod:`loop.design`),
         computed without labels; None when this surrogate has none (the design is random)."""

@@ -9,11 +9,16 @@ import pytest
 import torch
 
 from loop.acquisition import select_batch
-from loop.auto_surrogate import AutoSurrogate, PrequentialRecord, calibrated_log_likelihood
+from loop.auto_surrogate import (
+    AutoSurrogate,
+    PrequentialRecord,
+    Recalibration,
+    calibrated_log_likelihood,
+)
 from loop.campaign import Campaign
 from loop.config import parse_config
 from loop.store import CampaignStore
-from loop.surrogate import build_surrogate
+from loop.surrogate import Surrogate, build_surrogate
 from tests.loop.cv_data import cv_rows, cv_scopes, write_cv_pool
 
 
@@ -128,6 +133,9 @@ def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
     assert len({p.index for p in picks}) == 4 and all(28 <= p.index < 50 for p in picks)
     # the acquisition sees the member's own belief; the recalibrated one is there to be read
     assert torch.equal(draws, auto.members[best].samples(idx))
+    m_own, s_own = auto.decision_mean_std(idx)
+    assert torch.equal(m_own, m_member) and torch.equal(s_own, s_member)
+    assert not torch.allclose(s_own, s_auto)
     calibrated = auto.calibrated_model()
     assert calibrated is not None
     post = calibrated.posterior(idx.to(torch.float64).view(-1, 1, 1))
@@ -140,6 +148,32 @@ def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
     assert restored.chosen == auto.chosen and restored.recal == auto.recal
     m2, s2 = restored.mean_std(idx)
     assert torch.allclose(m_auto, m2, atol=1e-6) and torch.allclose(s_auto, s2, atol=1e-6)
+
+    # the shortlist of a pool larger than it ranks on the same own belief: with a map that
+    # moves every reported mean far below the best value (the reported expected improvement
+    # then rewards the widest candidates), the batch is still the member's own choice
+    def shortlisted(surrogate: Surrogate) -> set[int]:
+        return {
+            p.index
+            for p in select_batch(
+                kind="qlogei",
+                surrogate=surrogate,
+                spec=config.objective_spec(),
+                q=2,
+                available=idx,
+                pending=torch.tensor([], dtype=torch.long),
+                measured_idx=torch.arange(28),
+                measured_y=y[:28],
+                generator=torch.Generator().manual_seed(0),
+                beta=2.0,
+                shortlist=2,
+            )
+        }
+
+    shift = -10.0 * float(s_member.max())
+    auto.recals[auto.chosen] = Recalibration(auto.recal.ll, (shift,), (1.0,), (1.0,))
+    assert torch.allclose(auto.mean_std(idx)[0], m_member + shift)
+    assert shortlisted(auto) == shortlisted(auto.members[best])
 
 
 def test_auto_switches_to_the_member_whose_predictions_were_likelier(data_dir: Path) -> None:
