@@ -1,10 +1,11 @@
-"""The discovery driver's own generator pieces (benchmarks/discovery.py) on tiny real cases."""
+"""The discovery driver's generator pieces (benchmarks/discover/generate.py) on tiny real cases."""
 
 from __future__ import annotations
 
 from pymatgen.core import Composition, Lattice, Structure
 
-from benchmarks.discovery import SPACE, substitute_into_space, unique_proposals
+from benchmarks.discover.common import SPACE
+from benchmarks.discover.generate import substitute_into_space, unique_proposals
 
 
 def _layered_naalo2() -> Structure:
