@@ -227,7 +227,9 @@ def _standalone_values(
     if isinstance(model, LookupEnsembleModel):
         screen, choices, baseline = model, available, measured_idx
     elif (
-        analytic := _analytic_screen(kind, surrogate, spec, available, measured_y, beta)
+        analytic := _analytic_screen(
+            kind, surrogate, spec, available, measured_y, beta, generator
+        )
     ) is not None:
         return analytic
     else:

@@ -122,8 +122,10 @@ class Surrogate(abc.ABC):
         """Mean and std of the belief the acquisition acts on (:meth:`model`, :meth:`samples`).
 
         What ranks a large pool's shortlist, so that the shortlist and the batch chosen from it
-        read one belief. The same as :meth:`mean_std` unless a surrogate reports a belief other
-        than the one it decides on (``auto`` reports its chosen member's recalibrated belief).
+        read one belief. The default is :meth:`mean_std`; a surrogate that reports a belief
+        other than the one it decides on overrides it (``auto`` reports its chosen member's
+        recalibrated belief, a Bayesian-head ensemble adds observation noise to its draws'
+        spread). A warped GP's is the delta-method approximation of its warped posterior.
         """
         return self.mean_std(idx)
 
@@ -238,6 +240,10 @@ class EnsembleSurrogate(Surrogate):
             return super().mean_std(idx)
         mean, std = self._moments
         return mean[idx.long()], std[idx.long()]
+
+    def decision_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Moments of the draws the acquisition sees (without the Bayesian heads' noise)."""
+        return super().mean_std(idx)
 
     def design_features(self) -> Tensor | None:
         """PCA scores of the pretrained trunk's pooled embeddings of the pool (none without a

@@ -170,6 +170,35 @@ def test_gp_shortlist_from_draws_keeps_the_exact_choice() -> None:
     assert len(exact & screened) >= 3
 
 
+def test_tied_screen_breaks_ties_with_the_decision_generator() -> None:
+    """A GP on identical features (carbon_24's constant composition) ties every candidate;
+    the shortlist's tie-breaking draws from the decision's seeded generator, not torch's
+    global one, so the same seed gives the same batch whatever else drew random numbers."""
+    x = torch.ones(600, 3, dtype=torch.float64)
+    y = torch.randn(20, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    gp = GPSurrogate(x, seed=0)
+    gp.fit(torch.arange(20), y)
+    spec = ObjectiveSpec(targets=("y",), primary=0, sense="minimize")
+
+    def picks(global_seed: int) -> list[int]:
+        torch.manual_seed(global_seed)
+        chosen = select_batch(
+            kind="qlogei",
+            surrogate=gp,
+            spec=spec,
+            q=4,
+            available=torch.arange(20, 600),
+            pending=torch.tensor([], dtype=torch.long),
+            measured_idx=torch.arange(20),
+            measured_y=y,
+            generator=torch.Generator().manual_seed(0),
+            shortlist=16,
+        )
+        return [p.index for p in chosen]
+
+    assert picks(0) == picks(1) == picks(2)
+
+
 def test_objective_window_and_top_fraction() -> None:
     spec = ObjectiveSpec(targets=("gap",), primary=0, sense="window", window=(1.5, 3.0))
     y = torch.tensor([[1.0], [2.0], [3.5], [2.9]], dtype=torch.float64)
