@@ -227,9 +227,7 @@ def _standalone_values(
     if isinstance(model, LookupEnsembleModel):
         screen, choices, baseline = model, available, measured_idx
     elif (
-        analytic := _analytic_screen(
-            kind, surrogate, spec, available, measured_y, beta, generator
-        )
+        analytic := _analytic_screen(kind, surrogate, spec, available, measured_y, beta, generator)
     ) is not None:
         return analytic
     else:
