@@ -3,14 +3,17 @@
 ``configs/perovskite_water_splitting.yaml`` minimises the heat of formation among the
 candidates whose indirect gap lies in 1.5-3 eV. Of the 7,572 candidates of perov_5 val+test,
 7,278 have a gap of exactly 0 and 79 lie in the window, so the benchmark's top 1 % (76) is
-almost the whole feasible set: the campaign is a search for the feasible rows, and its
-score is bounded by how well a surrogate's probability of feasibility ranks them.
+almost the whole feasible set: the campaign is a search for the feasible rows, and how well a
+surrogate's probability of feasibility ranks them indicates what it can find (an adaptive
+campaign is not bounded by a one-shot ranking, but it starts from fewer rows).
 
 This script measures that ranking without any acquisition: each surrogate is fitted on
 ``n_train`` rows drawn at random (a campaign's budget, far more than any acquisition has
 before its last batches), and the ``top_k`` remaining candidates with the highest score are
 counted for feasible rows. Scores: the GP's ``P(1.5 <= gap <= 3)`` from its Gaussian
-marginal of the gap (what the constrained qLogEI multiplies in), on composition features,
+marginal of the gap (what the acquisition's closed-form shortlist screen multiplies in; the
+batch qLogEI uses the sampled equivalent; for the warped GP the marginal is the delta-method
+approximation of ``mean_std``), on composition features,
 with a Yeo-Johnson warp, and with the transfer block (``gp_transfer``); and a GP regressing
 the 0/1 feasibility indicator directly (a classifier in regression clothing). Random picks
 find ``top_k * 79 / 7,572`` on average.
