@@ -208,5 +208,6 @@ def build_mf_agent(
         len(config.fidelities),
         seed=config.seed,
         max_train=config.surrogate.gp_max_train,
+        sense=config.objective.sense if config.objective.sense != "window" else None,
     )
     return MultiFidelityAgent(config, candidate_ids, surrogate, registry, timings)
