@@ -23,9 +23,12 @@ START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 # checkpoint the CLOUD parts of each benchmark's committed runs used (what a row compares with)
 _OLD = ", CLOUD: cloud-small (retired)"
 _NEW = ", CLOUD: cloud-small-multitask"
+# `auto` rows measured before the shortlist read the chosen member's own belief (be72a85) and
+# its tie-breaking the decision's generator (dd80d05)
+_PRE = ", before be72a85"
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}" + _OLD,
-    "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, default (auto)" + _NEW,
+    "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, default (auto)" + _NEW + _PRE,
     "bench_perov_5_diverse": (
         "perov_5 window, {budget} of {pool:,}, auto + diverse initial design" + _NEW
     ),
@@ -37,19 +40,25 @@ LABELS = {
     "bench_aflow_debye_prior_diverse": (
         "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows, diverse design"
     ),
-    "bench_aflow_debye_auto": "AFLOW lowest theta, {budget} of {pool:,}, default (auto)" + _NEW,
+    "bench_aflow_debye_auto": (
+        "AFLOW lowest theta, {budget} of {pool:,}, default (auto)" + _NEW + _PRE
+    ),
     "bench_aflow_debye_diverse": (
         "AFLOW lowest theta, {budget} of {pool:,}, auto + diverse initial design" + _NEW
     ),
     "bench_mpts52": "mpts_52 time split, {budget} of {pool:,}" + _OLD,
-    "bench_mpts52_auto": "mpts_52 time split, {budget} of {pool:,}, auto (gp, CLOUD)" + _NEW,
+    "bench_mpts52_auto": (
+        "mpts_52 time split, {budget} of {pool:,}, auto (gp, CLOUD)" + _NEW + _PRE
+    ),
     "bench_mpts52_diverse": (
-        "mpts_52 time split, {budget} of {pool:,}, auto + diverse initial design" + _NEW
+        "mpts_52 time split, {budget} of {pool:,}, auto + diverse initial design" + _NEW + _PRE
     ),
     "bench_mpts52_gp_diverse": "mpts_52 time split, {budget} of {pool:,}, GP, diverse initial design",
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}" + _OLD,
     "bench_carbon24_gp_cloud": "carbon_24 lowest E, {budget} of {pool:,}, CLOUD + GP" + _OLD,
-    "bench_carbon24_auto": "carbon_24 lowest E, {budget} of {pool:,}, default (auto)" + _NEW,
+    "bench_carbon24_auto": (
+        "carbon_24 lowest E, {budget} of {pool:,}, default (auto)" + _NEW + _PRE
+    ),
     "bench_carbon24_diverse": (
         "carbon_24 lowest E, {budget} of {pool:,}, auto + diverse initial design" + _NEW
     ),
