@@ -51,7 +51,7 @@ LABELS = {
         "mpts_52 time split, {budget} of {pool:,}, auto (gp, CLOUD)" + _NEW + _PRE
     ),
     "bench_mpts52_diverse": (
-        "mpts_52 time split, {budget} of {pool:,}, auto + diverse initial design" + _NEW + _PRE
+        "mpts_52 time split, {budget} of {pool:,}, auto + diverse initial design" + _NEW
     ),
     "bench_mpts52_gp_diverse": "mpts_52 time split, {budget} of {pool:,}, GP, diverse initial design",
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}" + _OLD,
