@@ -117,20 +117,25 @@ def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
     assert auto.recal.beta[0] >= 0.05 and auto.recal.spread[0] > 0
     draws = auto.samples(idx)
     assert draws.shape[1:] == (22, 1) and draws.shape[0] >= 2
-    picks = select_batch(
-        kind="qlogei",
-        surrogate=auto,
-        spec=config.objective_spec(),
-        q=4,
-        available=idx,
-        pending=torch.tensor([], dtype=torch.long),
-        measured_idx=torch.arange(28),
-        measured_y=y[:28],
-        generator=torch.Generator().manual_seed(0),
-        beta=2.0,
-        shortlist=config.acquisition.shortlist_for(auto.active_name),
-    )
-    assert len({p.index for p in picks}) == 4 and all(28 <= p.index < 50 for p in picks)
+
+    def choose(surrogate: Surrogate, q: int, shortlist: int) -> set[int]:
+        picks = select_batch(
+            kind="qlogei",
+            surrogate=surrogate,
+            spec=config.objective_spec(),
+            q=q,
+            available=idx,
+            pending=torch.tensor([], dtype=torch.long),
+            measured_idx=torch.arange(28),
+            measured_y=y[:28],
+            generator=torch.Generator().manual_seed(0),
+            beta=2.0,
+            shortlist=shortlist,
+        )
+        return {p.index for p in picks}
+
+    picks = choose(auto, 4, config.acquisition.shortlist_for(auto.active_name))
+    assert len(picks) == 4 and all(28 <= i < 50 for i in picks)
     # the acquisition sees the member's own belief; the recalibrated one is there to be read
     assert torch.equal(draws, auto.members[best].samples(idx))
     m_own, s_own = auto.decision_mean_std(idx)
@@ -154,30 +159,12 @@ def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
     # reported expected improvement then rewards the widest candidates) it shortlists what
     # the GP alone does (q = shortlist, so the batch is the shortlist; an ensemble is screened
     # on its draws, so the GP is the member chosen here)
-    def shortlisted(surrogate: Surrogate) -> set[int]:
-        return {
-            p.index
-            for p in select_batch(
-                kind="qlogei",
-                surrogate=surrogate,
-                spec=config.objective_spec(),
-                q=2,
-                available=idx,
-                pending=torch.tensor([], dtype=torch.long),
-                measured_idx=torch.arange(28),
-                measured_y=y[:28],
-                generator=torch.Generator().manual_seed(0),
-                beta=2.0,
-                shortlist=2,
-            )
-        }
-
     auto.chosen = "gp"
     m_gp, s_gp = auto.members["gp"].mean_std(idx)
     shift = -10.0 * float(s_gp.max())
     auto.recals["gp"] = Recalibration(auto.recal.ll, (shift,), (1.0,), (1.0,))
     assert torch.allclose(auto.mean_std(idx)[0], m_gp + shift)
-    assert shortlisted(auto) == shortlisted(auto.members["gp"])
+    assert choose(auto, 2, 2) == choose(auto.members["gp"], 2, 2)
 
 
 def test_auto_switches_to_the_member_whose_predictions_were_likelier(data_dir: Path) -> None:
