@@ -25,8 +25,10 @@ killed). Only a process can be stopped from outside whatever it is doing: a
 GPAW SCF step or a torch kernel never checks a flag, and a Python thread
 cannot be killed, so a thread-based limit could only mark a job failed while
 its work went on using the CPU. The price is a process start per job (for
-CHGNet ~3 s of CPU importing torch and loading the model, against ~0.05 s
-for a static evaluation); ``max_parallel`` workers overlap it. A job whose
+CHGNet ~4 s of CPU importing torch and CHGNet, against ~0.05 s for a static
+evaluation); ``warm_start`` forks the worker from a server that imported the
+worker module once instead (:mod:`adapters.warm_workers`), still one process
+per job, watched and killed by its supervisor. A job whose
 supervisor vanished without a final state (kill -9, reboot) is reported LOST,
 and a resubmit of its key returns the LOST job rather than computing again.
 """
@@ -79,6 +81,11 @@ class LocalJobSettings(BaseModel):
         default=1, ge=1, description="workers running at once on this machine"
     )
     work_dir: Path = Field(description="holds jobs/, slots/ and references/")
+    warm_start: bool = Field(
+        default=False,
+        description="fork each worker from a server that imported the worker module once "
+        "(adapters.warm_workers) instead of starting Python afresh",
+    )
 
 
 _S = TypeVar("_S", bound=LocalJobSettings)
@@ -203,6 +210,7 @@ class LocalJobAdapter(LabAdapter, Generic[_S, _R]):
             worker_module=self.worker_module,
             timeout_s=settings.timeout_s,
             env=self.job_env(settings),
+            warm_start=settings.warm_start,
         )
         stored, created = self.runner.submit(spec)
         if not created:

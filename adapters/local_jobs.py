@@ -17,8 +17,10 @@ second submit of the same key never starts a second calculation. A job directory
 the caller) waits for a free slot (``flock`` on ``<root>/slots/slot-<i>.lock``),
 starts the worker (``python -m <worker_module> <job_dir>``, its own process
 group and working directory), kills it on timeout or cancel, and records the
-final state with the worker's CPU time. A job whose owner process vanished
-without a final state is reported LOST.
+final state with the worker's CPU time. With ``warm_start`` the worker is
+forked by a server that imported the worker module once
+(:mod:`adapters.warm_workers`) and watched by pid; without a server it starts
+cold. A job whose owner process vanished without a final state is reported LOST.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class JobSpec(_Strict):
     worker_module: str = Field(description="run as `python -m <worker_module> <job_dir>`")
     timeout_s: float = Field(gt=0)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the worker")
+    warm_start: bool = Field(
+        default=False,
+        description="fork the worker from a pre-imported server (adapters.warm_workers)",
+    )
     submitted_at: datetime = Field(default_factory=utcnow)
 
 
@@ -100,6 +106,7 @@ class JobRecord(_Strict):
     finished_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)
     cpu_s: float | None = Field(default=None, description="CPU seconds used by the worker")
+    warm_started: bool = Field(default=False, description="forked by a warm server")
 
 
 class WorkerError(_Strict):
@@ -408,6 +415,83 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+class _ColdWorker:
+    """A worker started as ``python -m <worker_module> <job_dir>``, a child of the supervisor."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc, self.pid = proc, proc.pid
+
+    def describe(self) -> str:
+        return f"worker pid {self.pid}"
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        _kill_group(self.proc)
+
+    def ended(self) -> tuple[int, float | None]:
+        """The exit status and the CPU seconds of the worker."""
+        returncode = self.proc.wait()
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return returncode, usage.ru_utime + usage.ru_stime
+
+
+class _WarmWorker:
+    """A worker forked by a warm server (:mod:`adapters.warm_workers`), watched by pid."""
+
+    def __init__(self, pid: int, start_time: int | None, job_dir: Path) -> None:
+        self.pid, self.start_time, self.job_dir = pid, start_time, job_dir
+
+    def describe(self) -> str:
+        return f"worker pid {self.pid} (warm start)"
+
+    def running(self) -> bool:
+        return process_alive(self.pid, self.start_time)
+
+    def kill(self) -> None:
+        for sig, wait in ((signal.SIGTERM, _KILL_GRACE_S), (signal.SIGKILL, 30.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+            deadline = time.monotonic() + wait
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not self.running():
+                return
+
+    def ended(self) -> tuple[int, float | None]:
+        """The exit status and CPU seconds its server recorded (``exit.json``).
+
+        A server that died before reaping the worker leaves none: then the status is read
+        from what the worker wrote (0 with a result, 1 without) and the CPU time is unknown.
+        """
+        from adapters.warm_workers import WorkerExit
+
+        path, deadline = self.job_dir / "exit.json", time.monotonic() + 2.0
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            ended = WorkerExit.model_validate_json(path.read_text())
+            return ended.returncode, ended.cpu_s
+        except (OSError, ValidationError):
+            return (0 if (self.job_dir / "result.json").exists() else 1), None
+
+
+def _warm_worker(job_dir: Path, spec: JobSpec, env: dict[str, str]) -> _WarmWorker | None:
+    """The job's worker forked by a warm server, or None (then start it cold)."""
+    from adapters.warm_workers import request_worker
+
+    reply = request_worker(job_dir, spec.worker_module, env)
+    if reply is None:
+        return None
+    if reply.pid is None:
+        logger.warning(
+            "warm server refused job %s (%s); starting it cold", job_dir.name, reply.error
+        )
+        return None
+    return _WarmWorker(reply.pid, reply.start_time, job_dir)
+
+
 def supervise(job_dir: Path) -> int:
     """Run one job's worker with its timeout; record the final state. Returns 0."""
     store = JobDirectory(job_dir.parent.parent)
@@ -439,37 +523,47 @@ def supervise(job_dir: Path) -> int:
         store.update(job_id, JobState.CANCELLED, "cancelled while queued")
         return 0
     env = {**os.environ, **spec.env}
-    with open(job_dir / "worker.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", spec.worker_module, str(job_dir)],
-            cwd=job_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    worker: _ColdWorker | _WarmWorker | None = (
+        _warm_worker(job_dir, spec, env) if spec.warm_start else None
+    )
+    if worker is None:
+        with open(job_dir / "worker.log", "ab") as log:
+            worker = _ColdWorker(
+                subprocess.Popen(
+                    [sys.executable, "-m", spec.worker_module, str(job_dir)],
+                    cwd=job_dir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     started = time.monotonic()
     store.update(
-        job_id, JobState.RUNNING, f"worker pid {proc.pid}", worker_pid=proc.pid, started_at=utcnow()
+        job_id,
+        JobState.RUNNING,
+        worker.describe(),
+        worker_pid=worker.pid,
+        started_at=utcnow(),
+        warm_started=isinstance(worker, _WarmWorker),
     )
     state, message = JobState.RUNNING, ""
-    while proc.poll() is None:
+    while worker.running():
         elapsed = time.monotonic() - started
         if cancelled():
-            _kill_group(proc)
+            worker.kill()
             state, message = JobState.CANCELLED, f"cancelled after {elapsed:.1f} s; worker killed"
             break
         if elapsed > spec.timeout_s:
-            _kill_group(proc)
+            worker.kill()
             state = JobState.FAILED
-            message = f"timed out after {elapsed:.1f} s (limit {spec.timeout_s:g} s); worker pid {proc.pid} killed"
+            message = f"timed out after {elapsed:.1f} s (limit {spec.timeout_s:g} s); worker pid {worker.pid} killed"
             break
         time.sleep(0.1)
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_s = usage.ru_utime + usage.ru_stime
+    returncode, cpu_s = worker.ended()
     if state is JobState.RUNNING:
-        state, message = _final_state(job_dir, proc.returncode)
+        state, message = _final_state(job_dir, returncode)
     store.update(job_id, state, message, cpu_s=cpu_s)
     logger.info("job %s ended %s: %s", job_id, state, message)
     return 0

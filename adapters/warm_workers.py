@@ -1,0 +1,290 @@
+"""Pre-imported job workers: one fork server per worker module and environment.
+
+A CHGNet job spends ~4 s starting Python and importing torch, pymatgen and
+CHGNet before 1-10 s of work; over a discovery campaign's few hundred jobs that
+is a third of the wall time. A *warm server* pays the imports once: it imports
+the worker module (and calls its ``preload()``, if it has one), listens on a
+Unix socket, and forks one child per job. The child becomes that job's worker
+exactly as ``python -m <worker_module> <job_dir>`` would: its own session and
+process group, the job directory as working directory, stdout and stderr to
+``worker.log``, the job's environment, then :func:`adapters.local_jobs.run_worker`.
+
+The supervisor (:func:`adapters.local_jobs.supervise`) still owns the job: it
+watches the child's pid (with its start time, against pid reuse), kills its
+process group on timeout or cancel and records the final state. The server
+only reaps its children and writes each one's exit status and CPU time to
+``<job_dir>/exit.json`` (:class:`WorkerExit`).
+
+* **Fork safety.** The server never runs a torch kernel, so no OpenMP or
+  intra-op thread pool exists when it forks (a pool inherited by a fork can
+  deadlock; the idle BLAS threads numpy and scipy start at import re-create
+  themselves after a fork), and it refuses to fork while a second Python
+  thread runs. Thread settings read at import (``OMP_NUM_THREADS`` ...)
+  are fixed by the server's environment, which is why the environment is part
+  of the server's identity (:func:`server_key`).
+* **Lifetime.** The first supervisor that finds no server starts one (detached,
+  in its own session) and runs its own job the cold way. One server per
+  socket: it holds an ``flock`` on ``<socket>.lock`` for life. It exits after
+  ``idle_s`` without a request and without live children.
+* **Failure.** A missing, starting or dead server costs time, never a job: the
+  supervisor falls back to a cold worker. A child orphaned by a dead server is
+  still watched and killed by its supervisor; without ``exit.json`` its state
+  is read from ``result.json`` / ``error.json``.
+* **Code changes.** The key includes the worker module's and this package's
+  file modification times, so edited code gets a new server; the old one exits
+  when idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters.local_jobs import JobSpec, process_start_time, run_worker
+
+Compute = Callable[[JobSpec, Path], BaseModel]
+
+__all__ = ["WarmStart", "WorkerExit", "request_worker", "serve", "server_key", "socket_path"]
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+_CONNECT_TIMEOUT_S = 10.0  # the server replies after one fork (~10 ms); a busy machine is slower
+_DEFAULT_IDLE_S = 300.0
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkerExit(_Strict):
+    """How a warm-started worker ended (``<job_dir>/exit.json``, written by its server)."""
+
+    returncode: int = Field(description="exit status; minus the signal number if killed")
+    cpu_s: float = Field(ge=0, description="user + system CPU seconds of the worker")
+
+
+class WarmStart(_Strict):
+    """The server's reply to a job request: the forked worker, or why there is none."""
+
+    pid: int | None = None
+    start_time: int | None = Field(default=None, description="clock ticks since boot")
+    error: str | None = None
+
+
+def server_key(worker_module: str, env: Mapping[str, str]) -> str:
+    """The identity of a server: interpreter, code (with mtimes), worker module and environment.
+
+    Two supervisors share a server only if a cold worker of either would have run the
+    same code in the same environment.
+    """
+    spec = importlib.util.find_spec(worker_module)
+    origin = Path(spec.origin) if spec is not None and spec.origin else None
+    stamps = [
+        str(p.stat().st_mtime_ns) if p is not None and p.exists() else "-"
+        for p in (origin, Path(__file__))
+    ]
+    parts = [sys.executable, str(_PACKAGE_ROOT), worker_module, *stamps]
+    parts += [f"{k}={v}" for k, v in sorted(env.items())]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def socket_path(key: str) -> Path:
+    """Where the server of ``key`` listens (the temporary directory: socket paths are short)."""
+    return Path(tempfile.gettempdir()) / f"cloudlab-warm-{os.getuid()}-{key}.sock"
+
+
+# --------------------------------------------------------------------------- client (supervisor)
+
+
+def request_worker(job_dir: Path, worker_module: str, env: Mapping[str, str]) -> WarmStart | None:
+    """Ask the warm server of (``worker_module``, ``env``) to fork the worker of ``job_dir``.
+
+    Returns the forked worker, or None when no server answers; then a server is started
+    for the next job (this one should start cold). A server that answers with an error
+    is returned as such (``pid`` None).
+    """
+    path = socket_path(server_key(worker_module, env))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(_CONNECT_TIMEOUT_S)
+            conn.connect(str(path))
+            conn.sendall(json.dumps({"job_dir": str(job_dir), "env": dict(env)}).encode() + b"\n")
+            reply = conn.makefile("rb").readline()
+        return WarmStart.model_validate_json(reply)
+    except (OSError, ValueError) as exc:
+        logger.info("no warm %s server at %s (%s); starting one", worker_module, path, exc)
+        start_server(worker_module, env, path)
+        return None
+
+
+def start_server(worker_module: str, env: Mapping[str, str], path: Path) -> None:
+    """Start a detached server (it exits at once if another one holds ``path``'s lock)."""
+    log = path.with_suffix(".log")
+    paths = (str(_PACKAGE_ROOT), env.get("PYTHONPATH", ""))
+    server_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    with open(log, "ab") as out:
+        subprocess.Popen(
+            [sys.executable, "-m", "adapters.warm_workers", worker_module, str(path)],
+            env=server_env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=tempfile.gettempdir(),
+        )
+
+
+# --------------------------------------------------------------------------- server
+
+
+def _run_child(job_dir: Path, env: Mapping[str, str], compute: Compute) -> int:
+    """In the forked child: become the job's worker (see the module docstring)."""
+    os.setsid()
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    log_fd = os.open(job_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    os.close(null_fd)
+    os.chdir(job_dir)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = [f"warm:{job_dir}", str(job_dir)]
+    logging.getLogger().handlers.clear()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    logging.getLogger(__name__).info("warm-started worker pid %d", os.getpid())
+    return run_worker(job_dir, compute)
+
+
+def serve(worker_module: str, path: Path, *, idle_s: float = _DEFAULT_IDLE_S) -> int:
+    """Run a warm server for ``worker_module`` on ``path`` until idle; returns the exit status."""
+    lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        logger.info("another server holds %s; exiting", path)
+        return 0
+    t0 = time.perf_counter()
+    module = importlib.import_module(worker_module)
+    compute: Compute = module.compute
+    preload = getattr(module, "preload", None)
+    if callable(preload):
+        preload()
+    logger.info("imported %s in %.1f s", worker_module, time.perf_counter() - t0)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a dead server's socket: we hold the lock, so nobody else listens
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    children: dict[int, Path] = {}
+    last_used = time.monotonic()
+    try:
+        while children or time.monotonic() - last_used < idle_s:
+            ready, _, _ = select.select([listener], [], [], 0.2)
+            _reap(children)
+            if not ready:
+                continue
+            conn, _ = listener.accept()
+            last_used = time.monotonic()
+            with conn:
+                conn.settimeout(5.0)
+                reply = _fork_for(conn, compute, listener, children)
+                conn.sendall(reply.model_dump_json().encode() + b"\n")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener.close()
+    logger.info("idle for %.0f s; exiting", idle_s)
+    return 0
+
+
+def _fork_for(
+    conn: socket.socket,
+    compute: Compute,
+    listener: socket.socket,
+    children: dict[int, Path],
+) -> WarmStart:
+    try:
+        request = json.loads(conn.makefile("rb").readline())
+        job_dir = Path(request["job_dir"])
+        env = {str(k): str(v) for k, v in request["env"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return WarmStart(error=f"bad request: {exc}")
+    if not (job_dir / "spec.json").exists():
+        return WarmStart(error=f"{job_dir} is not a job directory (no spec.json)")
+    if threading.active_count() != 1:
+        return WarmStart(
+            error=f"server runs {threading.active_count()} Python threads; not forking"
+        )
+    pid = os.fork()
+    if pid == 0:  # the child never returns into the server loop
+        listener.close()
+        conn.close()
+        code = 1
+        try:
+            code = _run_child(job_dir, env, compute)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    children[pid] = job_dir
+    return WarmStart(pid=pid, start_time=process_start_time(pid))
+
+
+def _reap(children: dict[int, Path]) -> None:
+    """Collect ended children; write each one's :class:`WorkerExit` into its job directory."""
+    while children:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            children.clear()
+            return
+        if pid == 0:
+            return
+        job_dir = children.pop(pid, None)
+        if job_dir is None:
+            continue
+        ended = WorkerExit(
+            returncode=os.waitstatus_to_exitcode(status), cpu_s=usage.ru_utime + usage.ru_stime
+        )
+        tmp = job_dir / f".exit.json.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):  # a job directory removed under us
+            tmp.write_text(ended.model_dump_json())
+            os.replace(tmp, job_dir / "exit.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        raise SystemExit("usage: python -m adapters.warm_workers <worker_module> <socket_path>")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    idle_s = float(os.environ.get("CLOUDLAB_WARM_IDLE_S", _DEFAULT_IDLE_S))
+    return serve(args[0], Path(args[1]), idle_s=idle_s)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
