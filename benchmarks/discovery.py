@@ -5,8 +5,9 @@ and the campaigns inside resume from their stores):
 
 1. ``generate`` -- candidates that exist in no dataset, *unrelaxed*:
    symmetry-first structures (:func:`loop.generate.symmetry.propose_symmetric`: Wyckoff
-   templates counted from ``mp_20_biternary``, decorated with Li/Mg/Al/O, built by pyxtal; run
-   once per seed, so each template is built at several random free parameters), and
+   templates counted from ``mp_20_biternary``, plus the 4-species ones of ``mp_20_pilot``,
+   decorated with Li/Mg/Al/O, built by pyxtal; run once per seed, so each template is built
+   at several random free parameters), and
    substitutions into the space: the registry's oxides whose cations the lambda table
    (Hautier et al. 2011, the table :mod:`loop.generate.substitution` uses) lets Li+/Mg2+/Al3+
    replace, charge-balanced products only. Every product is checked
@@ -60,6 +61,9 @@ def main() -> None:
                         help="runs of the symmetry generator, each at its own random free parameters")  # fmt: skip
     parser.add_argument("--symmetry-per-seed", type=int, default=1000,
                         help="structures each run builds at most (distinct template + decoration)")  # fmt: skip
+    parser.add_argument("--quaternary-per-seed", type=int, default=200,
+                        help="4-species structures each run builds at most, from the Wyckoff sets "
+                        "of mp_20_pilot (0: none)")  # fmt: skip
     parser.add_argument("--substitution-threshold", type=float, default=1e-4)
     parser.add_argument("--substitution-per-parent", type=int, default=5)
     parser.add_argument("--budget", type=int, default=None,

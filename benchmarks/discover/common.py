@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]  # benchmarks/discover/common.py -> t
 SPACE = ("Al", "Li", "Mg", "O")
 TARGET_SPECIES = ("Li+", "Mg2+", "Al3+")  # what the substitution generator puts on cation sites
 HULL_DATASET = "mp_20_biternary"  # the substitution parents and Wyckoff statistics come from it
+QUATERNARY_DATASET = "mp_20_pilot"  # 4-species Wyckoff sets and parents (biternary has none)
 # every registry CIF set holding compounds of the space: novelty check and competing phases
 REGISTRY_SETS = (
     HULL_DATASET, "mp_20_pilot", "mpts_52", "aflow_debye_temperature", "aflow_thermal_expansion",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from benchmarks.discover.common import (
     HULL_DATASET,
     PARENT_CATIONS,
+    QUATERNARY_DATASET,
     SPACE,
     TARGET_SPECIES,
     log,
@@ -29,16 +30,23 @@ if TYPE_CHECKING:
 
 
 def substitution_parents() -> list[tuple[str, Structure]]:
-    """Registry oxides whose other elements are all in :data:`PARENT_CATIONS`."""
+    """Registry oxides whose other elements are all in :data:`PARENT_CATIONS`.
+
+    From :data:`HULL_DATASET` and :data:`QUATERNARY_DATASET` (whose oxides with three cations
+    give quaternary products).
+    """
     from pymatgen.core import Composition, Structure
 
     from cloud_model.datasets import load_dataset
 
     parents = []
-    for record in load_dataset(HULL_DATASET).records:
+    records = [*load_dataset(HULL_DATASET).records, *load_dataset(QUATERNARY_DATASET).records]
+    seen: set[str] = set()
+    for record in records:
         formula = record.extra.get("formula")
-        if record.cif is None or formula is None:
+        if record.cif is None or formula is None or record.id in seen:
             continue
+        seen.add(record.id)
         elements = {el.symbol for el in Composition(str(formula)).elements}
         if "O" in elements and len(elements) >= 2 and elements - {"O"} <= PARENT_CATIONS:
             parents.append((record.id, Structure.from_str(record.cif, fmt="cif")))
@@ -168,7 +176,17 @@ def generate_stage(stage: Path, args: argparse.Namespace) -> dict[str, Any]:
         proposals += built
         rejected.update({f"symmetry_{k}": v for k, v in why.items() if k != "repeated_decoration"})
         log(f"generate: symmetry seed {seed}: {len(built)} structures built by pyxtal")
-    counts["proposed_symmetry"] = len(proposals)
+    quaternary = base.model_copy(update={"statistics_dataset": QUATERNARY_DATASET, "min_species": 4,
+                                         "max_species": 4, "n_proposals": args.quaternary_per_seed})  # fmt: skip
+    n_ternary = len(proposals)
+    for seed in range(args.symmetry_seeds if args.quaternary_per_seed > 0 else 0):
+        built, why = propose_symmetric(quaternary.model_copy(update={"seed": seed}))
+        proposals += built
+        rejected.update({f"symmetry_quaternary_{k}": v for k, v in why.items()
+                         if k != "repeated_decoration"})  # fmt: skip
+        log(f"generate: quaternary seed {seed}: {len(built)} structures from {QUATERNARY_DATASET}")
+    counts["proposed_symmetry"] = n_ternary
+    counts["proposed_symmetry_quaternary"] = len(proposals) - n_ternary
     timings["propose_symmetry"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
