@@ -153,6 +153,10 @@ class SurrogateConfig(_Section):
     gp_max_train: int = Field(default=500, ge=2, le=20_000)  # exact GP: O(n^3) per fit
     # gp, gp_cloud: model Yeo-Johnson-warped values (fitted per refit; loop/warp.py)
     gp_warp: bool = False
+    # campaigns with fidelities: icm (one kernel shared by the fidelities) or lmc (two kernels:
+    # a shared trend and a highest-fidelity correction with its own length scales;
+    # loop/mf_surrogate.py)
+    mf_kernel: Literal["icm", "lmc"] = "icm"
     ensemble: EnsembleConfig = Field(
         default_factory=lambda: EnsembleConfig(
             n_trainable_blocks=0, epochs=60, warm_start_epochs=30

@@ -209,5 +209,6 @@ def build_mf_agent(
         seed=config.seed,
         max_train=config.surrogate.gp_max_train,
         sense=config.objective.sense if config.objective.sense != "window" else None,
+        kernel=config.surrogate.mf_kernel,
     )
     return MultiFidelityAgent(config, candidate_ids, surrogate, registry, timings)

@@ -7,11 +7,25 @@ Kennedy & O'Hagan, Biometrika 2000, and Poloczek, Wang & Frazier, NeurIPS 2017):
 
     cov(f_s(x), f_t(x')) = k(x, x') * B[s, t],     B = W W^T + diag(v)  (PSD, fitted)
 
-with ``k`` a Matern-5/2 ARD kernel over the same candidate features the GP
+with ``k`` an RBF ARD kernel (BoTorch's dimension-scaled lengthscale prior, Hvarfner
+et al. 2024) over the same candidate features the GP
 surrogate uses (composition features, plus the CLOUD or transfer block when the
 surrogate is ``gp_cloud`` / ``gp_transfer``), and one observation noise per
 fidelity. Each fidelity's values are standardised separately before the fit
 (an affine relation between fidelities then costs the model nothing but ``B``).
+
+ICM gives every fidelity the same length scales: a cheap fidelity that ranks the
+broad trends right but errs on a shorter scale (CHGNet against DFT) cannot be
+both trusted and corrected. ``kernel="lmc"`` is the linear model of
+coregionalisation with two latent processes instead (Journel & Huijbregts 1978;
+Alvarez, Rosasco & Lawrence 2012)::
+
+    cov(f_s(x), f_t(x')) = k_1(x, x') * B_1[s, t] + k_2(x, x') * B_2[s, t]
+
+each ``k_q`` its own RBF ARD kernel and each ``B_q = w_q w_q^T + diag(v_q)``.
+The autoregressive model of Kennedy & O'Hagan (``f_0 = rho f_1 + delta``, ``delta``
+independent with its own length scales) is the case ``w_1 = (rho, 1)``,
+``w_2 = (1, 0)``.
 
 Index convention (so that the surrogate keeps the :class:`loop.surrogate.Surrogate`
 contract): the model's rows are the pool followed by any prior data, ``R`` rows in
@@ -77,8 +91,10 @@ class MultiFidelityGPSurrogate(Surrogate):
             is drawn from all cheaper rows alike. On perov_5 at 1:30 a random share dropped
             ~55 % of 596 CHGNet results at every refit, the best among them included
             (``benchmarks/mf_pick_audit.py``).
-        rank: rank of ``W`` (None: ``L``, a full-rank task covariance).
+        rank: rank of ``W`` (None: ``L``, a full-rank task covariance); with ``lmc``, the
+            rank of each ``B_q`` (None: 1).
         fit_maxiter: L-BFGS-B iterations per hyperparameter fit at most.
+        kernel: ``icm`` (one spatial kernel) or ``lmc`` (two, see the module docstring).
     """
 
     name = "mf_gp"
@@ -94,7 +110,10 @@ class MultiFidelityGPSurrogate(Surrogate):
         rank: int | None = None,
         fit_maxiter: int = 200,
         sense: str | None = None,
+        kernel: str = "icm",
     ) -> None:
+        if kernel not in ("icm", "lmc"):
+            raise ValueError(f"kernel must be icm or lmc, got {kernel!r}")
         if n_fidelities < 1:
             raise ValueError(f"n_fidelities must be >= 1, got {n_fidelities}")
         if sense not in (None, "minimize", "maximize"):
@@ -110,6 +129,7 @@ class MultiFidelityGPSurrogate(Surrogate):
         self.rank = rank
         self.fit_maxiter = fit_maxiter
         self.sense = sense
+        self.kernel = kernel
         self._model: Any = None  # botorch MultiTaskGP, fitted
         self._train: tuple[Tensor, Tensor] | None = None  # combined indices, raw values
         self._stats: list[tuple[float, float]] = []  # per fidelity: (mean, std) of its values
@@ -172,7 +192,7 @@ class MultiFidelityGPSurrogate(Surrogate):
             self._stats.append((mean, std))
             z[at] = (vals - mean) / std
         X = self._inputs(rows, fid)  # n x (d+1)
-        return MultiTaskGP(
+        gp = MultiTaskGP(
             X,
             z.unsqueeze(-1),
             task_feature=-1,
@@ -181,6 +201,36 @@ class MultiFidelityGPSurrogate(Surrogate):
             rank=self.rank,
             outcome_transform=None,
         )
+        if self.kernel == "lmc":
+            gp.covar_module = self._lmc_kernel()
+        return gp
+
+    def _lmc_kernel(self) -> Any:
+        """``k_1 B_1 + k_2 B_2`` over (features, fidelity) inputs (see the module docstring).
+
+        Both spatial kernels are the ICM's (RBF, ARD, BoTorch's dimension-scaled lengthscale
+        prior). The start breaks their symmetry the autoregressive way: ``k_1`` shared by all
+        fidelities at the prior's lengthscale, ``k_2`` on the highest fidelity only, at half of it.
+        """
+        from botorch.models.utils.gpytorch_modules import get_covar_module_with_dim_scaled_prior
+        from gpytorch.kernels import AdditiveKernel, IndexKernel, ProductKernel
+
+        d, L = self.features.shape[1], self.n_fidelities
+        rank = self.rank or 1
+        parts = []
+        for q in range(2):
+            spatial = get_covar_module_with_dim_scaled_prior(ard_num_dims=d, active_dims=range(d))
+            tasks = IndexKernel(num_tasks=L, rank=rank, active_dims=[d])
+            with torch.no_grad():
+                if q == 1:
+                    spatial.lengthscale = spatial.lengthscale * 0.5
+                factor = torch.zeros(L, rank)
+                factor[:, 0] = 0.9 if q == 0 else 0.0
+                factor[0, 0] = 0.9 if q == 0 else 0.45
+                tasks.covar_factor.copy_(factor)
+                tasks.raw_var.fill_(-4.0)
+            parts.append(ProductKernel(spatial, tasks))
+        return AdditiveKernel(*parts).to(torch.float64)
 
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
         """Fit on ``n`` combined indices and their ``n x 1`` values (see the module docstring)."""
@@ -219,13 +269,16 @@ class MultiFidelityGPSurrogate(Surrogate):
         return True
 
     def task_correlation(self) -> Tensor:
-        """``L x L`` correlation between fidelities of the fitted task covariance ``B``."""
+        """``L x L`` correlation between fidelities at zero distance (``B``; ``B_1 + B_2``)."""
         gp = self._gp()
-        task_kernel = gp.covar_module.kernels[-1] if hasattr(gp.covar_module, "kernels") else None
-        if task_kernel is None or not hasattr(task_kernel, "covar_matrix"):
-            raise RuntimeError("unexpected MultiTaskGP kernel structure: no task covariance")
-        with torch.no_grad():
-            B = task_kernel.covar_matrix.to_dense()
+        products = gp.covar_module.kernels if self.kernel == "lmc" else [gp.covar_module]
+        B = torch.zeros(self.n_fidelities, self.n_fidelities, dtype=torch.float64)
+        for product in products:
+            task_kernel = product.kernels[-1] if hasattr(product, "kernels") else None
+            if task_kernel is None or not hasattr(task_kernel, "covar_matrix"):
+                raise RuntimeError("unexpected MultiTaskGP kernel structure: no task covariance")
+            with torch.no_grad():
+                B = B + task_kernel.covar_matrix.to_dense()
         d = B.diagonal().clamp_min(1e-12).sqrt()
         return B / d[:, None] / d[None, :]
 
@@ -294,6 +347,7 @@ class MultiFidelityGPSurrogate(Surrogate):
             "train_idx": self._train[0].contiguous(),
             "train_y": self._train[1].contiguous(),
             "n_fidelities": torch.tensor([self.n_fidelities]),
+            "lmc": torch.tensor([int(self.kernel == "lmc")]),
         }
         for name, value in self._model.state_dict().items():
             tensors[f"state.{name}"] = value.detach().clone().contiguous()
@@ -312,6 +366,11 @@ class MultiFidelityGPSurrogate(Surrogate):
             raise CheckpointError(
                 f"{path}: saved with {int(tensors['n_fidelities'][0])} fidelities, the campaign "
                 f"has {self.n_fidelities}"
+            )
+        saved = "lmc" if int(tensors.get("lmc", torch.tensor([0]))[0]) else "icm"
+        if saved != self.kernel:
+            raise CheckpointError(
+                f"{path}: saved with kernel {saved}, the campaign uses {self.kernel}"
             )
         idx, y = tensors["train_idx"].long(), tensors["train_y"]
         if idx.numel() and int(idx.max()) >= self.n_rows * self.n_fidelities:
