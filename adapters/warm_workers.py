@@ -27,7 +27,10 @@ only reaps its children and writes each one's exit status and CPU time to
   socket: it holds an ``flock`` on ``<socket>.lock`` for life. It exits after
   ``idle_s`` without a request and without live children.
 * **Failure.** A missing, starting or dead server costs time, never a job: the
-  supervisor falls back to a cold worker. A child orphaned by a dead server is
+  supervisor falls back to a cold worker. A server that fails to start leaves its
+  traceback in ``<key>.failed``, and for a minute no job starts another.
+* **Where.** Sockets, locks and logs live in a directory only this user can
+  enter (:func:`runtime_dir`); without one, every worker starts cold. A child orphaned by a dead server is
   still watched and killed by its supervisor; without ``exit.json`` its state
   is read from ``result.json`` / ``error.json``.
 * **Code changes.** The key includes the worker module's and this package's
@@ -53,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -69,6 +73,7 @@ logger = logging.getLogger(__name__)
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 _CONNECT_TIMEOUT_S = 10.0  # the server replies after one fork (~10 ms); a busy machine is slower
 _DEFAULT_IDLE_S = 300.0
+_RETRY_AFTER_S = 60.0  # after a server failed to start, jobs start cold this long
 
 
 class _Strict(BaseModel):
@@ -107,9 +112,32 @@ def server_key(worker_module: str, env: Mapping[str, str]) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
-def socket_path(key: str) -> Path:
-    """Where the server of ``key`` listens (the temporary directory: socket paths are short)."""
-    return Path(tempfile.gettempdir()) / f"cloudlab-warm-{os.getuid()}-{key}.sock"
+def runtime_dir() -> Path | None:
+    """The directory of this user's sockets, locks and logs (mode 0700), or None if unsafe.
+
+    ``$XDG_RUNTIME_DIR`` when set, else the temporary directory (socket paths must stay
+    under ~100 characters). A directory another user owns or can enter is never used: a
+    socket there could hand a job to someone else's process.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = Path(base) / f"cloudlab-warm-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        info = path.stat()
+    except OSError as exc:
+        logger.warning("no warm workers: cannot create %s (%s)", path, exc)
+        return None
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        logger.warning("no warm workers: %s is not private to this user (mode %o, uid %d)",
+                       path, info.st_mode & 0o777, info.st_uid)  # fmt: skip
+        return None
+    return path
+
+
+def socket_path(key: str) -> Path | None:
+    """Where the server of ``key`` listens; None without a private :func:`runtime_dir`."""
+    directory = runtime_dir()
+    return None if directory is None else directory / f"{key}.sock"
 
 
 # --------------------------------------------------------------------------- client (supervisor)
@@ -119,10 +147,13 @@ def request_worker(job_dir: Path, worker_module: str, env: Mapping[str, str]) ->
     """Ask the warm server of (``worker_module``, ``env``) to fork the worker of ``job_dir``.
 
     Returns the forked worker, or None when no server answers; then a server is started
-    for the next job (this one should start cold). A server that answers with an error
-    is returned as such (``pid`` None).
+    for the next job (this one should start cold), unless one is starting already or the
+    last one failed less than a minute ago (``<key>.failed`` holds its traceback). A server
+    that answers with an error is returned as such (``pid`` None).
     """
     path = socket_path(server_key(worker_module, env))
+    if path is None:
+        return None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(_CONNECT_TIMEOUT_S)
@@ -131,9 +162,32 @@ def request_worker(job_dir: Path, worker_module: str, env: Mapping[str, str]) ->
             reply = conn.makefile("rb").readline()
         return WarmStart.model_validate_json(reply)
     except (OSError, ValueError) as exc:
-        logger.info("no warm %s server at %s (%s); starting one", worker_module, path, exc)
-        start_server(worker_module, env, path)
+        failed = path.with_suffix(".failed")
+        if failed.exists() and time.time() - failed.stat().st_mtime < _RETRY_AFTER_S:
+            logger.info(
+                "no warm %s server at %s: the last one failed (%s)", worker_module, path, failed
+            )
+        elif _locked(Path(f"{path}.lock")):
+            logger.info("no warm %s server at %s yet: one is starting", worker_module, path)
+        else:
+            logger.info("no warm %s server at %s (%s); starting one", worker_module, path, exc)
+            start_server(worker_module, env, path)
         return None
+
+
+def _locked(lock: Path) -> bool:
+    """Whether a process holds ``lock`` (a server that is importing or serving)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def start_server(worker_module: str, env: Mapping[str, str], path: Path) -> None:
@@ -149,7 +203,7 @@ def start_server(worker_module: str, env: Mapping[str, str], path: Path) -> None
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            cwd=tempfile.gettempdir(),
+            cwd=path.parent,
         )
 
 
@@ -200,6 +254,7 @@ def serve(worker_module: str, path: Path, *, idle_s: float = _DEFAULT_IDLE_S) ->
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(16)
+    path.with_suffix(".failed").unlink(missing_ok=True)
     children: dict[int, Path] = {}
     last_used = time.monotonic()
     try:
@@ -283,7 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("usage: python -m adapters.warm_workers <worker_module> <socket_path>")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     idle_s = float(os.environ.get("CLOUDLAB_WARM_IDLE_S", _DEFAULT_IDLE_S))
-    return serve(args[0], Path(args[1]), idle_s=idle_s)
+    path = Path(args[1])
+    try:
+        return serve(args[0], path, idle_s=idle_s)
+    except Exception:  # the server's own process: the traceback is what its clients will read
+        path.with_suffix(".failed").write_text(traceback.format_exc())
+        raise
 
 
 if __name__ == "__main__":

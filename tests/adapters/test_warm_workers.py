@@ -23,7 +23,13 @@ pytest.importorskip("chgnet")
 from adapters.base import ExperimentRequest, JobHandle, JobState, JobStatus  # noqa: E402
 from adapters.local_jobs import JobRecord, process_alive  # noqa: E402
 from adapters.mlip import ChgnetAdapter  # noqa: E402
-from adapters.warm_workers import WarmStart, WorkerExit  # noqa: E402
+from adapters.warm_workers import (  # noqa: E402
+    WarmStart,
+    WorkerExit,
+    request_worker,
+    server_key,
+    socket_path,
+)
 
 pytestmark = pytest.mark.dft
 
@@ -181,3 +187,25 @@ def test_the_server_refuses_what_is_not_a_job(adapter: ChgnetAdapter, tmp_path: 
             replies.append(WarmStart.model_validate_json(conn.makefile("rb").readline()))
     assert replies[0].pid is None and "not a job directory" in (replies[0].error or "")
     assert replies[1].pid is None and "bad request" in (replies[1].error or "")
+
+
+def test_a_server_that_cannot_start_is_not_restarted_by_every_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUDLAB_WARM_TEST", uuid.uuid4().hex)
+    env = dict(os.environ)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    assert request_worker(job_dir, "adapters.no_such_worker", env) is None  # starts a server
+    path = socket_path(server_key("adapters.no_such_worker", env))
+    assert path is not None and path.parent.stat().st_mode & 0o077 == 0  # private to this user
+    failed = path.with_suffix(".failed")
+    deadline = time.monotonic() + 60
+    while not failed.exists():
+        assert time.monotonic() < deadline, "the failing server left no traceback"
+        time.sleep(0.1)
+    assert "No module named 'adapters.no_such_worker'" in failed.read_text()
+    for _ in range(3):  # within the minute: cold starts, no new server
+        assert request_worker(job_dir, "adapters.no_such_worker", env) is None
+    time.sleep(2.0)
+    assert path.with_suffix(".log").read_text().count("Traceback") == 1
