@@ -17,6 +17,7 @@ JSON (a few minutes of spglib for 14k structures, once).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -92,11 +93,18 @@ class WyckoffTemplate(BaseModel):
         ]
 
 
+@functools.cache
+def _group(number: int) -> Any:
+    """pyxtal's space group ``number`` (its Wyckoff tables; ~5 ms to build, so built once)."""
+    from pyxtal.symmetry import Group
+
+    return Group(number)
+
+
 def _template_of(structure: Structure, symprec: float) -> tuple[int, list[list[str]]] | None:
     """The space group and slots of one structure, or None when spglib finds no symmetry."""
     import numpy as np
     import spglib
-    from pyxtal.symmetry import Group
 
     cell = (
         np.asarray(structure.lattice.matrix),
@@ -106,7 +114,7 @@ def _template_of(structure: Structure, symprec: float) -> tuple[int, list[list[s
     data = spglib.get_symmetry_dataset(cell, symprec=symprec)  # type: ignore[arg-type]
     if data is None:
         return None
-    group = Group(int(data.number))
+    group = _group(int(data.number))
     by_element: dict[str, list[str]] = {}
     for i in sorted(set(int(k) for k in data.equivalent_atoms)):
         letter = str(data.wyckoffs[i])
