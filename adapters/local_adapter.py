@@ -117,7 +117,8 @@ class LocalJobAdapter(LabAdapter, Generic[_S, _R]):
     Args:
         settings: defaults for every job, as settings or their JSON dict (e.g. from a
             campaign config crossing into a Ray actor). A request's ``parameters`` may
-            override any field but ``work_dir``, ``max_parallel`` and ``adapter_only``.
+            override any field but ``work_dir``, ``max_parallel``, ``warm_start`` and
+            ``adapter_only``.
 
     Raises:
         ConfigError: ``settings`` is a dict that does not validate.
@@ -169,7 +170,8 @@ class LocalJobAdapter(LabAdapter, Generic[_S, _R]):
         Raises:
             PermanentAdapterError: a parameter is adapter-only or invalid.
         """
-        forbidden = ({"work_dir", "max_parallel"} | self.adapter_only) & request.parameters.keys()
+        fixed = {"work_dir", "max_parallel", "warm_start"} | self.adapter_only
+        forbidden = fixed & request.parameters.keys()
         if forbidden:
             raise PermanentAdapterError(f"request parameters may not set {sorted(forbidden)}")
         try:

@@ -451,8 +451,13 @@ class _WarmWorker:
 
     def kill(self) -> None:
         for sig, wait in ((signal.SIGTERM, _KILL_GRACE_S), (signal.SIGKILL, 30.0)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, sig)
+            try:
+                os.killpg(self.pid, sig)  # the worker and whatever it started
+            except ProcessLookupError:  # no group (yet): the worker itself
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+            except PermissionError:
+                pass
             deadline = time.monotonic() + wait
             while self.running() and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -481,7 +486,11 @@ def _warm_worker(job_dir: Path, spec: JobSpec, env: dict[str, str]) -> _WarmWork
     """The job's worker forked by a warm server, or None (then start it cold)."""
     from adapters.warm_workers import request_worker
 
-    reply = request_worker(job_dir, spec.worker_module, env)
+    try:
+        reply = request_worker(job_dir, spec.worker_module, env)
+    except Exception as exc:  # whatever goes wrong on the warm path, the job starts cold
+        logger.warning("warm start of job %s failed (%s); starting it cold", job_dir.name, exc)
+        return None
     if reply is None:
         return None
     if reply.pid is None:

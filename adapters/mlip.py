@@ -137,7 +137,7 @@ class ChgnetAdapter(LocalJobAdapter[ChgnetSettings, ChgnetJobResult]):
     Args:
         settings: defaults for every job, as settings or their JSON dict. A request's
             ``parameters`` may override any field but ``work_dir``, ``max_parallel``,
-            ``model_version`` and ``threads`` (e.g. ``{"relax": true}``).
+            ``warm_start``, ``model_version`` and ``threads`` (e.g. ``{"relax": true}``).
     """
 
     name = "chgnet"

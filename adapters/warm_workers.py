@@ -44,13 +44,14 @@ import contextlib
 import fcntl
 import hashlib
 import importlib
-import importlib.util
+import importlib.metadata
 import json
 import logging
 import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,9 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 _CONNECT_TIMEOUT_S = 10.0  # the server replies after one fork (~10 ms); a busy machine is slower
 _DEFAULT_IDLE_S = 300.0
 _RETRY_AFTER_S = 60.0  # after a server failed to start, jobs start cold this long
+_ACK_TIMEOUT_S = 5.0  # the supervisor confirms the reply; without it the forked worker exits
+_CODE_PACKAGES = ("adapters", "cloud_model")
+_DISTRIBUTIONS = ("chgnet", "torch", "pymatgen", "numpy", "pydantic", "ase", "gpaw")
 
 
 class _Strict(BaseModel):
@@ -96,18 +100,26 @@ class WarmStart(_Strict):
 
 
 def server_key(worker_module: str, env: Mapping[str, str]) -> str:
-    """The identity of a server: interpreter, code (with mtimes), worker module and environment.
+    """The identity of a server: interpreter, code, package versions, worker module, environment.
 
     Two supervisors share a server only if a cold worker of either would have run the
-    same code in the same environment.
+    same code in the same environment: the key holds the modification times of every
+    module of this checkout's ``adapters`` and ``cloud_model`` packages and the versions
+    of the installed packages a worker imports, so edited code or an upgrade gets a new
+    server (the old one exits when idle).
     """
-    spec = importlib.util.find_spec(worker_module)
-    origin = Path(spec.origin) if spec is not None and spec.origin else None
     stamps = [
-        str(p.stat().st_mtime_ns) if p is not None and p.exists() else "-"
-        for p in (origin, Path(__file__))
+        f"{p.relative_to(_PACKAGE_ROOT)}@{p.stat().st_mtime_ns}"
+        for package in _CODE_PACKAGES
+        for p in sorted((_PACKAGE_ROOT / package).glob("*.py"))
     ]
-    parts = [sys.executable, str(_PACKAGE_ROOT), worker_module, *stamps]
+    versions = []
+    for dist in _DISTRIBUTIONS:
+        try:
+            versions.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{dist}==none")
+    parts = [sys.executable, str(_PACKAGE_ROOT), worker_module, *stamps, *versions]
     parts += [f"{k}={v}" for k, v in sorted(env.items())]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
@@ -123,9 +135,12 @@ def runtime_dir() -> Path | None:
     path = Path(base) / f"cloudlab-warm-{os.getuid()}"
     try:
         path.mkdir(mode=0o700, exist_ok=True)
-        info = path.stat()
+        info = path.lstat()  # a symlink planted by someone else is not followed
     except OSError as exc:
         logger.warning("no warm workers: cannot create %s (%s)", path, exc)
+        return None
+    if not stat.S_ISDIR(info.st_mode):
+        logger.warning("no warm workers: %s is not a directory (a symlink?)", path)
         return None
     if info.st_uid != os.getuid() or info.st_mode & 0o077:
         logger.warning("no warm workers: %s is not private to this user (mode %o, uid %d)",
@@ -159,20 +174,29 @@ def request_worker(job_dir: Path, worker_module: str, env: Mapping[str, str]) ->
             conn.settimeout(_CONNECT_TIMEOUT_S)
             conn.connect(str(path))
             conn.sendall(json.dumps({"job_dir": str(job_dir), "env": dict(env)}).encode() + b"\n")
-            reply = conn.makefile("rb").readline()
-        return WarmStart.model_validate_json(reply)
+            reply = WarmStart.model_validate_json(conn.makefile("rb").readline())
+            if reply.pid is not None:
+                conn.sendall(b"go\n")  # without it the forked worker exits before starting
+        return reply
     except (OSError, ValueError) as exc:
         failed = path.with_suffix(".failed")
-        if failed.exists() and time.time() - failed.stat().st_mtime < _RETRY_AFTER_S:
-            logger.info(
-                "no warm %s server at %s: the last one failed (%s)", worker_module, path, failed
-            )
-        elif _locked(Path(f"{path}.lock")):
+        if _locked(Path(f"{path}.lock")):
             logger.info("no warm %s server at %s yet: one is starting", worker_module, path)
+        elif _recent(failed):
+            logger.info("no warm %s server at %s: the last one failed (%s)", worker_module, path,
+                        failed)  # fmt: skip
         else:
             logger.info("no warm %s server at %s (%s); starting one", worker_module, path, exc)
             start_server(worker_module, env, path)
         return None
+
+
+def _recent(marker: Path) -> bool:
+    """Whether ``marker`` was written less than :data:`_RETRY_AFTER_S` ago."""
+    try:
+        return time.time() - marker.stat().st_mtime < _RETRY_AFTER_S
+    except OSError:  # absent, or removed by a server that just started
+        return False
 
 
 def _locked(lock: Path) -> bool:
@@ -212,7 +236,6 @@ def start_server(worker_module: str, env: Mapping[str, str], path: Path) -> None
 
 def _run_child(job_dir: Path, env: Mapping[str, str], compute: Compute) -> int:
     """In the forked child: become the job's worker (see the module docstring)."""
-    os.setsid()
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     log_fd = os.open(job_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -242,6 +265,8 @@ def serve(worker_module: str, path: Path, *, idle_s: float = _DEFAULT_IDLE_S) ->
     except BlockingIOError:
         logger.info("another server holds %s; exiting", path)
         return 0
+    failed = path.with_suffix(".failed")  # stays if this process dies while importing (OOM)
+    failed.write_text(f"server pid {os.getpid()} began importing {worker_module}; never listened\n")
     t0 = time.perf_counter()
     module = importlib.import_module(worker_module)
     compute: Compute = module.compute
@@ -254,8 +279,8 @@ def serve(worker_module: str, path: Path, *, idle_s: float = _DEFAULT_IDLE_S) ->
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(16)
-    path.with_suffix(".failed").unlink(missing_ok=True)
-    children: dict[int, Path] = {}
+    failed.unlink(missing_ok=True)
+    children: dict[int, Path | None] = {}  # pid -> job directory (None: aborted start)
     last_used = time.monotonic()
     try:
         while children or time.monotonic() - last_used < idle_s:
@@ -267,8 +292,7 @@ def serve(worker_module: str, path: Path, *, idle_s: float = _DEFAULT_IDLE_S) ->
             last_used = time.monotonic()
             with conn:
                 conn.settimeout(5.0)
-                reply = _fork_for(conn, compute, listener, children)
-                conn.sendall(reply.model_dump_json().encode() + b"\n")
+                _serve_one(conn, compute, (listener.fileno(), lock_fd), children)
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -277,40 +301,82 @@ def serve(worker_module: str, path: Path, *, idle_s: float = _DEFAULT_IDLE_S) ->
     return 0
 
 
-def _fork_for(
+def _serve_one(
     conn: socket.socket,
     compute: Compute,
-    listener: socket.socket,
-    children: dict[int, Path],
-) -> WarmStart:
+    inherited: tuple[int, ...],
+    children: dict[int, Path | None],
+) -> None:
+    """Answer one request: fork the worker, reply, and let it start once the client confirms.
+
+    The child waits on a pipe before doing anything: if the reply cannot be delivered or
+    the client does not confirm within :data:`_ACK_TIMEOUT_S` (its supervisor died, or gave
+    up and started the job cold), the child exits untouched, so no job ever has two
+    workers or an unsupervised one. ``inherited`` are the server's descriptors (listening
+    socket, lock) the child closes: a child holding the lock would keep a dead server's
+    successor from starting.
+    """
     try:
         request = json.loads(conn.makefile("rb").readline())
         job_dir = Path(request["job_dir"])
         env = {str(k): str(v) for k, v in request["env"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return WarmStart(error=f"bad request: {exc}")
+        _reply(conn, WarmStart(error=f"bad request: {exc}"))
+        return
     if not (job_dir / "spec.json").exists():
-        return WarmStart(error=f"{job_dir} is not a job directory (no spec.json)")
+        _reply(conn, WarmStart(error=f"{job_dir} is not a job directory (no spec.json)"))
+        return
     if threading.active_count() != 1:
-        return WarmStart(
-            error=f"server runs {threading.active_count()} Python threads; not forking"
-        )
+        n = threading.active_count()
+        _reply(conn, WarmStart(error=f"server runs {n} Python threads; not forking"))
+        return
+    go_read, go_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child never returns into the server loop
-        listener.close()
-        conn.close()
         code = 1
         try:
-            code = _run_child(job_dir, env, compute)
+            os.setsid()  # its own session and group at once: the supervisor kills the group
+            os.close(go_write)
+            conn.close()
+            for fd in inherited:
+                os.close(fd)
+            started = os.read(go_read, 1) == b"1"
+            os.close(go_read)
+            if started:
+                code = _run_child(job_dir, env, compute)
+        except BaseException:
+            traceback.print_exc()  # into worker.log once _run_child has redirected stderr
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    children[pid] = job_dir
-    return WarmStart(pid=pid, start_time=process_start_time(pid))
+    os.close(go_read)
+    children[pid] = None  # not the job's worker until the client confirms
+    confirmed = False
+    try:
+        _send(conn, WarmStart(pid=pid, start_time=process_start_time(pid)))
+        conn.settimeout(_ACK_TIMEOUT_S)
+        confirmed = conn.makefile("rb").readline().strip() == b"go"
+    except OSError as exc:
+        logger.warning("reply for %s not confirmed (%s)", job_dir, exc)
+    if confirmed:
+        children[pid] = job_dir
+        os.write(go_write, b"1")
+    else:
+        logger.warning("worker %d for %s not started: the client did not confirm", pid, job_dir)
+    os.close(go_write)
 
 
-def _reap(children: dict[int, Path]) -> None:
+def _send(conn: socket.socket, reply: WarmStart) -> None:
+    conn.sendall(reply.model_dump_json().encode() + b"\n")
+
+
+def _reply(conn: socket.socket, reply: WarmStart) -> None:
+    with contextlib.suppress(OSError):  # a client that left does not stop the server
+        _send(conn, reply)
+
+
+def _reap(children: dict[int, Path | None]) -> None:
     """Collect ended children; write each one's :class:`WorkerExit` into its job directory."""
     while children:
         try:
@@ -321,7 +387,7 @@ def _reap(children: dict[int, Path]) -> None:
         if pid == 0:
             return
         job_dir = children.pop(pid, None)
-        if job_dir is None:
+        if job_dir is None:  # an aborted start, or not ours
             continue
         ended = WorkerExit(
             returncode=os.waitstatus_to_exitcode(status), cpu_s=usage.ru_utime + usage.ru_stime

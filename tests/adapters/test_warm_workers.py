@@ -6,9 +6,11 @@ unique ``CLOUDLAB_WARM_TEST`` value keeps other tests' servers out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import time
@@ -164,14 +166,76 @@ def test_a_dead_server_costs_time_not_jobs(adapter: ChgnetAdapter) -> None:
     orphan = adapter.submit(job.model_copy(update={"parameters": steps}), "orphan")
     running_warm(adapter, orphan)
     assert record(adapter, orphan).warm_started
-    os.kill(server_pid(path), signal.SIGKILL)  # the worker is orphaned mid-relaxation
+    dead = server_pid(path)
+    os.kill(dead, signal.SIGKILL)  # the worker is orphaned mid-relaxation
     assert wait(adapter, orphan).state is JobState.SUCCEEDED
     assert not (adapter.store.path(orphan.job_id) / "exit.json").exists()  # nobody reaped it
     assert adapter.result(orphan).values["energy_per_atom"].value < -5.0
     after = adapter.submit(request("si-after", si_cif(shift=0.05)), "after")
     assert wait(adapter, after).state is JobState.SUCCEEDED
     assert not record(adapter, after).warm_started  # cold, and a new server starts
-    server_socket(adapter, after)
+    deadline = time.monotonic() + 120
+    while True:  # the old socket file is still there: wait for a new server on the lock
+        with contextlib.suppress(AssertionError, FileNotFoundError):
+            if server_pid(path) != dead and _answers(path):
+                break
+        assert time.monotonic() < deadline, "no new server after the old one died"
+        time.sleep(0.2)
+    again = adapter.submit(request("si-again", si_cif(shift=0.02)), "again")
+    assert wait(adapter, again).state is JobState.SUCCEEDED and record(adapter, again).warm_started
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        try:
+            conn.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def test_an_unconfirmed_start_never_runs_the_job(adapter: ChgnetAdapter, tmp_path: Path) -> None:
+    """The server forks, replies, and the client goes away without confirming (its supervisor
+    died, or gave up and started the job cold): the forked worker must exit untouched."""
+    first = adapter.submit(request("si", si_cif()), "first")
+    wait(adapter, first)
+    path = server_socket(adapter, first)
+    job_dir = tmp_path / "jobs" / "unconfirmed"
+    job_dir.mkdir(parents=True)
+    shutil.copy(adapter.store.path(first.job_id) / "spec.json", job_dir / "spec.json")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        conn.sendall(
+            json.dumps({"job_dir": str(job_dir), "env": dict(os.environ)}).encode() + b"\n"
+        )
+        reply = WarmStart.model_validate_json(conn.makefile("rb").readline())
+    assert reply.pid is not None  # forked, then left waiting for the confirmation
+    deadline = time.monotonic() + 30
+    while process_alive(reply.pid, reply.start_time):
+        assert time.monotonic() < deadline, "the unconfirmed worker did not exit"
+        time.sleep(0.1)
+    assert not (job_dir / "result.json").exists() and not (job_dir / "worker.log").exists()
+    assert not (job_dir / "exit.json").exists()
+    assert _answers(path)  # the server carries on
+    second = adapter.submit(request("si-2", si_cif(shift=0.03)), "second")
+    assert (
+        wait(adapter, second).state is JobState.SUCCEEDED and record(adapter, second).warm_started
+    )
+
+
+def test_edited_code_gets_a_new_server() -> None:
+    env = {"CLOUDLAB_WARM_TEST": "key"}
+    before = server_key("adapters.mlip", env)
+    base = Path(__file__).resolve().parents[2] / "adapters" / "base.py"
+    stamp = base.stat()
+    try:
+        os.utime(base, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))
+        assert server_key("adapters.mlip", env) != before  # a module the worker imports changed
+    finally:
+        os.utime(base, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert server_key("adapters.mlip", env) == before
+    assert server_key("adapters.mlip", {**env, "OMP_NUM_THREADS": "2"}) != before
 
 
 def test_the_server_refuses_what_is_not_a_job(adapter: ChgnetAdapter, tmp_path: Path) -> None:
