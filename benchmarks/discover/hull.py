@@ -44,6 +44,11 @@ def hull_stage(stage: Path, campaign_dir: Path, pool_csv: Path) -> dict[str, Any
         energies,
     )
     hull_s = time.perf_counter() - t0
+    # from here on a candidate is the structure the hull stage evaluated: its relaxation
+    # continues the campaign's (100 more FIRE steps), and a campaign relaxation that ran out
+    # of steps far from a minimum (max force 36 eV/A in one run) must not reach GPAW or the table
+    refs = {el: energies.element_energy(el) for el in SPACE}
+    inside = [_as_evaluated(c, r, refs) for c, r in zip(inside, results, strict=True)]
     # candidates that relaxed into the same structure: keep the lowest in energy
     matcher = StructureMatcher()
     order = sorted(range(len(inside)), key=lambda i: results[i].energy_per_atom)
@@ -75,7 +80,7 @@ def hull_stage(stage: Path, campaign_dir: Path, pool_csv: Path) -> dict[str, Any
     return {
         "measured": len(measured),
         "in_space": len(inside),
-        "outside_space": [c["id"] for c in measured if c not in inside],
+        "outside_space": [c["id"] for c in measured if c["id"] not in {i["id"] for i in inside}],
         "unique_after_relaxation": len(kept),
         "new_unique": sum(1 for r in rows if r["new"] and r["unique"]),
         "matched_registry": sum(1 for r in rows if not r["new"]),
@@ -85,6 +90,26 @@ def hull_stage(stage: Path, campaign_dir: Path, pool_csv: Path) -> dict[str, Any
         "candidates": str(stage / "candidates.json"),
         "known_phases": str(stage / "known_phases.json"),
         "known_on_hull": sorted(k["formula"] for k in known if k["e_above_hull"] < 1e-6),
+    }
+
+
+def _as_evaluated(candidate: dict[str, Any], result: Any, refs: dict[str, float]) -> dict[str, Any]:
+    """The candidate with the hull stage's structure and CHGNet formation energy; the
+    campaign's kept as ``campaign_*``."""
+    from pymatgen.core import Structure
+
+    final = Structure.from_str(result.final_cif, fmt="cif")
+    composition = final.composition.fractional_composition
+    formation = result.energy_per_atom - sum(
+        float(x) * refs[el.symbol] for el, x in composition.items()
+    )
+    return {
+        **candidate,
+        "campaign_relaxed_cif": candidate["relaxed_cif"],
+        "campaign_formation_energy_per_atom": candidate["formation_energy_per_atom"],
+        "relaxed_cif": result.final_cif,
+        "formation_energy_per_atom": formation,
+        "hull_relax_steps": result.relax_steps,
     }
 
 

@@ -39,6 +39,10 @@ class HullResult(BaseModel):
     )
     new: bool = Field(description="no registry structure of this formula matches")
     matched_id: str | None = None
+    final_cif: str | None = Field(
+        default=None, description="the structure the energy is of (relaxed when configured)"
+    )
+    relax_steps: int | None = None
 
 
 def competing_phases(
@@ -97,7 +101,7 @@ def hull_stability(
     """
     from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
     from pymatgen.analysis.structure_matcher import StructureMatcher
-    from pymatgen.core import Composition
+    from pymatgen.core import Composition, Structure
 
     matcher = StructureMatcher()
     known: dict[str, tuple[str, Composition, float]] = {}  # id -> (id, composition, energy)
@@ -105,12 +109,14 @@ def hull_stability(
     for cid, structure in candidates:
         elements = sorted(el.symbol for el in structure.composition.elements)
         record = energies.evaluate(structure)
+        # novelty and hull are judged on what was evaluated: a relaxation can move far
+        final = Structure.from_str(record.final_cif, fmt="cif")
         entries = [
             PDEntry(Composition(el), energies.element_energy(el), name=f"{el} (reference)")
             for el in elements
         ]
         matched: str | None = None
-        formula = structure.composition.reduced_formula
+        formula = final.composition.reduced_formula
         for pid, phase in competing:
             if not {el.symbol for el in phase.composition.elements} <= set(elements):
                 continue
@@ -120,10 +126,10 @@ def hull_stability(
             _, comp, total = known[pid]
             entries.append(PDEntry(comp, total, name=pid))
             if matched is None and phase.composition.reduced_formula == formula:
-                if matcher.fit(structure, phase):
+                if matcher.fit(final, phase):
                     matched = pid
         diagram = PhaseDiagram(entries)
-        entry = PDEntry(structure.composition, record.energy_per_atom * len(structure), name=cid)
+        entry = PDEntry(final.composition, record.energy_per_atom * len(final), name=cid)
         decomposition, e_hull = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
         results.append(
             HullResult(
@@ -138,6 +144,8 @@ def hull_stability(
                 n_competing=len(entries),
                 new=matched is None,
                 matched_id=matched,
+                final_cif=record.final_cif,
+                relax_steps=record.relax_steps,
             )
         )
     return results
