@@ -25,7 +25,8 @@ only reaps its children and writes each one's exit status and CPU time to
 * **Lifetime.** The first supervisor that finds no server starts one (detached,
   in its own session) and runs its own job the cold way. One server per
   socket: it holds an ``flock`` on ``<socket>.lock`` for life. It exits after
-  ``idle_s`` without a request and without live children.
+  ``idle_s`` without a request and without live children (``$CLOUDLAB_WARM_IDLE_S``,
+  default 300 s).
 * **Failure.** A missing, starting or dead server costs time, never a job: the
   supervisor falls back to a cold worker. A server that fails to start leaves its
   traceback in ``<key>.failed``, and for a minute no job starts another.

@@ -10,6 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CLOUDLAB_DATA_DIR", str((REPO.parent / "shared" / "data").resolve()))
+# warm CHGNet servers (adapters/warm_workers.py) started by tests exit 30 s after their last job,
+# not 300 s, so a test session leaves no idle server behind for long
+os.environ.setdefault("CLOUDLAB_WARM_IDLE_S", "30")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
