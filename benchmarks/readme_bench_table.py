@@ -57,7 +57,7 @@ LABELS = {
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}" + _OLD,
     "bench_carbon24_gp_cloud": "carbon_24 lowest E, {budget} of {pool:,}, CLOUD + GP" + _OLD,
     "bench_carbon24_auto": (
-        "carbon_24 lowest E, {budget} of {pool:,}, default (auto)" + _NEW + _PRE
+        "carbon_24 lowest E, {budget} of {pool:,}, default (auto)" + _NEW
     ),
     "bench_carbon24_diverse": (
         "carbon_24 lowest E, {budget} of {pool:,}, auto + diverse initial design" + _NEW
