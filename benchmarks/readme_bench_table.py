@@ -41,7 +41,7 @@ LABELS = {
         "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows, diverse design"
     ),
     "bench_aflow_debye_auto": (
-        "AFLOW lowest theta, {budget} of {pool:,}, default (auto)" + _NEW + _PRE
+        "AFLOW lowest theta, {budget} of {pool:,}, default (auto)" + _NEW
     ),
     "bench_aflow_debye_diverse": (
         "AFLOW lowest theta, {budget} of {pool:,}, auto + diverse initial design" + _NEW
