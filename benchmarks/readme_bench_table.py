@@ -28,7 +28,7 @@ _NEW = ", CLOUD: cloud-small-multitask"
 _PRE = ", before be72a85"
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}" + _OLD,
-    "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, default (auto)" + _NEW + _PRE,
+    "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, default (auto)" + _NEW,
     "bench_perov_5_diverse": (
         "perov_5 window, {budget} of {pool:,}, auto + diverse initial design" + _NEW
     ),
