@@ -116,6 +116,27 @@ class WorkerError(_Strict):
     error_type: str
 
 
+def start_python(
+    module_args: list[str], *, cwd: Path, env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """``python -m <module_args>`` detached: its own session, stdin closed, output to ``log``.
+
+    This checkout goes first on its ``PYTHONPATH``, so ``-m adapters.*`` runs this code.
+    """
+    paths = (str(_PACKAGE_ROOT), env.get("PYTHONPATH", ""))
+    env = {**env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", *module_args],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def job_id_for_key(idempotency_key: str) -> str:
     """The directory name of a key's job: 32 hex digits of its sha256."""
     return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
@@ -325,21 +346,9 @@ class SubprocessJobRunner:
         stored, created = self.store.create(spec)
         if created:
             job_dir = self.store.path(spec.job_id)
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
-            )
-            env["CLOUDLAB_JOB_SLOTS"] = str(self.max_parallel)
-            with open(job_dir / "supervisor.log", "ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "adapters.local_jobs", str(job_dir)],
-                    cwd=job_dir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            env = {**os.environ, "CLOUDLAB_JOB_SLOTS": str(self.max_parallel)}
+            proc = start_python(["adapters.local_jobs", str(job_dir)], cwd=job_dir, env=env,
+                                log=job_dir / "supervisor.log")  # fmt: skip
             self._children[spec.job_id] = proc
             self.store.adopt(spec.job_id, proc.pid)
             logger.info(
@@ -536,18 +545,8 @@ def supervise(job_dir: Path) -> int:
         _warm_worker(job_dir, spec, env) if spec.warm_start else None
     )
     if worker is None:
-        with open(job_dir / "worker.log", "ab") as log:
-            worker = _ColdWorker(
-                subprocess.Popen(
-                    [sys.executable, "-m", spec.worker_module, str(job_dir)],
-                    cwd=job_dir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+        worker = _ColdWorker(start_python([spec.worker_module, str(job_dir)], cwd=job_dir, env=env,
+                                          log=job_dir / "worker.log"))  # fmt: skip
     started = time.monotonic()
     store.update(
         job_id,

@@ -53,7 +53,6 @@ import select
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import tempfile
 import threading
@@ -64,7 +63,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.local_jobs import JobSpec, process_start_time, run_worker
+from adapters.local_jobs import JobSpec, process_start_time, run_worker, start_python
 
 Compute = Callable[[JobSpec, Path], BaseModel]
 
@@ -217,19 +216,8 @@ def _locked(lock: Path) -> bool:
 
 def start_server(worker_module: str, env: Mapping[str, str], path: Path) -> None:
     """Start a detached server (it exits at once if another one holds ``path``'s lock)."""
-    log = path.with_suffix(".log")
-    paths = (str(_PACKAGE_ROOT), env.get("PYTHONPATH", ""))
-    server_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    with open(log, "ab") as out:
-        subprocess.Popen(
-            [sys.executable, "-m", "adapters.warm_workers", worker_module, str(path)],
-            env=server_env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=path.parent,
-        )
+    start_python(["adapters.warm_workers", worker_module, str(path)], cwd=path.parent,
+                 env=dict(env), log=path.with_suffix(".log"))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- server

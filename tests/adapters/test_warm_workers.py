@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("chgnet")
 
-from adapters.base import ExperimentRequest, JobHandle, JobState, JobStatus  # noqa: E402
+from adapters.base import ExperimentRequest, JobHandle, JobState  # noqa: E402
 from adapters.local_jobs import JobRecord, process_alive  # noqa: E402
 from adapters.mlip import ChgnetAdapter  # noqa: E402
 from adapters.warm_workers import (  # noqa: E402
@@ -32,6 +32,7 @@ from adapters.warm_workers import (  # noqa: E402
     server_key,
     socket_path,
 )
+from tests.adapters.test_mlip import wait  # noqa: E402
 
 pytestmark = pytest.mark.dft
 
@@ -48,16 +49,6 @@ def si_cif(n: int = 1, shift: float = 0.0) -> str:
 
 def request(cid: str, cif: str) -> ExperimentRequest:
     return ExperimentRequest(candidate_id=cid, structure_cif=cif, targets=["energy_per_atom"])
-
-
-def wait(adapter: ChgnetAdapter, handle: JobHandle, timeout_s: float = 300.0) -> JobStatus:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = adapter.poll(handle)
-        if status.state.is_terminal:
-            return status
-        time.sleep(0.02)
-    raise TimeoutError(handle.job_id)
 
 
 def record(adapter: ChgnetAdapter, handle: JobHandle) -> JobRecord:
