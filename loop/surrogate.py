@@ -280,9 +280,13 @@ class GPSurrogate(Surrogate):
         features: ``N x d`` pool features (e.g. :func:`loop.features.composition_features`).
         n_samples: how many posterior draws :meth:`samples` returns (independent per candidate).
         seed: seed of those draws and of the prior subsample.
-        max_train: at most this many training rows (an exact GP costs O(n^3) per fit step):
-            rows below ``n_pool`` (the campaign's own measurements) are always kept, and
-            a seeded random subset of the others (prior data) fills the rest.
+        max_train: at most this many rows fit the hyperparameters (an exact GP costs O(n^3)
+            per L-BFGS step): rows below ``n_pool`` (the campaign's own measurements) are
+            always kept, and a seeded random subset of the others (prior data) fills the rest.
+        max_condition: at most this many rows (the same order: own rows, then the same
+            random prior rows, so the fitting rows are among them) the posterior is
+            conditioned on, with the hyperparameters fitted on ``max_train``; None means
+            ``max_train``. Conditioning costs one O(n^3) factorisation, not one per step.
         n_pool: feature rows ``[0, n_pool)`` are the pool; rows beyond are prior data.
         fit_maxiter: L-BFGS-B iterations of a hyperparameter fit at most.
         warp: model Yeo-Johnson-warped values (:mod:`loop.warp`), refitted at every fit.
@@ -297,6 +301,7 @@ class GPSurrogate(Surrogate):
         n_samples: int = 64,
         seed: int = 0,
         max_train: int = 500,
+        max_condition: int | None = None,
         n_pool: int | None = None,
         fit_maxiter: int = 300,
         warp: bool = False,
@@ -307,30 +312,37 @@ class GPSurrogate(Surrogate):
         self.n_samples = n_samples
         self.seed = seed
         self.max_train = max_train
+        self.max_condition = max(max_train, max_condition or max_train)
         self.fit_maxiter = fit_maxiter
         self.n_pool = len(features) if n_pool is None else n_pool
         self._model: IndexedModel | None = None
         self._train: tuple[Tensor, Tensor] | None = None  # rows of the last fit
         self._marginals: MarginalPredictor | None = None  # factorised once per fitted model
 
-    def _subsample(self, train_idx: Tensor, train_y: Tensor) -> tuple[Tensor, Tensor]:
-        """Own measurements first, then a seeded random share of the prior rows."""
-        if len(train_idx) <= self.max_train:
+    def _subsample(self, train_idx: Tensor, train_y: Tensor, cap: int) -> tuple[Tensor, Tensor]:
+        """Own measurements first, then a seeded random share of the prior rows: ``cap`` rows.
+
+        The prior rows are a prefix of one seeded permutation, so a smaller ``cap``'s rows
+        are among a larger one's.
+        """
+        if len(train_idx) <= cap:
             return train_idx, train_y
         own = (train_idx < self.n_pool).nonzero().flatten()
         prior = (train_idx >= self.n_pool).nonzero().flatten()
-        room = max(self.max_train - len(own), 0)
+        room = max(cap - len(own), 0)
         gen = torch.Generator().manual_seed(self.seed)
         prior = prior[torch.randperm(len(prior), generator=gen)[:room]]
         keep = torch.cat([own, prior])
-        logger.info("GP trains on %d of %d rows (max_train)", len(keep), len(train_idx))
         return train_idx[keep], train_y[keep]
 
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
         from botorch.fit import fit_gpytorch_mll
         from gpytorch.mlls import ExactMarginalLogLikelihood
 
-        train_idx, train_y = self._subsample(train_idx.long(), train_y)
+        all_idx, all_y = train_idx.long(), train_y
+        train_idx, train_y = self._subsample(all_idx, all_y, self.max_train)
+        if len(train_idx) < len(all_idx):
+            logger.info("GP fits on %d of %d rows (max_train)", len(train_idx), len(all_idx))
         if self.warp:
             from loop.warp import YeoJohnson
 
@@ -346,13 +358,36 @@ class GPSurrogate(Surrogate):
             logger.warning(
                 "GP hyperparameter fit failed (%s); using the initial hyperparameters", exc
             )
+        n_fit = len(train_idx)
+        if self.max_condition > n_fit and len(all_idx) > n_fit:
+            train_idx, train_y = self._subsample(all_idx, all_y, self.max_condition)
+            gp = self._conditioned(gp, train_idx, train_y)
         gp.eval()
         self._model = IndexedModel(gp, self.features)
         self._train = (train_idx, train_y.to(torch.float64))
-        metrics = {"n_train": float(len(train_idx))}
+        metrics = {"n_train": float(n_fit), "n_condition": float(len(train_idx))}
         if self._warp is not None:
             metrics["warp_lambda"] = float(self._warp.lam[0])
         return metrics
+
+    def _conditioned(self, fitted: Model, idx: Tensor, y: Tensor) -> Model:
+        """The GP over rows ``idx`` with ``fitted``'s hyperparameters (no refit).
+
+        The hyperparameters live in standardised units; the new model standardises its own
+        rows, whose mean and spread a random share of them estimates.
+        """
+        gp = self._gp(idx, self._modelled(y))
+        state = {
+            k: v for k, v in fitted.state_dict().items() if not k.startswith("outcome_transform.")
+        }
+        wanted = {k for k in gp.state_dict() if not k.startswith("outcome_transform.")}
+        if wanted != set(state):
+            raise RuntimeError(
+                f"conditioned GP does not take the fitted state: {sorted(wanted ^ set(state))}"
+            )
+        gp.load_state_dict(state, strict=False)
+        logger.info("GP conditions on %d rows (max_condition)", len(idx))
+        return gp
 
     def _modelled(self, y: Tensor) -> Tensor:
         """The values the GP models: warped when warping is on."""
@@ -529,6 +564,7 @@ def _build_one(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int
         gp_args: dict[str, Any] = {
             "seed": config.seed,
             "max_train": sc.gp_max_train,
+            "max_condition": sc.gp_max_condition,
             "n_pool": n_pool,
             "warp": sc.gp_warp,
         }

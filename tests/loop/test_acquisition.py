@@ -218,13 +218,47 @@ def test_gp_keeps_its_own_measurements_and_subsamples_prior_rows() -> None:
     own = torch.tensor([3, 17, 42])
     train_idx = torch.cat([own, torch.arange(100, 300)])
     gp = GPSurrogate(x, seed=0, max_train=50, n_pool=100)
-    kept, kept_y = gp._subsample(train_idx, y[train_idx])
+    kept, kept_y = gp._subsample(train_idx, y[train_idx], 50)
     assert len(kept) == 50 and set(own.tolist()) <= set(kept.tolist())
     assert (kept >= 100).sum() == 47 and len(set(kept.tolist())) == 50
     assert torch.equal(kept_y, y[kept])
-    again, _ = GPSurrogate(x, seed=0, max_train=50, n_pool=100)._subsample(train_idx, y[train_idx])
+    again, _ = GPSurrogate(x, seed=0, max_train=50, n_pool=100)._subsample(
+        train_idx, y[train_idx], 50
+    )
     assert torch.equal(kept, again)  # seeded
-    assert GPSurrogate(x, max_train=500, n_pool=100)._subsample(train_idx, y)[0] is train_idx
+    wider, _ = gp._subsample(train_idx, y[train_idx], 120)
+    assert set(kept.tolist()) <= set(wider.tolist())  # a larger cap keeps a smaller one's rows
+    assert gp._subsample(train_idx, y, 500)[0] is train_idx
+
+
+def test_gp_conditions_on_more_rows_than_it_fits_on(tmp_path: Path) -> None:
+    """Hyperparameters from ``max_train`` rows, posterior on ``max_condition`` rows."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(700, 3, generator=gen, dtype=torch.float64)  # rows 0-199 pool, 200-699 prior
+    y = torch.sin(12 * x[:, :1]) * torch.cos(9 * x[:, 1:2]) + 0.02 * torch.randn(700, 1, generator=gen)
+    own = torch.tensor([5, 50, 150])
+    train_idx = torch.cat([own, torch.arange(200, 700)])
+    small = GPSurrogate(x, seed=0, max_train=40, n_pool=200)
+    wide = GPSurrogate(x, seed=0, max_train=40, max_condition=400, n_pool=200)
+    m_small = small.fit(train_idx, y[train_idx])
+    m_wide = wide.fit(train_idx, y[train_idx])
+    assert (m_small["n_train"], m_small["n_condition"]) == (40, 40)
+    assert (m_wide["n_train"], m_wide["n_condition"]) == (40, 400)
+    # the same hyperparameters (fitted on the same 40 rows), a posterior on ten times the rows
+    for key, value in small.model().base.state_dict().items():
+        if "raw_lengthscale" in key or "raw_noise" in key:
+            assert torch.allclose(value, wide.model().base.state_dict()[key])
+    assert wide._train is not None and set(own.tolist()) <= set(wide._train[0].tolist())
+    held = torch.tensor([i for i in range(200) if i not in own.tolist()])
+    err_small = float((small.mean_std(held)[0] - y[held]).abs().mean())
+    err_wide = float((wide.mean_std(held)[0] - y[held]).abs().mean())
+    assert err_wide < 0.5 * err_small
+    # save/load rebuilds the conditioned model exactly
+    wide.save(tmp_path)
+    again = GPSurrogate(x, seed=0, max_train=40, max_condition=400, n_pool=200)
+    again.load(tmp_path)
+    for a, b in zip(wide.mean_std(held), again.mean_std(held), strict=True):
+        assert torch.allclose(a, b, atol=1e-9)
 
 
 def test_gp_fit_iteration_cap_is_not_a_failure(caplog: pytest.LogCaptureFixture) -> None:
