@@ -154,7 +154,7 @@ class SurrogateConfig(_Section):
     # gp kinds: rows the posterior conditions on with the hyperparameters fitted on
     # gp_max_train (the same order, so those are among them); one O(n^3) factorisation a refit;
     # never fewer than gp_max_train
-    gp_max_condition: int = Field(default=5000, ge=2, le=20_000)
+    gp_max_condition: int = Field(default=2000, ge=2, le=20_000)
     # gp, gp_cloud: model Yeo-Johnson-warped values (fitted per refit; loop/warp.py)
     gp_warp: bool = False
     # campaigns with fidelities: icm (one kernel shared by the fidelities) or lmc (two kernels:

@@ -62,6 +62,12 @@ class LookupEnsembleModel(EnsembleModel):
         return out.movedim(0, -3)  # batch x S x q x m
 
 
+_MAX_CHOLESKY = 50_000  # rows an exact GP factorises (above gp_max_condition's bound)
+# training rows above which a single-output GP's joint posteriors come from its cached
+# factorisation (loop.gp_marginals.FactorisedGP) instead of gpytorch's joint kernel
+_FACTORISE_ABOVE = 800
+
+
 class IndexedModel(Model):
     """A BoTorch model over features, addressed by candidate index.
 
@@ -81,7 +87,12 @@ class IndexedModel(Model):
         return int(self.base.num_outputs)
 
     def posterior(self, X: Tensor, *args: Any, **kwargs: Any) -> Posterior:
-        return self.base.posterior(self.features[X[..., 0].long()], *args, **kwargs)
+        import gpytorch
+
+        # exact solves (Cholesky) however many rows the GP conditions on: past gpytorch's
+        # default 800 it switches to conjugate gradients, 35x slower here at 5,000 rows
+        with gpytorch.settings.max_cholesky_size(_MAX_CHOLESKY):
+            return self.base.posterior(self.features[X[..., 0].long()], *args, **kwargs)
 
 
 class Surrogate(abc.ABC):
@@ -447,23 +458,36 @@ class GPSurrogate(Surrogate):
     def model(self) -> IndexedModel:
         if self._model is None:
             raise RuntimeError("the GP surrogate has not been fitted yet")
+        base: Model = self._model.base
+        if self._train is not None and len(self._train[0]) > _FACTORISE_ABOVE:
+            if int(base.num_outputs) == 1:
+                from loop.gp_marginals import FactorisedGP
+
+                base = FactorisedGP(self._predictor())
         if self._warp is not None:
             from loop.warp import WarpedModel
 
-            return IndexedModel(WarpedModel(self._model.base, self._warp), self.features)
-        return self._model
+            base = WarpedModel(base, self._warp)
+        return self._model if base is self._model.base else IndexedModel(base, self.features)
 
-    def _own_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior mean and std of the modelled (possibly warped) values, in chunks."""
+    def _predictor(self) -> MarginalPredictor:
+        """The last fit's training-side factorisation (computed once per fit)."""
         if self._model is None:
             raise RuntimeError("the GP surrogate has not been fitted yet")
         if self._marginals is None or self._marginals.model is not self._model.base:
             from loop.gp_marginals import MarginalPredictor
 
             self._marginals = MarginalPredictor.from_model(self._model.base)
+        return self._marginals
+
+    def _own_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and std of the modelled (possibly warped) values, in chunks."""
+        if self._model is None:
+            raise RuntimeError("the GP surrogate has not been fitted yet")
+        predictor = self._predictor()
         means, stds = [], []
         for chunk in idx.long().split(8192):
-            mean, var = self._marginals(self.features[chunk])  # n x m each
+            mean, var = predictor(self.features[chunk])  # n x m each
             means.append(mean)
             stds.append(var.sqrt())
         if not means:
@@ -485,11 +509,7 @@ class GPSurrogate(Surrogate):
         """
         if self._model is None or self._train is None or self._warp is not None:
             return None
-        from loop.gp_marginals import MarginalPredictor
-
-        if self._marginals is None or self._marginals.model is not self._model.base:
-            self._marginals = MarginalPredictor.from_model(self._model.base)
-        mean, var = self._marginals.leave_one_out()
+        mean, var = self._predictor().leave_one_out()
         own = self._train[0] < self.n_pool
         return self._train[0][own], mean[own], var[own].sqrt()
 

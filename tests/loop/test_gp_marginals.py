@@ -107,3 +107,33 @@ def test_tied_screen_values_are_ordered_at_random() -> None:
     gen = torch.Generator().manual_seed(0)
     top = torch.topk(_analytic_screen("qlogei", s, spec, avail, y[:16], 2.0, gen), 64).indices
     assert int((top >= 64).sum()) > 32  # not the pool's first rows
+
+
+@pytest.mark.parametrize("kind", ["gp", "gp_transfer"])
+def test_factorised_joint_posterior_matches_the_model(kind: str) -> None:
+    """Past 800 conditioning rows the acquisition's joint posteriors come from the cached
+    factorisation (FactorisedGP): the same means and covariances as the GP's own."""
+    from loop.gp_marginals import FactorisedGP
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1200, 5, generator=gen, dtype=torch.float64)
+    y = (x[:, :1] * 1.5).sin() + x[:, 1:2] * x[:, 2:3] + 0.05 * torch.randn(1200, 1, generator=gen)
+    kw = {"seed": 0, "max_train": 60, "max_condition": 1000, "n_pool": 200}
+    s = GPSurrogate(x[:, :4], **kw) if kind == "gp" else TransferGPSurrogate(x, [(0, 4), (4, 5)], **kw)
+    s.fit(torch.cat([torch.arange(10), torch.arange(200, 1200)]), torch.cat([y[:10], y[200:]]))
+    model = s.model()
+    assert isinstance(model.base, FactorisedGP)
+    gp = s._model.base if s._model is not None else None
+    X = s.features[torch.arange(10, 34)].reshape(8, 3, -1)  # 8 q-batches of 3
+    for noise in (False, True):
+        with torch.no_grad():
+            ours = model.base.posterior(X, observation_noise=noise)
+            theirs = gp.posterior(X, observation_noise=noise)
+        assert ours.mean.shape == theirs.mean.shape == (8, 3, 1)
+        assert torch.allclose(ours.mean, theirs.mean, atol=1e-7)
+        cov_ours = ours.distribution.covariance_matrix
+        cov_theirs = theirs.distribution.covariance_matrix
+        assert torch.allclose(cov_ours, cov_theirs, atol=1e-7)
+    # and the index-addressed model the acquisition sees draws from it
+    draws = model.posterior(torch.arange(10, 16.0).view(2, 3, 1)).rsample(torch.Size([4]))
+    assert draws.shape == (4, 2, 3, 1) and torch.isfinite(draws).all()
