@@ -26,6 +26,9 @@ _NEW = ", CLOUD: cloud-small-multitask"
 # `auto` rows measured before the shortlist read the chosen member's own belief (be72a85) and
 # its tie-breaking the decision's generator (dd80d05)
 _PRE = ", before be72a85"
+# rows whose GP had prior data and conditioned on its gp_max_train rows only, before
+# surrogate.gp_max_condition
+_COND = ", GP on <= 500 prior rows"
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}" + _OLD,
     "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, default (auto)" + _NEW,
@@ -36,9 +39,14 @@ LABELS = {
     "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1 vs 8" + _OLD,
     "bench_aflow_debye_gp_cloud": "AFLOW lowest theta, {budget} of {pool:,}, CLOUD + GP" + _OLD,
     "bench_aflow_debye_transfer": "AFLOW lowest theta, {budget} of {pool:,}, GP + transfer",
-    "bench_aflow_debye_prior": "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows",
+    "bench_aflow_debye_prior": (
+        "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows" + _COND
+    ),
+    "bench_aflow_debye_prior_condition": (
+        "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows, conditioned on 2,000"
+    ),
     "bench_aflow_debye_prior_diverse": (
-        "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows, diverse design"
+        "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows, diverse design" + _COND
     ),
     "bench_aflow_debye_auto": (
         "AFLOW lowest theta, {budget} of {pool:,}, default (auto)" + _NEW
@@ -46,14 +54,19 @@ LABELS = {
     "bench_aflow_debye_diverse": (
         "AFLOW lowest theta, {budget} of {pool:,}, auto + diverse initial design" + _NEW
     ),
-    "bench_mpts52": "mpts_52 time split, {budget} of {pool:,}" + _OLD,
+    "bench_mpts52": "mpts_52 time split, {budget} of {pool:,}" + _OLD + _COND,
     "bench_mpts52_auto": (
-        "mpts_52 time split, {budget} of {pool:,}, auto (gp, CLOUD)" + _NEW + _PRE
+        "mpts_52 time split, {budget} of {pool:,}, auto (gp, CLOUD)" + _NEW + _PRE + _COND
     ),
     "bench_mpts52_diverse": (
-        "mpts_52 time split, {budget} of {pool:,}, auto + diverse initial design" + _NEW
+        "mpts_52 time split, {budget} of {pool:,}, auto + diverse initial design" + _NEW + _COND
     ),
-    "bench_mpts52_gp_diverse": "mpts_52 time split, {budget} of {pool:,}, GP, diverse initial design",
+    "bench_mpts52_gp_diverse": (
+        "mpts_52 time split, {budget} of {pool:,}, GP, diverse initial design" + _COND
+    ),
+    "bench_mpts52_condition": (
+        "mpts_52 time split, {budget} of {pool:,}, GP conditioned on 2,000 prior rows" + _NEW
+    ),
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}" + _OLD,
     "bench_carbon24_gp_cloud": "carbon_24 lowest E, {budget} of {pool:,}, CLOUD + GP" + _OLD,
     "bench_carbon24_auto": (
@@ -61,6 +74,9 @@ LABELS = {
     ),
     "bench_carbon24_diverse": (
         "carbon_24 lowest E, {budget} of {pool:,}, auto + diverse initial design" + _NEW
+    ),
+    "bench_carbon24_trunks": (
+        "carbon_24 lowest E, {budget} of {pool:,}, multitask vs untrained trunk" + _NEW
     ),
     "bench_carbon24_bayes": "carbon_24 lowest E, {budget} of {pool:,}, Bayesian heads" + _OLD,
     "bench_carbon24_finetune": (
