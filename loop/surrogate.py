@@ -90,7 +90,8 @@ class IndexedModel(Model):
         import gpytorch
 
         # exact solves (Cholesky) however many rows the GP conditions on: past gpytorch's
-        # default 800 it switches to conjugate gradients, 35x slower here at 5,000 rows
+        # default of 800 rows it switches to conjugate gradients, which are approximate (a
+        # single-output GP that large never gets here: model() gives it FactorisedGP)
         with gpytorch.settings.max_cholesky_size(_MAX_CHOLESKY):
             return self.base.posterior(self.features[X[..., 0].long()], *args, **kwargs)
 
