@@ -78,6 +78,9 @@ LABELS = {
     "bench_carbon24_trunks": (
         "carbon_24 lowest E, {budget} of {pool:,}, multitask vs untrained trunk" + _NEW
     ),
+    "bench_carbon24_first": (
+        "carbon_24 lowest E, {budget} of {pool:,}, auto, CLOUD decides first" + _NEW
+    ),
     "bench_carbon24_bayes": "carbon_24 lowest E, {budget} of {pool:,}, Bayesian heads" + _OLD,
     "bench_carbon24_finetune": (
         "carbon_24 lowest E, {budget} of {pool:,}, top block fine-tuned" + _OLD
