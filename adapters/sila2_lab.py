@@ -137,6 +137,9 @@ class Sila2Adapter(LabAdapter):
         self._token: str | None = None
         self._instances: dict[str, Any] = {}  # key -> the RunExperiment execution we follow
         self._handles: dict[str, JobHandle] = {}
+        self._requests: dict[str, ExperimentRequest] = {}
+        self._connection = 0  # counts the clients built; an execution belongs to one of them
+        self._instance_connection: dict[str, int] = {}
 
     @property
     def _where(self) -> str:
@@ -157,14 +160,7 @@ class Sila2Adapter(LabAdapter):
             except DefinedExecutionError as exc:
                 if _identifier(exc) != "UnknownExperiment":
                     raise
-            instance = runner.RunExperiment(
-                request.candidate_id,
-                request.structure_cif or "",
-                list(request.targets),
-                idempotency_key,
-                metadata=self._metadata(),
-            )
-            self._instances[idempotency_key] = instance
+            instance = self._start(runner, request, idempotency_key)
             return JobHandle(
                 adapter=self.name,
                 job_id=str(instance.execution_uuid),
@@ -174,7 +170,37 @@ class Sila2Adapter(LabAdapter):
 
         handle = self._retrying(f"submit {idempotency_key}", run)
         self._handles[idempotency_key] = handle
+        self._requests[idempotency_key] = request
         return handle
+
+    def _start(self, runner: Any, request: ExperimentRequest, key: str) -> Any:
+        """Call RunExperiment and follow the execution it returns."""
+        instance = runner.RunExperiment(
+            request.candidate_id,
+            request.structure_cif or "",
+            list(request.targets),
+            key,
+            metadata=self._metadata(),
+        )
+        self._instances[key] = instance
+        self._instance_connection[key] = self._connection
+        return instance
+
+    def _restart_lost(self, key: str) -> bool:
+        """Run a submitted experiment again that the server never recorded, if its execution
+        was lost with a connection (a server that stopped between accepting RunExperiment and
+        starting it). The server starts at most one experiment per key, so this is safe."""
+        request = self._requests.get(key)
+        if request is None or self._instance_connection.get(key) == self._connection:
+            return False
+        logger.info(
+            "%s: experiment %s was never started there; submitting it again", self._where, key
+        )
+        self._retrying(
+            f"resubmit {key}",
+            lambda: self._start(self._connect().ExperimentRunner, request, key),
+        )
+        return True
 
     def poll(self, handle: JobHandle) -> JobStatus:
         try:
@@ -185,6 +211,8 @@ class Sila2Adapter(LabAdapter):
             instance = self._instances.get(handle.idempotency_key)
             if instance is None:
                 raise
+            if self._restart_lost(handle.idempotency_key):
+                return JobStatus(job_id=handle.job_id, state=JobState.QUEUED)
             if not instance.done:
                 return JobStatus(job_id=handle.job_id, state=JobState.QUEUED)
             failure = _command_error(instance)
@@ -292,6 +320,7 @@ class Sila2Adapter(LabAdapter):
                 f"{self._where} does not implement {FEATURE_ID}: check adapter.host and adapter.port"
             )
         self._client = client
+        self._connection += 1
         try:
             self._login()
         except BaseException:

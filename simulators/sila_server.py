@@ -77,9 +77,12 @@ def _error(identifier: str, message: str) -> DefinedExecutionError:
 class ExperimentRunner(FeatureImplementationBase):
     """The ExperimentRunner feature over a :class:`SimulatedLab`."""
 
-    def __init__(self, parent_server: SilaServer, lab: SimulatedLab) -> None:
+    def __init__(
+        self, parent_server: SilaServer, lab: SimulatedLab, *, accept_delay_s: float = 0.0
+    ) -> None:
         super().__init__(parent_server=parent_server)
         self.lab = lab
+        self.accept_delay_s = accept_delay_s
 
     def RunExperiment(  # noqa: N802 - SiLA identifiers are PascalCase
         self,
@@ -92,6 +95,8 @@ class ExperimentRunner(FeatureImplementationBase):
         instance: Any,
     ) -> _Values:
         instance.begin_execution()
+        if self.accept_delay_s > 0:  # a device that takes a while to begin: nothing recorded yet
+            time.sleep(self.accept_delay_s)
         try:
             request = ExperimentRequest(
                 candidate_id=CandidateId, targets=tuple(Targets), structure_cif=Structure or None
@@ -211,8 +216,13 @@ def build_server(
     user: str,
     password: str,
     host: str = "127.0.0.1",
+    accept_delay_s: float = 0.0,
 ) -> tuple[SilaServer, SimulatedLab, bytes, bytes]:
     """The SiLA 2 server over a journalled simulated lab (not started).
+
+    ``accept_delay_s`` wall seconds pass between accepting a RunExperiment call and
+    recording the experiment, as on a device that takes time to begin; a server that
+    stops in between never records it (clients must submit it again).
 
     Returns:
         (server, lab, TLS private key, TLS certificate).
@@ -229,7 +239,9 @@ def build_server(
         server_uuid=server_uuid,
     )
     _authenticated(server, user, password)
-    server.set_feature_implementation(FEATURE, ExperimentRunner(server, lab))
+    server.set_feature_implementation(
+        FEATURE, ExperimentRunner(server, lab, accept_delay_s=accept_delay_s)
+    )
     return server, lab, key, cert
 
 
@@ -244,7 +256,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--user", default=SILA_USER_DEFAULT)
     parser.add_argument("--password-env", default="CLOUDLAB_SILA_PASSWORD")
     parser.add_argument("--insecure", action="store_true", help="plain gRPC, no TLS")
+    parser.add_argument(
+        "--accept-delay-s",
+        type=float,
+        default=0.0,
+        help="wall seconds between accepting RunExperiment and recording the experiment",
+    )
     args = parser.parse_args(argv)
+    if args.accept_delay_s < 0:
+        parser.error(f"--accept-delay-s must be >= 0, got {args.accept_delay_s}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     password = os.environ.get(args.password_env, "")
     if not password:
@@ -256,7 +276,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         else SimulatedLabConfig()
     )
     server, lab, key, cert = build_server(
-        truth, config, args.state_dir, user=args.user, password=password, host=args.host
+        truth,
+        config,
+        args.state_dir,
+        user=args.user,
+        password=password,
+        host=args.host,
+        accept_delay_s=args.accept_delay_s,
     )
     if args.insecure:
         server.start_insecure(args.host, args.port, enable_discovery=False)

@@ -32,6 +32,7 @@ class SilaServerProcess:
 
     workdir: Path
     insecure: bool = False
+    accept_delay_s: float = 0.0
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -61,6 +62,8 @@ class SilaServerProcess:
             "--password-env",
             PASSWORD_ENV,
         ] + (["--insecure"] if self.insecure else [])
+        if self.accept_delay_s:
+            command += ["--accept-delay-s", str(self.accept_delay_s)]
         env = {**os.environ, PASSWORD_ENV: PASSWORD, "PYTHONPATH": str(REPO)}
         log = self.workdir / f"sila_server.{self.starts}.log"
         self.process = subprocess.Popen(
@@ -93,12 +96,17 @@ class SilaServerProcess:
 
 
 def start_sila_server(
-    workdir: Path, truth: GroundTruth, config: SimulatedLabConfig, *, insecure: bool = False
+    workdir: Path,
+    truth: GroundTruth,
+    config: SimulatedLabConfig,
+    *,
+    insecure: bool = False,
+    accept_delay_s: float = 0.0,
 ) -> SilaServerProcess:
     """Write the truth and lab config to ``workdir`` and start a server on a free port."""
     workdir.mkdir(parents=True, exist_ok=True)
     truth.to_file(workdir / "truth.json")
     (workdir / "lab.json").write_text(config.model_dump_json())
-    server = SilaServerProcess(workdir, insecure=insecure)
+    server = SilaServerProcess(workdir, insecure=insecure, accept_delay_s=accept_delay_s)
     server.start()
     return server

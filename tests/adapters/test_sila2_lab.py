@@ -223,3 +223,26 @@ def test_server_restart_mid_run_starts_no_second_experiment(
             lab.close()
     finally:
         server.stop()
+
+
+def test_an_experiment_the_server_never_recorded_is_submitted_again(tmp_path: Path) -> None:
+    # the server accepts RunExperiment, then stops before it records the experiment
+    server = start_sila_server(tmp_path, TRUTH, LAB, accept_delay_s=3.0)
+    try:
+        with _adapter(server, max_attempts=1) as adapter:
+            handle = adapter.submit(_request("cand-9"), "lost-9")
+            server.stop(crash=True)
+            server.start()
+            assert _wait(adapter, [handle]) == [JobState.SUCCEEDED]
+            assert adapter.result(handle).values["gap"].value == pytest.approx(2.25, abs=5 * SIGMA)
+        from simulators.journal import open_lab
+
+        server.stop()
+        lab = open_lab(TRUTH, LAB, server.state_dir / "lab")
+        try:
+            jobs, total = lab.list_jobs()
+            assert total == 1 and jobs[0][0].idempotency_key == "lost-9"
+        finally:
+            lab.close()
+    finally:
+        server.stop()
