@@ -194,7 +194,8 @@ class Campaign:
                 self.config, self.pool.ids, scopes, ModelRegistry(ledger.store, self.directory),
                 self.timings,
             )  # fmt: skip
-        surrogate = build_surrogate(self.config, scopes, len(self.pool))
+        cifs = [self.pool.cifs.get(c) for c in self.pool.ids]
+        surrogate = build_surrogate(self.config, scopes, len(self.pool), cifs)
         registry = ModelRegistry(ledger.store, self.directory)
         if self.config.pool.generators is not None:  # never a version fitted before the pool grew
             from loop.generate.growth import registry_for

@@ -113,7 +113,7 @@ class ObjectiveConfig(_Section):
         return self
 
 
-LearningKind = Literal["cloud_ensemble", "gp", "gp_cloud", "gp_transfer"]
+LearningKind = Literal["cloud_ensemble", "gp", "gp_chgnet", "gp_cloud", "gp_transfer"]
 # gp_transfer: composition models trained on these formula sets predict the pool (loop/transfer.py)
 DEFAULT_TRANSFER_SETS = (
     "crabnet_log10_gvrh",
@@ -132,7 +132,12 @@ class SurrogateConfig(_Section):
     # before it was measured) were most likely so far makes the decisions (loop.auto_surrogate)
     # gp_transfer: the GP with a composition block and a block of what models trained on other
     # labelled formula sets (`transfer_sets`) predict for each candidate
-    kind: Literal["auto", "cloud_ensemble", "gp", "gp_cloud", "gp_transfer", "random"] = (
+    # gp_chgnet: the GP with a composition block and a block of CHGNet crystal features of each
+    # candidate's structure (loop/chgnet_block.py; needs structures; contaminated on pools of
+    # Materials Project energies, which CHGNet was trained on)
+    kind: Literal[
+        "auto", "cloud_ensemble", "gp", "gp_chgnet", "gp_cloud", "gp_transfer", "random"
+    ] = (
         "cloud_ensemble"
     )
     transfer_sets: list[str] = Field(
@@ -197,7 +202,7 @@ class AcquisitionConfig(_Section):
         """The shortlist size used with a surrogate of ``surrogate_kind``."""
         if self.shortlist is not None:
             return self.shortlist
-        return 256 if surrogate_kind in ("gp", "gp_cloud", "gp_transfer") else 2048
+        return 256 if surrogate_kind in ("gp", "gp_chgnet", "gp_cloud", "gp_transfer") else 2048
 
 
 class InitialDesignConfig(_Section):

@@ -553,7 +553,12 @@ class RandomSurrogate(Surrogate):
 _GP_FILE = "gp.safetensors"
 
 
-def build_surrogate(config: CampaignConfig, scopes: list[str], n_pool: int) -> Surrogate:
+def build_surrogate(
+    config: CampaignConfig,
+    scopes: list[str],
+    n_pool: int,
+    cifs: list[str | None] | None = None,
+) -> Surrogate:
     """The surrogate named by ``config.surrogate.kind``, unfitted.
 
     Args:
@@ -561,6 +566,10 @@ def build_surrogate(config: CampaignConfig, scopes: list[str], n_pool: int) -> S
         scopes: SCOPE strings of the pool followed by those of the prior data; the
             surrogate's candidate indices address this list.
         n_pool: how many of ``scopes`` are the pool (the rest is prior data).
+        cifs: the pool's structures (CIF text, None where unknown), for ``gp_chgnet``.
+
+    Raises:
+        ConfigError: ``gp_chgnet`` asked for by name on a pool without every structure.
     """
     sc = config.surrogate
     if sc.kind == "random":
@@ -568,17 +577,36 @@ def build_surrogate(config: CampaignConfig, scopes: list[str], n_pool: int) -> S
     if sc.kind == "auto":
         from loop.auto_surrogate import AutoSurrogate
 
+        kinds = [str(k) for k in sc.candidates]
+        if "gp_chgnet" in kinds and "candidates" not in sc.model_fields_set:
+            if _missing_structures(cifs, n_pool):  # the default list, on a pool of formulas
+                logger.info("auto: no gp_chgnet candidate (the pool has no structures)")
+                kinds.remove("gp_chgnet")
         members: dict[str, Surrogate] = {
-            str(k): _build_one(k, config, scopes, n_pool) for k in sc.candidates
+            k: _build_one(k, config, scopes, n_pool, cifs) for k in kinds
         }
         return AutoSurrogate(members, n_pool=n_pool)
-    return _build_one(sc.kind, config, scopes, n_pool)
+    return _build_one(sc.kind, config, scopes, n_pool, cifs)
 
 
-def _build_one(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int) -> Surrogate:
-    """One learning surrogate of ``kind`` (``gp``, ``gp_cloud``, ``gp_transfer``, ``cloud_ensemble``)."""
+def _missing_structures(cifs: list[str | None] | None, n_pool: int) -> int:
+    """How many of the pool's candidates have no structure."""
+    if cifs is None:
+        return n_pool
+    return sum(1 for c in cifs[:n_pool] if not c) + max(n_pool - len(cifs), 0)
+
+
+def _build_one(
+    kind: str,
+    config: CampaignConfig,
+    scopes: list[str],
+    n_pool: int,
+    cifs: list[str | None] | None = None,
+) -> Surrogate:
+    """One learning surrogate of ``kind`` (``gp``, ``gp_chgnet``, ``gp_cloud``,
+    ``gp_transfer``, ``cloud_ensemble``)."""
     sc = config.surrogate
-    if kind in ("gp", "gp_cloud", "gp_transfer"):
+    if kind in ("gp", "gp_chgnet", "gp_cloud", "gp_transfer"):
         from loop.features import composition_features
 
         feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
@@ -593,8 +621,23 @@ def _build_one(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int
             return GPSurrogate(feats, **gp_args)
         from loop.gp_blocks import BlockGPSurrogate, TransferGPSurrogate
 
-        extra = _second_block(kind, config, scopes, n_pool)
         d = feats.shape[-1]
+        if kind == "gp_chgnet":
+            from cloud_model.errors import ConfigError
+            from loop.chgnet_block import ChgnetGPSurrogate, chgnet_block_features
+
+            missing = _missing_structures(cifs, n_pool)
+            if missing or cifs is None:
+                raise ConfigError(
+                    f"surrogate gp_chgnet needs every candidate's structure: {missing} of the "
+                    f"{n_pool} candidates of the pool have none (use a pool with CIFs, or leave "
+                    "gp_chgnet out of surrogate.candidates)"
+                )
+            block = chgnet_block_features([str(c) for c in cifs[:n_pool]], len(scopes))
+            return ChgnetGPSurrogate(
+                torch.cat([feats, block], dim=-1), [(0, d), (d, d + block.shape[-1])], **gp_args
+            )
+        extra = _second_block(kind, config, scopes, n_pool)
         cls = TransferGPSurrogate if kind == "gp_transfer" else BlockGPSurrogate
         return cls(torch.cat([feats, extra], dim=-1), [(0, d), (d, d + extra.shape[-1])], **gp_args)
     if kind != "cloud_ensemble":
