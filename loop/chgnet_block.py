@@ -110,8 +110,9 @@ def chgnet_features(
                 fea = [float(v) for v in pred["crystal_fea"]]
                 rows[key] = fea
                 lines.append(json.dumps({"sha256": key, "fea": fea}))
-            with path.open("a") as fh:  # one write per batch: a kill loses at most this batch
-                fh.write("\n".join(lines) + "\n")
+            with path.open("a+b") as fh:  # one write per batch: a kill loses at most this batch
+                cut = fh.tell() > 0 and (fh.seek(-1, 2), fh.read(1))[1] != b"\n"
+                fh.write((("\n" if cut else "") + "\n".join(lines) + "\n").encode())
             if progress is not None:
                 progress(min(start + batch_size, len(todo)), len(todo))
         logger.info("CHGNet features: %d structures in %.0f s", len(todo), time.perf_counter() - t0)

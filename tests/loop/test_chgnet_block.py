@@ -1,0 +1,114 @@
+"""The GP with a CHGNet crystal-feature block, on real carbon_24 structures and CHGNet's weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cloud_model.datasets import load_dataset
+from cloud_model.errors import ConfigError
+from loop.auto_surrogate import AutoSurrogate
+from loop.chgnet_block import CHGNET_DIMS, ChgnetGPSurrogate, chgnet_features
+from loop.config import parse_config
+from loop.surrogate import build_surrogate
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def carbon() -> tuple[list[str], list[str], torch.Tensor]:
+    pytest.importorskip("chgnet")
+    records = load_dataset("carbon_24", ["val"]).records[:N]
+    from cloud_model.scope import encode_scope
+
+    scopes = [encode_scope(r.structure(), variant="native") for r in records]
+    y = torch.tensor([[r.targets["energy_per_atom"]] for r in records], dtype=torch.float64)
+    return scopes, [str(r.cif) for r in records], y
+
+
+def _config(kind: str, **surrogate: object) -> object:
+    return parse_config(
+        {
+            "name": "t",
+            "pool": {"file": "x.csv", "structure_format": "scope"},
+            "objective": {"target": "energy_per_atom", "sense": "minimize"},
+            "surrogate": {"kind": kind, **surrogate},
+        }
+    )
+
+
+def test_features_are_cached_per_structure_and_survive_a_cut_line(
+    carbon: tuple[list[str], list[str], torch.Tensor], tmp_path: Path
+) -> None:
+    _, cifs, _ = carbon
+    first = chgnet_features(cifs[:6], cache_dir=tmp_path, batch_size=4)
+    assert first.shape == (6, CHGNET_DIMS) and bool(torch.isfinite(first).all())
+    assert len(torch.unique(first, dim=0)) == 6  # six polymorphs, six feature vectors
+    (cache,) = (tmp_path / "chgnet_features").glob("*.jsonl")
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 6 and {"sha256", "fea"} <= set(json.loads(lines[0]))
+    cache.write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])  # a write cut by a kill
+    again = chgnet_features(cifs[:6], cache_dir=tmp_path)  # recomputes the cut row only
+    assert torch.allclose(again, first, atol=1e-6)
+    assert len(cache.read_text().splitlines()) == 7
+
+
+def test_gp_chgnet_ranks_polymorphs_and_round_trips(
+    carbon: tuple[list[str], list[str], torch.Tensor], tmp_path: Path
+) -> None:
+    scopes, cifs, y = carbon
+    config = _config("gp_chgnet")
+    gp = build_surrogate(config, scopes, N, cifs)  # type: ignore[arg-type]
+    assert isinstance(gp, ChgnetGPSurrogate) and len(gp.blocks) == 2
+    train, test = torch.arange(0, N, 2), torch.arange(1, N, 2)
+    metrics = gp.fit(train, y[train])
+    assert {"block0_outputscale", "block1_outputscale"} <= set(metrics)
+    composition_w, chgnet_w = gp.block_weights()
+    assert chgnet_w > composition_w  # pure carbon: composition is constant
+    mean, std = gp.mean_std(torch.arange(N))
+    assert mean.shape == std.shape == (N, 1) and bool((std > 0).all())
+    mae = (mean[test] - y[test]).abs().mean()
+    assert mae < 0.7 * (y[test] - y[train].mean()).abs().mean()
+    gp.save(tmp_path / "v1")
+    restored = build_surrogate(config, scopes, N, cifs)  # type: ignore[arg-type]
+    restored.load(tmp_path / "v1")
+    m2, s2 = restored.mean_std(torch.arange(N))
+    assert torch.allclose(mean, m2, atol=1e-9) and torch.allclose(std, s2, atol=1e-9)
+
+
+def test_gp_chgnet_fits_on_pool_rows_only(
+    carbon: tuple[list[str], list[str], torch.Tensor],
+) -> None:
+    scopes, cifs, y = carbon
+    gp = build_surrogate(_config("gp_chgnet"), scopes + scopes[:5], N, cifs)  # type: ignore[arg-type]
+    rows = torch.cat([torch.arange(10), torch.arange(N, N + 5)])  # 10 own, 5 prior rows
+    metrics = gp.fit(rows, torch.cat([y[:10], y[:5]]))
+    assert metrics["n_train"] == 10.0  # prior rows have no structure, so no CHGNet features
+
+
+def test_gp_chgnet_needs_structures(carbon: tuple[list[str], list[str], torch.Tensor]) -> None:
+    scopes, cifs, _ = carbon
+    with pytest.raises(ConfigError, match="gp_chgnet needs every candidate's structure: 1 of"):
+        build_surrogate(_config("gp_chgnet"), scopes, N, [*cifs[:-1], None])  # type: ignore[arg-type]
+    named = _config("auto", candidates=["gp", "gp_chgnet"])  # asked for by name: an error
+    with pytest.raises(ConfigError, match="gp_chgnet"):
+        build_surrogate(named, scopes, N, None)  # type: ignore[arg-type]
+
+
+def test_auto_takes_gp_chgnet_as_a_candidate(
+    carbon: tuple[list[str], list[str], torch.Tensor],
+) -> None:
+    scopes, cifs, y = carbon
+    auto = build_surrogate(
+        _config("auto", candidates=["gp", "gp_chgnet"]),  # type: ignore[arg-type]
+        scopes,
+        N,
+        cifs,
+    )
+    assert isinstance(auto, AutoSurrogate) and list(auto.members) == ["gp", "gp_chgnet"]
+    for n in (16, 24, 32):
+        auto.fit(torch.arange(n), y[:n])
+    assert auto.chosen == "gp_chgnet"  # composition explains nothing on pure carbon
