@@ -38,6 +38,9 @@ LABELS = {
     "bench_aflow_debye": "AFLOW lowest theta, {budget} of {pool:,}" + _OLD,
     "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1 vs 8" + _OLD,
     "bench_aflow_debye_gp_cloud": "AFLOW lowest theta, {budget} of {pool:,}, CLOUD + GP" + _OLD,
+    "bench_aflow_debye_chgnet": (
+        "AFLOW lowest theta, {budget} of {pool:,}, GP + CHGNet block (MPtrj-trained features)"
+    ),
     "bench_aflow_debye_transfer": "AFLOW lowest theta, {budget} of {pool:,}, GP + transfer",
     "bench_aflow_debye_prior": (
         "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows" + _COND
@@ -80,6 +83,9 @@ LABELS = {
     ),
     "bench_carbon24_first": (
         "carbon_24 lowest E, {budget} of {pool:,}, auto, CLOUD decides first" + _NEW
+    ),
+    "bench_carbon24_chgnet": (
+        "carbon_24 lowest E, {budget} of {pool:,}, GP + CHGNet block (MPtrj-trained features)"
     ),
     "bench_carbon24_bayes": "carbon_24 lowest E, {budget} of {pool:,}, Bayesian heads" + _OLD,
     "bench_carbon24_finetune": (

@@ -14,6 +14,10 @@ indices of jobs still in flight (``X_pending``). The strategies:
 * ``thompson`` — per batch slot, one draw of the belief (one ensemble member, or one GP
   draw per candidate), argmax of its constrained objective;
 * ``greedy``   — top-q by the posterior mean of the constrained objective;
+* ``hits``     — top-q by the probability of being a hit: feasible and among the pool's
+  best ``top_fraction`` (measured values included), estimated on the belief's draws
+  (:func:`_hits`); the expected number of hits in a batch is the sum of its members'
+  probabilities, so the batch is the top q;
 * ``random``   — uniform, seeded.
 
 The MC strategies use ``optimize_acqf_discrete`` (sequential greedy for q > 1, each pick
@@ -24,6 +28,7 @@ candidates stay cheap once the ensemble predictions are cached.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +76,7 @@ def select_batch(
     beta: float = 2.0,
     max_batch_size: int = 8192,
     shortlist: int = 2048,
+    top_fraction: float = 0.01,
 ) -> list[Pick]:
     """Choose up to ``q`` of the ``available`` candidates.
 
@@ -85,6 +91,7 @@ def select_batch(
         measured_y: ``n_meas x m`` measured values (NaN where a target was not measured).
         generator: seeded RNG for random and Thompson draws.
         beta: UCB exploration weight.
+        top_fraction: ``hits``: the share of the pool that counts as a hit.
         max_batch_size: candidates evaluated per acquisition call.
         shortlist: for pools larger than this, the pending-aware sequential batch
             optimisation runs over the ``shortlist`` candidates with the best standalone
@@ -104,6 +111,8 @@ def select_batch(
         return _thompson(surrogate, spec, q, available, generator)
     if kind == "greedy":
         return _greedy(surrogate, spec, q, available)
+    if kind == "hits":
+        return _hits(surrogate, spec, q, available, pending, measured_y, top_fraction, generator)
 
     model = surrogate.model()
     if model is None:
@@ -400,6 +409,50 @@ def _greedy(surrogate: Surrogate, spec: ObjectiveSpec, q: int, available: Tensor
     value = torch.where(p_feasible > 0.5, mean_obj, mean_obj - 1e6 * (1 - p_feasible))
     order = torch.argsort(value, descending=True)[:q]
     return [Pick(int(available[i]), float(value[i])) for i in order]
+
+
+def _hits(
+    surrogate: Surrogate,
+    spec: ObjectiveSpec,
+    q: int,
+    available: Tensor,
+    pending: Tensor,
+    measured_y: Tensor,
+    top_fraction: float,
+    generator: torch.Generator,
+) -> list[Pick]:
+    """Top-q by the probability of being a hit, on the belief's draws.
+
+    In each draw the pool is the measured candidates (their measured scores), the
+    pending ones and the available ones (their drawn objective, -inf where a drawn
+    constraint fails); the hits of that draw are its best ``ceil(top_fraction * pool)``.
+    A candidate's probability is the share of draws in which it is a hit. Unlike
+    expected improvement over the best measurement, this keeps valuing candidates
+    that are probably among the best once the best has been found, which is what a
+    campaign counting its good materials wants; unlike the posterior mean it still
+    values a candidate whose uncertainty may put it there. Ties (few ensemble
+    members) are broken by the mean feasibility-weighted objective.
+    """
+    ids = torch.cat([available.long(), pending.long()])
+    samples = surrogate.samples(ids)  # S x n x m
+    drawn = spec.score(samples)  # S x n, -inf where infeasible
+    known = spec.score(measured_y.to(torch.float64)) if measured_y.numel() else drawn[:0, 0]
+    known = known[torch.isfinite(known)]  # measured rows that count (feasible)
+    n_pool = len(ids) + int(measured_y.shape[0])
+    k = max(1, math.ceil(top_fraction * n_pool))
+    pooled = torch.cat([drawn, known.expand(drawn.shape[0], -1)], dim=1)  # S x (n + measured)
+    kth = pooled.clamp_min(-1e300).topk(min(k, pooled.shape[1]), dim=1).values[:, -1:]
+    p_hit = ((drawn >= kth) & torch.isfinite(drawn)).to(torch.float64).mean(0)  # n
+    p_hit = p_hit[: len(available)]
+    mine = samples[:, : len(available)]
+    obj, p_feasible = spec.objective(mine).mean(0), spec.feasible(mine).to(torch.float64).mean(0)
+    tie = torch.where(p_feasible > 0.5, obj, obj - 1e6 * (1 - p_feasible))  # _greedy's order
+    rank = torch.argsort(tie, descending=True)
+    tie_rank = torch.empty_like(rank)
+    tie_rank[rank] = torch.arange(len(rank))
+    value = p_hit - 1e-6 * tie_rank.to(torch.float64) / max(len(rank), 1)
+    order = torch.argsort(_break_ties(value, generator), descending=True)[:q]
+    return [Pick(int(available[i]), float(p_hit[i])) for i in order]
 
 
 def _thompson(

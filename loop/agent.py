@@ -271,6 +271,7 @@ class Agent(PoolAgent):
             generator=gen,
             beta=acq.beta,
             shortlist=acq.shortlist_for(self.surrogate.active_name),
+            top_fraction=acq.top_fraction,
         )
         self.timings.acquisition += time.perf_counter() - t0
         chosen_idx = torch.tensor([p.index for p in picks], dtype=torch.long)

@@ -46,7 +46,9 @@ SCHEMA_VERSION = 1
 
 # acquisition strategies (loop.acquisition implements them); defined here so that validating
 # a config imports no BoTorch
-AcquisitionKind = Literal["qlogei", "qlognei", "qucb", "thompson", "greedy", "random", "qlognehvi"]
+AcquisitionKind = Literal[
+    "qlogei", "qlognei", "qucb", "thompson", "greedy", "hits", "random", "qlognehvi"
+]
 # the strategies that work on a Pareto front of several objectives
 MULTI_OBJECTIVE_KINDS = ("qlognehvi", "random")
 
@@ -194,6 +196,8 @@ class AcquisitionConfig(_Section):
     kind: AcquisitionKind = "qlogei"
     batch_size: int = Field(default=8, ge=1, le=4096)  # q: candidates chosen per decision
     beta: float = Field(default=2.0, gt=0)  # qUCB exploration weight
+    # hits: the share of the pool a campaign counts as its hits (the best, feasible ones)
+    top_fraction: float = Field(default=0.01, gt=0, le=0.5)
     # candidates the pending-aware batch optimisation runs over (see loop.acquisition.select_batch);
     # None: 2,048 for ensembles (cached predictions), 256 for the GP (exact joint posteriors)
     shortlist: int | None = Field(default=None, ge=16, le=100_000)
