@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
     base = config("gp")
     pool = load_pool(base.pool, base.targets)  # type: ignore[attr-defined]
-    keep = [i for i, c in enumerate(pool.ids) if math.isfinite(pool.truth[c].get(args.target, math.nan))]
+    keep = [
+        i for i, c in enumerate(pool.ids) if math.isfinite(pool.truth[c].get(args.target, math.nan))
+    ]
     y = torch.tensor([pool.truth[pool.ids[i]][args.target] for i in keep], dtype=torch.float64)
     sign = 1.0 if args.sense == "minimize" else -1.0
     n_top = math.ceil(0.01 * len(keep))
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         for seed in range(args.seeds):
             surrogate = build_surrogate(config(kind), scopes, len(keep), cifs)  # type: ignore[arg-type]
-            train = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[: args.train]
+            train = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[
+                : args.train
+            ]
             surrogate.fit(train, y[train].unsqueeze(-1))
             mean, _ = surrogate.mean_std(torch.arange(len(keep)))
             score = sign * mean[:, 0]

@@ -91,7 +91,9 @@ def chgnet_features(
 
         path.parent.mkdir(parents=True, exist_ok=True)
         model = ChgnetCalculator(_MODEL_VERSION, threads=threads).model()
-        logger.info("CHGNet crystal features of %d structures (%d cached)", len(todo), len(cifs) - len(todo))
+        logger.info(
+            "CHGNet crystal features of %d structures (%d cached)", len(todo), len(cifs) - len(todo)
+        )
         t0 = time.perf_counter()
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
@@ -100,7 +102,9 @@ def chgnet_features(
                 try:
                     structures.append(Structure.from_str(cifs[i], fmt="cif"))
                 except Exception as exc:  # noqa: BLE001 - pymatgen raises many kinds
-                    raise DataError(f"structure {i} (CIF sha256 {key[:12]}): unreadable: {exc}") from exc
+                    raise DataError(
+                        f"structure {i} (CIF sha256 {key[:12]}): unreadable: {exc}"
+                    ) from exc
             out = model.predict_structure(
                 structures, task="e", return_crystal_feas=True, batch_size=batch_size
             )
@@ -116,7 +120,9 @@ def chgnet_features(
             if progress is not None:
                 progress(min(start + batch_size, len(todo)), len(todo))
         logger.info("CHGNet features: %d structures in %.0f s", len(todo), time.perf_counter() - t0)
-    return torch.tensor([rows[k] for k in keys], dtype=torch.float64).reshape(len(keys), CHGNET_DIMS)
+    return torch.tensor([rows[k] for k in keys], dtype=torch.float64).reshape(
+        len(keys), CHGNET_DIMS
+    )
 
 
 def chgnet_block_features(

@@ -139,9 +139,7 @@ class SurrogateConfig(_Section):
     # Materials Project energies, which CHGNet was trained on)
     kind: Literal[
         "auto", "cloud_ensemble", "gp", "gp_chgnet", "gp_cloud", "gp_transfer", "random"
-    ] = (
-        "cloud_ensemble"
-    )
+    ] = "cloud_ensemble"
     transfer_sets: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TRANSFER_SETS), min_length=1, max_length=16
     )

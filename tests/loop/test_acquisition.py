@@ -67,7 +67,7 @@ def test_model_based_picks_respect_constraints_and_objective() -> None:
     )
     mean = preds.mean(0)
     feasible_best = int(torch.argmax(torch.where(mean[10:, 1] <= 0, mean[10:, 0], -torch.inf))) + 10
-    for kind in ("qlogei", "qlognei", "qucb", "greedy", "thompson"):
+    for kind in ("qlogei", "qlognei", "qucb", "greedy", "hits", "thompson"):
         picks = _select(kind, preds, spec)
         assert len(set(picks)) == 4, kind
         assert all(10 <= i < preds.shape[1] for i in picks), kind  # never a measured one
@@ -75,6 +75,48 @@ def test_model_based_picks_respect_constraints_and_objective() -> None:
         # constraints are in the acquisition value: most picks are predicted feasible
         # (later picks of a batch add little once the best is in it, so ties may fall anywhere)
         assert sum(bool(mean[i, 1] <= 0.05) for i in picks) >= 2, kind
+
+
+def test_hits_values_candidates_that_may_still_be_among_the_best() -> None:
+    # 100 candidates, hits = the best 2 % (2). Measured: one at 10, the pool's best.
+    # A: surely 9.0 (second best: a hit for sure). B: mean 8.0, sd 2 (a hit in some draws).
+    # C: surely 8.9 (never above A). Expected improvement over 10 values none of them much;
+    # the probability of being a hit ranks A, then B (C never is one), where greedy takes C.
+    s = 4000
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.zeros(s, 100, 1, dtype=torch.float64)
+    draws[:, 4:, 0] = -5.0 + 0.1 * torch.randn(s, 96, generator=gen, dtype=torch.float64)
+    draws[:, 1, 0], draws[:, 3, 0] = 9.0, 8.9
+    draws[:, 2, 0] = 8.0 + 2.0 * torch.randn(s, generator=gen, dtype=torch.float64)
+    spec = ObjectiveSpec(targets=("a",), primary=0, sense="maximize")
+    picks = select_batch(
+        kind="hits",
+        surrogate=_Cached(draws),
+        spec=spec,
+        q=2,
+        available=torch.arange(1, 100),
+        pending=torch.tensor([], dtype=torch.long),
+        measured_idx=torch.tensor([0]),
+        measured_y=torch.tensor([[10.0]], dtype=torch.float64),
+        generator=torch.Generator().manual_seed(0),
+        top_fraction=0.02,
+    )
+    assert [p.index for p in picks] == [1, 2]
+    # the measured 10 is a hit unless B beats it; the second hit is A unless B > 9 (31 %)
+    assert picks[0].value == pytest.approx(1.0 - 0.31, abs=0.03)
+    assert picks[1].value == pytest.approx(0.31, abs=0.03)
+    greedy = select_batch(
+        kind="greedy",
+        surrogate=_Cached(draws),
+        spec=spec,
+        q=2,
+        available=torch.arange(1, 100),
+        pending=torch.tensor([], dtype=torch.long),
+        measured_idx=torch.tensor([0]),
+        measured_y=torch.tensor([[10.0]], dtype=torch.float64),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert [p.index for p in greedy] == [1, 3]
 
 
 def test_pending_candidates_are_not_chosen_again() -> None:
