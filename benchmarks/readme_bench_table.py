@@ -32,10 +32,16 @@ _COND = ", GP on <= 500 prior rows"
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}" + _OLD,
     "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, default (auto)" + _NEW,
+    "bench_perov_5_hits": (
+        "perov_5 window, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW
+    ),
     "bench_perov_5_diverse": (
         "perov_5 window, {budget} of {pool:,}, auto + diverse initial design" + _NEW
     ),
     "bench_aflow_debye": "AFLOW lowest theta, {budget} of {pool:,}" + _OLD,
+    "bench_aflow_debye_hits": (
+        "AFLOW lowest theta, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW
+    ),
     "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1 vs 8" + _OLD,
     "bench_aflow_debye_gp_cloud": "AFLOW lowest theta, {budget} of {pool:,}, CLOUD + GP" + _OLD,
     "bench_aflow_debye_chgnet": (
@@ -86,6 +92,9 @@ LABELS = {
     ),
     "bench_carbon24_chgnet": (
         "carbon_24 lowest E, {budget} of {pool:,}, GP + CHGNet block (MPtrj-trained features)"
+    ),
+    "bench_carbon24_hits": (
+        "carbon_24 lowest E, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW
     ),
     "bench_carbon24_bayes": "carbon_24 lowest E, {budget} of {pool:,}, Bayesian heads" + _OLD,
     "bench_carbon24_finetune": (
