@@ -7,8 +7,9 @@ energy readout (``predict_structure(..., return_crystal_feas=True)``), for each
 candidate's structure as given (no relaxation), each column standardised on the
 pool. A pretrained potential's representation separates what composition cannot
 (polymorphs) and carries the chemistry of its training energies: on ``carbon_24`` a GP
-on it, fitted on 120 random rows, ranks 30-32 of the 41 lowest energies into its 96
-lowest means (5 seeds), where a composition GP cannot rank anything.
+on it, fitted on 120 random rows, ranks 23-35 (median 32) of the 41 lowest energies into
+its 96 lowest means over 5 seeds, where the composition GP ranks none
+(``python benchmarks/chgnet_block_probe.py``).
 
 Contamination: CHGNet is trained on MPtrj (Materials Project relaxations). A pool
 whose labels are Materials Project energies (``mpts_52``) is contaminated for this
