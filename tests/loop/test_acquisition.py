@@ -89,34 +89,27 @@ def test_hits_values_candidates_that_may_still_be_among_the_best() -> None:
     draws[:, 1, 0], draws[:, 3, 0] = 9.0, 8.9
     draws[:, 2, 0] = 8.0 + 2.0 * torch.randn(s, generator=gen, dtype=torch.float64)
     spec = ObjectiveSpec(targets=("a",), primary=0, sense="maximize")
-    picks = select_batch(
-        kind="hits",
-        surrogate=_Cached(draws),
-        spec=spec,
-        q=2,
-        available=torch.arange(1, 100),
-        pending=torch.tensor([], dtype=torch.long),
-        measured_idx=torch.tensor([0]),
-        measured_y=torch.tensor([[10.0]], dtype=torch.float64),
-        generator=torch.Generator().manual_seed(0),
-        top_fraction=0.02,
-    )
+
+    def pick(kind: str) -> list:  # type: ignore[type-arg]
+        return select_batch(
+            kind=kind,  # type: ignore[arg-type]
+            surrogate=_Cached(draws),
+            spec=spec,
+            q=2,
+            available=torch.arange(1, 100),
+            pending=torch.tensor([], dtype=torch.long),
+            measured_idx=torch.tensor([0]),
+            measured_y=torch.tensor([[10.0]], dtype=torch.float64),
+            generator=torch.Generator().manual_seed(0),
+            top_fraction=0.02,
+        )
+
+    picks = pick("hits")
     assert [p.index for p in picks] == [1, 2]
     # the measured 10 is a hit unless B beats it; the second hit is A unless B > 9 (31 %)
     assert picks[0].value == pytest.approx(1.0 - 0.31, abs=0.03)
     assert picks[1].value == pytest.approx(0.31, abs=0.03)
-    greedy = select_batch(
-        kind="greedy",
-        surrogate=_Cached(draws),
-        spec=spec,
-        q=2,
-        available=torch.arange(1, 100),
-        pending=torch.tensor([], dtype=torch.long),
-        measured_idx=torch.tensor([0]),
-        measured_y=torch.tensor([[10.0]], dtype=torch.float64),
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert [p.index for p in greedy] == [1, 3]
+    assert [p.index for p in pick("greedy")] == [1, 3]
 
 
 def test_pending_candidates_are_not_chosen_again() -> None:
