@@ -22,8 +22,15 @@ given its past prequential predictions 90 % coverage) in what :meth:`mean_std`
 reports, which is what every decision records and the calibration report scores.
 The acquisition runs on the chosen member's own belief (:meth:`model`,
 :meth:`samples`, and :meth:`decision_mean_std`, which ranks a large pool's shortlist);
-:meth:`calibrated_model` is the recalibrated one. Until ``min_evidence`` prequential values exist the first
-candidate (the composition GP by default) is used as it is.
+:meth:`calibrated_model` is the recalibrated one.
+
+Until ``min_evidence`` prequential values exist (the first decision after the initial
+design) the choice is made on leave-one-out predictions instead: if the first candidate
+offers closed-form leave-one-out predictions of its training rows (the GP kinds do), the
+candidates that offer them are scored on those the same way and the best is used,
+recalibrated by its own; a first candidate without them (an ensemble) is used as it is.
+Leave-one-out scores reuse hyperparameters fitted on every row, so they flatter a flexible
+model a little: they only bridge the one decision before the prequential record exists.
 """
 
 from __future__ import annotations
@@ -403,9 +410,10 @@ class AutoSurrogate(Surrogate):
         self._trained: set[int] = set()
         self._floor = 1e-9
         self._fitted = False
-        # the fallback's leave-one-out predictions of its training rows: what calibrates its
-        # reported stds before any candidate has prequential evidence (the first model version)
-        self._held_out: PrequentialRecord | None = None
+        # leave-one-out predictions of their training rows, of the candidates that offer them
+        # (while the first has no prequential evidence): what the first model version is
+        # chosen and calibrated on
+        self._held_out: dict[str, PrequentialRecord] = {}
 
     # ------------------------------------------------------------------ the choice
     @property
@@ -453,9 +461,14 @@ class AutoSurrogate(Surrogate):
         self.chosen = max(self.recals, key=lambda n: self.recals[n].ll) if enough else first
         if not enough:
             self.recals = {n: Recalibration.identity(self._m, r.ll) for n, r in self.recals.items()}
-            loo = self._held_out
-            if loo is not None and len(loo) >= self.min_evidence:
-                self.recals[first] = recalibrate(loo, self._m, self._floor)
+            loo = {
+                n: recalibrate(r, self._m, self._floor)
+                for n, r in self._held_out.items()
+                if len(r) >= self.min_evidence
+            }
+            if first in loo:
+                self.chosen = max(loo, key=lambda n: loo[n].ll)
+                self.recals[self.chosen] = loo[self.chosen]
 
     # ------------------------------------------------------------------ Surrogate
     def fit(self, train_idx: Tensor, train_y: Tensor) -> dict[str, float]:
@@ -473,13 +486,21 @@ class AutoSurrogate(Surrogate):
         self._trained = {int(i) for i in train_idx.tolist() if i < self.n_pool}
         self._fitted = True
         first = next(iter(self.members))
-        self._held_out = None
+        self._held_out = {}
         if len(self.records[first]) < self.min_evidence:
-            self._held_out = _held_out_record(self.members[first], train_idx, train_y)
+            for name, member in self.members.items():
+                record = _held_out_record(member, train_idx, train_y)
+                if record is not None:
+                    self._held_out[name] = record
         self._choose()
         for name in self.members:
-            metrics[f"{name}.prequential_ll"] = self.recals[name].ll
+            metrics[f"{name}.prequential_ll"] = (
+                self.recals[name].ll if len(self.records[name]) else -math.inf
+            )
             metrics[f"{name}.prequential_values"] = float(len(self.records[name]))
+            if name in self._held_out:
+                loo = recalibrate(self._held_out[name], self._m, self._floor)
+                metrics[f"{name}.loo_ll"] = loo.ll
         recal = self.recal
         metrics["chosen_index"] = float(list(self.members).index(self.chosen))
         metrics["recal_beta"] = recal.beta[0]
@@ -540,7 +561,7 @@ class AutoSurrogate(Surrogate):
             "trained": sorted(self._trained),
             "floor": self._floor,
             "records": {n: r.to_json() for n, r in self.records.items()},
-            "held_out": None if self._held_out is None else self._held_out.to_json(),
+            "held_out": {n: r.to_json() for n, r in self._held_out.items()},
         }
         (directory / _STATE_FILE).write_text(json.dumps(state))
 
@@ -562,8 +583,10 @@ class AutoSurrogate(Surrogate):
         self._m = int(state["targets"])
         self._trained = {int(i) for i in state["trained"]}
         self._floor = float(state["floor"])
-        held = state.get("held_out")
-        self._held_out = None if held is None else PrequentialRecord.from_json(held)
+        held = state.get("held_out") or {}
+        if "mean" in held:  # saved before every candidate's were kept: the first's
+            held = {next(iter(self.members)): held}
+        self._held_out = {n: PrequentialRecord.from_json(r) for n, r in held.items()}
         self._fitted = True
         self._choose()
         if self.chosen != state["chosen"]:

@@ -92,7 +92,7 @@ def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
     # nothing scored yet: the fallback decides, its stds calibrated by its leave-one-out
     # predictions of the 16 training rows (the ensemble has none to offer)
     assert auto.chosen == "gp" and not auto.recal.is_identity
-    assert auto._held_out is not None and len(auto._held_out) == 16
+    assert set(auto._held_out) == {"gp"} and len(auto._held_out["gp"]) == 16
     assert auto.recals["cloud_ensemble"].is_identity
     assert all(len(r) == 0 for r in auto.records.values())
     # what each member predicted for the next rows before they were measured

@@ -109,6 +109,15 @@ def test_auto_takes_gp_chgnet_as_a_candidate(
         cifs,
     )
     assert isinstance(auto, AutoSurrogate) and list(auto.members) == ["gp", "gp_chgnet"]
-    for n in (16, 24, 32):
+    # before any prequential value the GPs are compared on their leave-one-out predictions
+    # of the 16 rows: composition explains nothing on pure carbon, so the first decision is
+    # already gp_chgnet's, calibrated by its own held-out predictions
+    metrics = auto.fit(torch.arange(16), y[:16])
+    assert all(len(r) == 0 for r in auto.records.values())
+    assert set(auto._held_out) == {"gp", "gp_chgnet"}
+    assert metrics["gp_chgnet.loo_ll"] > metrics["gp.loo_ll"]
+    assert auto.chosen == "gp_chgnet" and metrics["chosen_index"] == 1
+    assert not auto.recal.is_identity
+    for n in (24, 32):
         auto.fit(torch.arange(n), y[:n])
-    assert auto.chosen == "gp_chgnet"  # composition explains nothing on pure carbon
+    assert auto.chosen == "gp_chgnet"  # and stays so on the prequential record
