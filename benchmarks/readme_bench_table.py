@@ -29,18 +29,24 @@ _PRE = ", before be72a85"
 # rows whose GP had prior data and conditioned on its gp_max_train rows only, before
 # surrogate.gp_max_condition
 _COND = ", GP on <= 500 prior rows"
+# `auto` rows measured before it chose the first model by leave-one-out likelihood (b65b243)
+_LOO = ", auto before b65b243"
+# the example campaigns' default: auto over gp_transfer, cloud_ensemble, gp_chgnet + hits
+_DEF = ", default (auto + CHGNet block, hits)"
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}" + _OLD,
-    "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, default (auto)" + _NEW,
+    "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, auto (gp_transfer, CLOUD), the earlier default" + _NEW,
+    "bench_perov_5_default": "perov_5 window, {budget} of {pool:,}" + _DEF + _NEW,
     "bench_perov_5_hits": (
-        "perov_5 window, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW
+        "perov_5 window, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW + _LOO
     ),
     "bench_perov_5_diverse": (
         "perov_5 window, {budget} of {pool:,}, auto + diverse initial design" + _NEW
     ),
     "bench_aflow_debye": "AFLOW lowest theta, {budget} of {pool:,}" + _OLD,
+    "bench_aflow_debye_default": "AFLOW lowest theta, {budget} of {pool:,}" + _DEF + _NEW,
     "bench_aflow_debye_hits": (
-        "AFLOW lowest theta, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW
+        "AFLOW lowest theta, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW + _LOO
     ),
     "bench_aflow_debye_q1": "AFLOW lowest theta, {budget} of {pool:,}, batch 1 vs 8" + _OLD,
     "bench_aflow_debye_gp_cloud": "AFLOW lowest theta, {budget} of {pool:,}, CLOUD + GP" + _OLD,
@@ -58,7 +64,7 @@ LABELS = {
         "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows, diverse design" + _COND
     ),
     "bench_aflow_debye_auto": (
-        "AFLOW lowest theta, {budget} of {pool:,}, default (auto)" + _NEW
+        "AFLOW lowest theta, {budget} of {pool:,}, auto (gp_transfer, CLOUD), the earlier default" + _NEW
     ),
     "bench_aflow_debye_diverse": (
         "AFLOW lowest theta, {budget} of {pool:,}, auto + diverse initial design" + _NEW
@@ -76,10 +82,13 @@ LABELS = {
     "bench_mpts52_condition": (
         "mpts_52 time split, {budget} of {pool:,}, GP conditioned on 2,000 prior rows" + _NEW
     ),
+    "bench_mpts52_hits": (
+        "mpts_52 time split, {budget} of {pool:,}, auto (gp, CLOUD) + hits acquisition" + _NEW
+    ),
     "bench_carbon24": "carbon_24 lowest E, {budget} of {pool:,}" + _OLD,
     "bench_carbon24_gp_cloud": "carbon_24 lowest E, {budget} of {pool:,}, CLOUD + GP" + _OLD,
     "bench_carbon24_auto": (
-        "carbon_24 lowest E, {budget} of {pool:,}, default (auto)" + _NEW
+        "carbon_24 lowest E, {budget} of {pool:,}, auto (gp_transfer, CLOUD), the earlier default" + _NEW
     ),
     "bench_carbon24_diverse": (
         "carbon_24 lowest E, {budget} of {pool:,}, auto + diverse initial design" + _NEW
@@ -93,8 +102,9 @@ LABELS = {
     "bench_carbon24_chgnet": (
         "carbon_24 lowest E, {budget} of {pool:,}, GP + CHGNet block (MPtrj-trained features)"
     ),
+    "bench_carbon24_default": "carbon_24 lowest E, {budget} of {pool:,}" + _DEF + _NEW,
     "bench_carbon24_hits": (
-        "carbon_24 lowest E, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW
+        "carbon_24 lowest E, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW + _LOO
     ),
     "bench_carbon24_bayes": "carbon_24 lowest E, {budget} of {pool:,}, Bayesian heads" + _OLD,
     "bench_carbon24_finetune": (

@@ -40,6 +40,7 @@ from loop.gp_blocks import BlockGPSurrogate
 __all__ = ["CHGNET_DIMS", "ChgnetGPSurrogate", "chgnet_block_features", "chgnet_features"]
 
 logger = logging.getLogger(__name__)
+_phase = logging.getLogger("cloudlab.progress")  # what a live display shows (loop/cli/live.py)
 CHGNET_DIMS = 64  # CHGNet 0.3.0's crystal feature width
 _MODEL_VERSION = "0.3.0"
 _MEMO: dict[str, Tensor] = {}  # runs in one process (benchmark workers) read a pool once
@@ -136,7 +137,11 @@ def chgnet_block_features(
         digest.update(hashlib.sha256(c.encode()).digest())
     memo = digest.hexdigest()
     if memo not in _MEMO:
-        fea = chgnet_features(cifs, cache_dir=cache_dir)
+        def shown(done: int, total: int) -> None:
+            label = "CHGNet crystal features"
+            _phase.debug(label, extra={"phase": label, "done": done, "total": total})
+
+        fea = chgnet_features(cifs, cache_dir=cache_dir, progress=shown)
         scaled = (fea - fea.mean(0)) / fea.std(0).clamp_min(1e-9) if len(cifs) > 1 else fea
         block = torch.zeros(n_rows, CHGNET_DIMS, dtype=torch.float64)
         block[: len(cifs)] = scaled
