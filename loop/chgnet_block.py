@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def chgnet_features(
             structures = []
             for key, i in chunk:
                 try:
-                    structures.append(Structure.from_str(cifs[i], fmt="cif"))
+                    with warnings.catch_warnings():  # pymatgen's "coordinates rounded" note
+                        warnings.filterwarnings("ignore", "Issues encountered while parsing CIF")
+                        structures.append(Structure.from_str(cifs[i], fmt="cif"))
                 except Exception as exc:  # noqa: BLE001 - pymatgen raises many kinds
                     raise DataError(
                         f"structure {i} (CIF sha256 {key[:12]}): unreadable: {exc}"
