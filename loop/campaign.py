@@ -187,14 +187,14 @@ class Campaign:
         ledger = self.prepare()
         assert self.pool is not None
         scopes = self.pool.scopes + self._prior_scopes
+        cifs = [self.pool.cifs.get(c) for c in self.pool.ids]
         if self.config.fidelities:  # multi-fidelity: the cost-aware agent (loop/mf_agent.py)
             from loop.mf_agent import build_mf_agent
 
             return build_mf_agent(
                 self.config, self.pool.ids, scopes, ModelRegistry(ledger.store, self.directory),
-                self.timings,
+                self.timings, cifs,
             )  # fmt: skip
-        cifs = [self.pool.cifs.get(c) for c in self.pool.ids]
         surrogate = build_surrogate(self.config, scopes, len(self.pool), cifs)
         registry = ModelRegistry(ledger.store, self.directory)
         if self.config.pool.generators is not None:  # never a version fitted before the pool grew

@@ -399,10 +399,10 @@ class CampaignConfig(_Section):
                 f"fidelities: a multi-fidelity campaign measures one target, got {self.targets} "
                 "(constraints are not supported with fidelities)"
             )
-        if self.surrogate.kind not in ("gp", "gp_cloud", "gp_transfer"):
+        if self.surrogate.kind not in ("gp", "gp_chgnet", "gp_cloud", "gp_transfer"):
             raise ValueError(
                 f"fidelities: surrogate.kind {self.surrogate.kind} is not a GP; the "
-                "multi-fidelity GP uses the features of gp, gp_cloud or gp_transfer"
+                "multi-fidelity GP uses the features of gp, gp_chgnet, gp_cloud or gp_transfer"
             )
         highest = self.highest_fidelity
         for i, f in enumerate(self.fidelities):

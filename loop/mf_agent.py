@@ -190,19 +190,27 @@ def build_mf_agent(
     scopes: list[str],
     registry: ModelRegistry,
     timings: Timings,
+    cifs: list[str | None] | None = None,
 ) -> MultiFidelityAgent:
     """The agent over an unfitted multi-fidelity GP on the configured features.
 
     The features are the GP surrogate's: composition features, with the CLOUD block
-    for ``surrogate.kind: gp_cloud`` and the transfer block for ``gp_transfer``.
+    for ``surrogate.kind: gp_cloud``, the transfer block for ``gp_transfer`` and CHGNet's
+    crystal features of ``cifs`` (the pool's structures) for ``gp_chgnet``.
+
+    Raises:
+        ConfigError: ``gp_chgnet`` on a pool without every candidate's structure.
     """
     from loop.features import composition_features
-    from loop.surrogate import _second_block
+    from loop.surrogate import _second_block, chgnet_block
 
     feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
     kind = config.surrogate.kind
+    n_pool = len(candidate_ids)
     if kind in ("gp_cloud", "gp_transfer"):
-        feats = torch.cat([feats, _second_block(kind, config, scopes, len(candidate_ids))], -1)
+        feats = torch.cat([feats, _second_block(kind, config, scopes, n_pool)], -1)
+    elif kind == "gp_chgnet":
+        feats = torch.cat([feats, chgnet_block(cifs, n_pool, len(scopes))], -1)
     surrogate = MultiFidelityGPSurrogate(
         feats[: len(candidate_ids)],
         len(config.fidelities),

@@ -623,17 +623,9 @@ def _build_one(
 
         d = feats.shape[-1]
         if kind == "gp_chgnet":
-            from cloud_model.errors import ConfigError
-            from loop.chgnet_block import ChgnetGPSurrogate, chgnet_block_features
+            from loop.chgnet_block import ChgnetGPSurrogate
 
-            missing = _missing_structures(cifs, n_pool)
-            if missing or cifs is None:
-                raise ConfigError(
-                    f"surrogate gp_chgnet needs every candidate's structure: {missing} of the "
-                    f"{n_pool} candidates of the pool have none (use a pool with CIFs, or leave "
-                    "gp_chgnet out of surrogate.candidates)"
-                )
-            block = chgnet_block_features([str(c) for c in cifs[:n_pool]], len(scopes))
+            block = chgnet_block(cifs, n_pool, len(scopes))
             return ChgnetGPSurrogate(
                 torch.cat([feats, block], dim=-1), [(0, d), (d, d + block.shape[-1])], **gp_args
             )
@@ -652,6 +644,25 @@ def _build_one(
     ensemble = create_ensemble(checkpoint, sc.n_members, sc.head, len(config.targets), ens_config)
     ensemble.share_cache()  # runs in one process (benchmark workers) share the trunk's features
     return EnsembleSurrogate(ensemble, scopes, warm_start=config.finetune.warm_start, n_pool=n_pool)
+
+
+def chgnet_block(cifs: list[str | None] | None, n_pool: int, n_rows: int) -> Tensor:
+    """``n_rows x 64`` CHGNet block of ``gp_chgnet`` (zero rows past the pool's ``n_pool``).
+
+    Raises:
+        ConfigError: a candidate of the pool without a structure.
+    """
+    from cloud_model.errors import ConfigError
+    from loop.chgnet_block import chgnet_block_features
+
+    missing = _missing_structures(cifs, n_pool)
+    if missing or cifs is None:
+        raise ConfigError(
+            f"surrogate gp_chgnet needs every candidate's structure: {missing} of the "
+            f"{n_pool} candidates of the pool have none (use a pool with CIFs, or leave "
+            "gp_chgnet out of surrogate.candidates)"
+        )
+    return chgnet_block_features([str(c) for c in cifs[:n_pool]], n_rows)
 
 
 def _second_block(kind: str, config: CampaignConfig, scopes: list[str], n_pool: int) -> Tensor:

@@ -121,3 +121,51 @@ def test_auto_takes_gp_chgnet_as_a_candidate(
     for n in (24, 32):
         auto.fit(torch.arange(n), y[:n])
     assert auto.chosen == "gp_chgnet"  # and stays so on the prequential record
+
+
+def test_multi_fidelity_gp_takes_the_chgnet_block(
+    carbon: tuple[list[str], list[str], torch.Tensor], tmp_path: Path
+) -> None:
+    from loop.chgnet_block import chgnet_block_features
+    from loop.features import composition_features
+    from loop.mf_agent import build_mf_agent
+    from loop.records import Timings
+    from loop.registry import ModelRegistry
+    from loop.store import CampaignStore
+
+    scopes, cifs, y = carbon
+    ids = [f"c{i}" for i in range(N)]
+    cheap = tmp_path / "cheap.csv"
+    rows = zip(ids, y[:, 0].tolist(), strict=True)
+    cheap.write_text("id,value\n" + "".join(f"{c},{v}\n" for c, v in rows))
+    config = parse_config(
+        {
+            "name": "t",
+            "pool": {"file": "x.csv", "structure_format": "scope"},
+            "objective": {"target": "energy_per_atom", "sense": "minimize"},
+            "surrogate": {"kind": "gp_chgnet"},
+            "budget": {"cost": 100},
+            "fidelities": [
+                {"name": "dft", "cost": 10},
+                {"name": "chgnet", "cost": 1, "simulated": {"file": str(cheap)}},
+            ],
+        }
+    )
+    registry = ModelRegistry(CampaignStore(tmp_path / "run"), tmp_path / "run")
+    agent = build_mf_agent(config, ids, scopes, registry, Timings(), list(cifs))
+    d = composition_features(scopes[:1]).shape[-1]
+    feats = agent.surrogate.features
+    assert feats.shape == (N, d + CHGNET_DIMS)
+    block = chgnet_block_features(cifs, N)  # min-max scaled inside the surrogate: same order
+    assert torch.equal(feats[:, d:].argsort(0), block.argsort(0))
+    # the cheap fidelity (here the DFT values themselves) on 24 candidates, DFT on 8 of them:
+    # the high-fidelity prediction of the 16 candidates measured only cheaply follows it
+    s = agent.surrogate
+    high, low = torch.arange(8), torch.arange(24)
+    idx = torch.cat([s.combine(high, torch.zeros(8)), s.combine(low, torch.ones(24))])
+    torch.manual_seed(0)
+    s.fit(idx, torch.cat([y[high], y[low]]))
+    mean, _ = s.mean_std(torch.arange(8, 24))
+    assert torch.corrcoef(torch.stack([mean[:, 0], y[8:24, 0]]))[0, 1] > 0.9
+    with pytest.raises(ConfigError, match="gp_chgnet needs every candidate's structure: 1 of"):
+        build_mf_agent(config, ids, scopes, registry, Timings(), [*cifs[:-1], None])
