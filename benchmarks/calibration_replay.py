@@ -32,15 +32,15 @@ from pathlib import Path
 
 from loop.auto_surrogate import _Z90, PrequentialRecord, Recalibration, recalibrate
 
-_MIN_EVIDENCE = 8  # AutoSurrogate's default: fewer values leave the choice at its fallback
+_MIN_EVIDENCE = 8  # fewer values leave the choice at its fallback (AutoSurrogate: 24 now)
 Rule = Callable[[PrequentialRecord, int, float], Recalibration]
 
 
-def _rule(held_out: bool, adaptive: bool) -> Rule:
+def _rule(held_out: bool, adaptive: bool, shrink: bool = True) -> Rule:
     """:func:`recalibrate` with leave-one-out or in-sample residuals and with the adaptive
     or the plain split-conformal level (both off: the rule before this change)."""
     return lambda record, m, floor: recalibrate(
-        record, m, floor, held_out=held_out, adaptive=adaptive
+        record, m, floor, held_out=held_out, adaptive=adaptive, shrink=shrink
     )
 
 
@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rules: dict[str, Rule] = {
         "shipped": _rule(held_out=True, adaptive=True),
-        "held_out_split": _rule(held_out=True, adaptive=False),
-        "in_sample_adaptive": _rule(held_out=False, adaptive=True),
-        "in_sample_split": _rule(held_out=False, adaptive=False),  # the rule before
+        "no_slope_prior": _rule(held_out=True, adaptive=True, shrink=False),  # before 2026-12-04
+        "held_out_split": _rule(held_out=True, adaptive=False, shrink=False),
+        "in_sample_adaptive": _rule(held_out=False, adaptive=True, shrink=False),
+        "in_sample_split": _rule(held_out=False, adaptive=False, shrink=False),  # the first rule
     }
     summary: dict[str, dict] = {}
     for bench in args.bench_dirs:

@@ -53,7 +53,7 @@ def test_calibrated_likelihood_forgives_a_global_scale_but_not_misplaced_uncerta
     ones = torch.ones(400, dtype=torch.float64)
     right = calibrated_log_likelihood(_record(signal, ones, target), 1e-9)[0]
     skewed = calibrated_log_likelihood(_record(5.0 + 0.1 * signal, ones, target), 1e-9)[0]
-    assert skewed == pytest.approx(right, abs=1e-9)
+    assert skewed == pytest.approx(right, abs=0.01)  # the slope's N(1, 1) prior costs little
     assert right > calibrated_log_likelihood(_record(0 * signal, ones, target), 1e-9)[0] + 0.5
     # NaN values are skipped, not scored
     rec = _record(mean[:3], std[:3], torch.tensor([0.1, math.nan, 0.2], dtype=torch.float64))
@@ -87,6 +87,7 @@ def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
     config = parse_config(_auto_config())
     auto = build_surrogate(config, scopes, len(scopes))
     assert isinstance(auto, AutoSurrogate) and list(auto.members) == ["gp", "cloud_ensemble"]
+    auto.min_evidence = 12  # the prequential choice after one batch of 12 (default: 24 values)
     first = torch.arange(16)
     metrics = auto.fit(first, y[first])
     # nothing scored yet: the fallback decides, its stds calibrated by its leave-one-out
@@ -148,8 +149,9 @@ def test_auto_scores_members_before_they_see_the_rows_and_round_trips(
     # save / load: same choice, scale and beliefs
     auto.save(tmp_path / "v2")
     restored = build_surrogate(config, scopes, len(scopes))
-    restored.load(tmp_path / "v2")
     assert isinstance(restored, AutoSurrogate)
+    restored.min_evidence = 12
+    restored.load(tmp_path / "v2")
     assert restored.chosen == auto.chosen and restored.recal == auto.recal
     m2, s2 = restored.mean_std(idx)
     assert torch.allclose(m_auto, m2, atol=1e-6) and torch.allclose(s_auto, s2, atol=1e-6)
