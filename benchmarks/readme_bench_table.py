@@ -33,12 +33,10 @@ _COND = ", GP on <= 500 prior rows"
 _LOO = ", auto before b65b243"
 # the example campaigns' default: auto over gp_transfer, cloud_ensemble, gp_chgnet + hits
 _DEF = ", default (auto + CHGNet block, hits)"
-# default rows measured before the slope prior and the 24-value leave-one-out bridge (d0763e2)
-_PRE_D07 = ", before d0763e2"
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}" + _OLD,
     "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, auto (gp_transfer, CLOUD), the earlier default" + _NEW,
-    "bench_perov_5_default": "perov_5 window, {budget} of {pool:,}" + _DEF + _NEW + _PRE_D07,
+    "bench_perov_5_default": "perov_5 window, {budget} of {pool:,}" + _DEF + _NEW,
     "bench_perov_5_hits": (
         "perov_5 window, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW + _LOO
     ),
