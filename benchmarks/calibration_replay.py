@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the summary as JSON here")
     args = parser.parse_args(argv)
     rules: dict[str, Rule] = {
+        # the shipped recalibration; the shipped AutoSurrogate also calibrates versions with
+        # fewer than 24 prequential values on leave-one-out rows, which are not replayed here
         "shipped": _rule(held_out=True, adaptive=True),
         "no_slope_prior": _rule(held_out=True, adaptive=True, shrink=False),  # before 2026-12-04
         "held_out_split": _rule(held_out=True, adaptive=False, shrink=False),
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = sorted(p for p in (bench / "runs").iterdir() if p.is_dir())
         per_rule: dict[str, list[float]] = {n: [] for n in rules}
         pooled: dict[str, list[bool]] = {n: [] for n in rules}
+        by_version: dict[str, dict[int, list[bool]]] = {n: {} for n in rules}
         for run in runs:
             res = replay_run(run, rules)
             if res is None:
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     hits = [c for _, c in values]
                     per_rule[name].append(sum(hits) / len(hits))
                     pooled[name] += hits
+                    for version, c in values:
+                        by_version[name].setdefault(version, []).append(c)
         summary[bench.name] = {
             name: {
                 "runs": len(per_rule[name]),
@@ -126,13 +131,18 @@ def main(argv: list[str] | None = None) -> int:
                 "coverage_median_run": statistics.median(per_rule[name])
                 if per_rule[name]
                 else None,
+                # model version -> coverage of its next rows, pooled over the runs
+                "coverage_by_version": {
+                    v: sum(c) / len(c) for v, c in sorted(by_version[name].items())
+                },
             }
             for name in rules
         }
         for name, s in summary[bench.name].items():
             print(
                 f"{bench.name} {name}: coverage {s['coverage_pooled']:.3f} pooled over "
-                f"{s['values']} values, median run {s['coverage_median_run']}"
+                f"{s['values']} values, median run {s['coverage_median_run']}; by version "
+                + " ".join(f"v{v} {c:.2f}" for v, c in s["coverage_by_version"].items())
             )
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -25,15 +25,17 @@ The acquisition runs on the chosen member's own belief (:meth:`model`,
 :meth:`calibrated_model` is the recalibrated one.
 
 Until ``min_evidence`` prequential values exist (24: the first three decisions after an
-initial design at batch size 8) the choice is made on leave-one-out predictions instead: if the first candidate
-offers closed-form leave-one-out predictions of its training rows (the GP kinds do), the
+initial design at batch size 8) the choice is made on leave-one-out predictions instead:
+if the first candidate offers closed-form leave-one-out predictions of its training rows (the GP kinds do), the
 candidates that offer them are scored on those the same way and the best is used,
 recalibrated by its own; a first candidate without them (an ensemble) is used as it is.
 Leave-one-out scores reuse hyperparameters fitted on every row, so they flatter a flexible
 model a little: they only bridge the decisions before the prequential record is long
 enough. With 8 values (one batch) it was not: on carbon_24 (20 seeds) the second and third
-decisions, recalibrated on the first batch's picks alone, held 35 % and 42 % of their picks
-in their 90 % intervals, against 89 % for the first, recalibrated on leave-one-out rows.
+model versions, recalibrated on the first batch's picks alone, held 19 % and 41 % of their
+next picks in their 90 % intervals (29 % and 41 % with the slope prior of :func:`_fit_column`
+alone; ``benchmarks/calibration_replay.py``, ``coverage_by_version`` v2 and v3), against
+89 % for the first, recalibrated on leave-one-out rows.
 """
 
 from __future__ import annotations

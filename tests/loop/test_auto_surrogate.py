@@ -60,6 +60,33 @@ def test_calibrated_likelihood_forgives_a_global_scale_but_not_misplaced_uncerta
     assert len(rec) == 2
 
 
+def test_the_slope_prior_keeps_a_batch_of_nearly_equal_means_on_the_model_s_scale() -> None:
+    """Eight picks whose predicted means are within 1e-4 of each other (std 0.05): without
+    the prior any slope fits them and the next candidates' means are thrown far off; with it
+    the slope stays near 1 and a calibrated model's next values stay inside its intervals."""
+    from loop.auto_surrogate import recalibrate
+
+    gen = torch.Generator().manual_seed(4)
+    std = torch.full((8,), 0.05, dtype=torch.float64)
+    mean = -154.5578 + 1e-4 * torch.rand(8, generator=gen, dtype=torch.float64)
+    y = mean + 0.05 * torch.randn(8, generator=gen, dtype=torch.float64)  # a calibrated model
+    record = _record(mean, std, y)
+    shrunk = recalibrate(record, 1, 1e-9)
+    plain = recalibrate(record, 1, 1e-9, shrink=False)
+    assert abs(shrunk.beta[0] - 1.0) < 0.01
+    assert abs(plain.beta[0] - 1.0) > 10 or plain.beta[0] == pytest.approx(0.05)
+    # the next candidates lie 0.1 eV/atom apart in predicted mean, as a campaign's do
+    nxt = -154.5578 + torch.linspace(-0.1, 0.1, 200, dtype=torch.float64)
+    y_next = nxt + 0.05 * torch.randn(200, generator=gen, dtype=torch.float64)
+    sd_next = torch.full((200,), 0.05, dtype=torch.float64)
+
+    def coverage(recal: object) -> float:
+        mu, sd = recal.apply(nxt.view(-1, 1), sd_next.view(-1, 1))  # type: ignore[attr-defined]
+        return float(((y_next - mu[:, 0]).abs() <= 1.645 * sd[:, 0]).double().mean())
+
+    assert coverage(shrunk) > 0.8 > coverage(plain)
+
+
 def _cv(data_dir: Path, n: int = 50) -> tuple[list[str], torch.Tensor]:
     return cv_scopes(data_dir, n)
 

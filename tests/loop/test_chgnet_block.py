@@ -118,8 +118,12 @@ def test_auto_takes_gp_chgnet_as_a_candidate(
     assert metrics["gp_chgnet.loo_ll"] > metrics["gp.loo_ll"]
     assert auto.chosen == "gp_chgnet" and metrics["chosen_index"] == 1
     assert not auto.recal.is_identity
+    # leave-one-out still bridges the choice until 24 prequential values exist (8, then 16)
     for n in (24, 32):
         auto.fit(torch.arange(n), y[:n])
+        assert set(auto._held_out) == {"gp", "gp_chgnet"} and auto.chosen == "gp_chgnet"
+    auto.fit(torch.arange(N), y)  # 24 values: the prequential record decides
+    assert not auto._held_out and len(auto.records["gp_chgnet"]) == 24
     assert auto.chosen == "gp_chgnet"  # and stays so on the prequential record
 
 
