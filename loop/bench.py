@@ -56,8 +56,8 @@ class BenchConfig(BaseModel):
     # fractions of the top set whose AF (experiments random needs / the strategy needs) is reported
     af_levels: list[float] = Field(default_factory=lambda: [0.5, 0.9], min_length=1)
     parallel: int = Field(default=2, ge=1)  # runs at once (Ray tasks)
-    # a benchmark of extra strategies on another benchmark's pool, budget and seeds: its rows
-    # compare with that benchmark's (which holds the random baseline)
+    # a benchmark of extra strategies on another benchmark's pool and budget, on the first
+    # ``seeds`` of its seeds: its rows compare with that benchmark's (which holds random)
     compare_with: str | None = None
 
 
@@ -145,32 +145,58 @@ def _run_dict(
     return data
 
 
-def run_one(config_json: str, directory: str) -> dict[str, Any]:
-    """Run (or resume) one campaign and return its measured ids and timings."""
-    import torch
-
-    from loop.campaign import Campaign
-
-    out = Path(directory)
-    done = out / "result.json"
-    if done.exists():
-        return RunRecord.model_validate_json(done.read_text()).model_dump()
-    config = CampaignConfig.model_validate_json(config_json)
-    torch.set_num_threads(config.threads if isinstance(config.threads, int) else 1)
-    t0, c0 = time.perf_counter(), time.process_time()
-    result = Campaign(config, out).run()
+def _pick_calibration(out: Path, config: CampaignConfig) -> dict[str, Any] | None:
+    """The run's picks at its highest fidelity scored against that fidelity's values."""
     from loop.calibration import pick_calibration
     from loop.store import CampaignStore
 
-    target = config.targets[0]
+    target, highest = config.targets[0], config.highest_fidelity
+    with CampaignStore(out, create=False) as store:
+        values = {
+            m.candidate_id: m.values[target].value
+            for m, f, _ in store.fidelity_measurements()
+            if f == highest and target in m.values
+        }
+        calibration = pick_calibration(store.decisions(), values, fidelity=highest)
+    return None if calibration is None else calibration.model_dump()
+
+
+def _write_record(done: Path, record: RunRecord) -> None:
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(record.model_dump_json())
+    tmp.replace(done)
+
+
+def run_one(config_json: str, directory: str) -> dict[str, Any]:
+    """Run (or resume) one campaign and return its measured ids and timings.
+
+    A finished run is not rerun; its calibration is rescored from its store (cheap), so
+    that a fix to the scoring reaches every finished run of a rerun ``cloudlab bench``.
+    """
+    import torch
+
+    from loop.campaign import Campaign
+    from loop.store import STORE_FILENAME, CampaignStore
+
+    out = Path(directory)
+    done = out / "result.json"
+    config = CampaignConfig.model_validate_json(config_json)
+    if done.exists():
+        record = RunRecord.model_validate_json(done.read_text())
+        if (out / STORE_FILENAME).exists():
+            calibration = _pick_calibration(out, config)
+            if calibration != record.calibration:
+                record = record.model_copy(update={"calibration": calibration})
+                _write_record(done, record)
+        return record.model_dump()
+    torch.set_num_threads(config.threads if isinstance(config.threads, int) else 1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = Campaign(config, out).run()
     highest = config.highest_fidelity
     with CampaignStore(out, create=False) as store:
-        rows = store.measurements()
         job_rows = store.jobs()
         measured = [m.candidate_id for m, f, _ in store.fidelity_measurements() if f == highest]
         jobs = [j.candidate_id for j in job_rows if j.fidelity == highest]
-        values = {m.candidate_id: m.values[target].value for m in rows if target in m.values}
-        calibration = pick_calibration(store.decisions(), values)
         all_jobs = (
             [(j.candidate_id, j.fidelity, j.cost) for j in job_rows] if config.fidelities else []
         )
@@ -182,12 +208,10 @@ def run_one(config_json: str, directory: str) -> dict[str, Any]:
         wall_s=time.perf_counter() - t0,
         cpu_s=time.process_time() - c0,
         timings=RunTimings(**result.timings.model_dump(exclude={"extra"})),
-        calibration=None if calibration is None else calibration.model_dump(),
+        calibration=_pick_calibration(out, config),
         jobs=all_jobs,
     )
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(record.model_dump_json())
-    tmp.replace(done)
+    _write_record(done, record)
     return record.model_dump()
 
 

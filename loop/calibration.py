@@ -6,7 +6,10 @@ model version that made them. Once those candidates are measured this module
 scores the predictions, per model version (the batch each refit chose) and over
 the whole campaign: Gaussian negative log-likelihood, the share of measurements
 inside the 90 % interval, the mean absolute error and the mean predicted std.
-Only the first target is scored (the objective's).
+Only the first target is scored (the objective's). In a multi-fidelity campaign only
+the picks made at the highest fidelity are scored, against that fidelity's
+measurements: the prediction stored with a pick is the highest fidelity's, and a
+cheap fidelity's value (CHGNet's energy for a DFT target) is not what it predicted.
 """
 
 from __future__ import annotations
@@ -60,12 +63,16 @@ def _score(
 
 
 def _rows(
-    decisions: Iterable[Mapping[str, Any]], measured: Mapping[str, float]
+    decisions: Iterable[Mapping[str, Any]],
+    measured: Mapping[str, float],
+    fidelity: str | None,
 ) -> list[tuple[int | None, str | None, float, float, float]]:
     out = []
     for d in decisions:
         for c in d["chosen"]:
             if c.predicted_mean is None or c.predicted_std is None:
+                continue
+            if fidelity is not None and c.fidelity != fidelity:
                 continue
             y = measured.get(c.candidate_id)
             if y is None or not math.isfinite(y):
@@ -78,17 +85,21 @@ def _rows(
 
 
 def calibration_by_version(
-    decisions: Iterable[Mapping[str, Any]], measured: Mapping[str, float]
+    decisions: Iterable[Mapping[str, Any]],
+    measured: Mapping[str, float],
+    fidelity: str | None = None,
 ) -> list[Calibration]:
     """One :class:`Calibration` per model version that chose measured candidates.
 
     Args:
         decisions: the store's decisions (``model_version`` and ``chosen``).
-        measured: candidate id -> measured value of the first target.
+        measured: candidate id -> measured value of the first target (at ``fidelity``).
+        fidelity: score only the picks made at this fidelity (the campaign's highest;
+            ``""`` in a single-fidelity campaign); None scores every pick.
     """
     groups: dict[int | None, list[tuple[float, float, float]]] = {}
     names: dict[int | None, str | None] = {}
-    for version, surrogate, mean, sd, y in _rows(decisions, measured):
+    for version, surrogate, mean, sd, y in _rows(decisions, measured, fidelity):
         groups.setdefault(version, []).append((mean, sd, y))
         names[version] = surrogate
     return [
@@ -98,8 +109,10 @@ def calibration_by_version(
 
 
 def pick_calibration(
-    decisions: Iterable[Mapping[str, Any]], measured: Mapping[str, float]
+    decisions: Iterable[Mapping[str, Any]],
+    measured: Mapping[str, float],
+    fidelity: str | None = None,
 ) -> Calibration | None:
-    """All model-chosen measured picks scored together (None when there are none)."""
-    rows = [(m, s, y) for _, _, m, s, y in _rows(decisions, measured)]
+    """All model-chosen measured picks (at ``fidelity``) scored together; None if none."""
+    rows = [(m, s, y) for _, _, m, s, y in _rows(decisions, measured, fidelity)]
     return _score(rows, None, None) if rows else None

@@ -33,6 +33,7 @@ class Summary:
     stop_reason: str | None
     target: str = ""
     unit: str = ""
+    fidelity: str = ""  # the fidelity whose results these are ("" in a single-fidelity campaign)
 
     def rows(self) -> list[tuple[str, str]]:
         jobs = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "none"
@@ -48,7 +49,7 @@ class Summary:
             (f"best {self.target}".strip(), best),
             ("surrogate versions", str(self.model_versions)),
             ("state", self.stop_reason or "running or never run"),
-        ]
+        ] + ([("results at fidelity", self.fidelity)] if self.fidelity else [])
 
 
 def _open(directory: Path) -> tuple[CampaignStore, object]:
@@ -68,7 +69,10 @@ def _trajectory(store: CampaignStore, config: object) -> tuple[list[str], torch.
     from loop.config import CampaignConfig
 
     assert isinstance(config, CampaignConfig)
-    ms = store.measurements()
+    # a multi-fidelity campaign's results are its highest fidelity's: a cheap fidelity's
+    # value (CHGNet's energy for a DFT target) is a different quantity
+    highest = config.highest_fidelity
+    ms = [m for m, f, _ in store.fidelity_measurements() if f == highest]
     ids = [m.candidate_id for m in ms]
     y = torch.tensor(
         [[m.values[t].value if t in m.values else math.nan for t in config.targets] for m in ms],
@@ -91,7 +95,12 @@ def summarise(directory: str | Path) -> Summary:
             i = int(torch.argmax(score))
             if torch.isfinite(score[i]):
                 best_value, best_id = float(y[i, spec.primary]), ids[i]
-                measured = store.measurements()[i].values.get(config.objective.target)
+                best = next(
+                    m
+                    for m, f, _ in store.fidelity_measurements()
+                    if f == config.highest_fidelity and m.candidate_id == best_id
+                )
+                measured = best.values.get(config.objective.target)
                 unit = measured.unit if measured is not None else ""
         latest = store.latest_model_version()
         return Summary(
@@ -106,6 +115,7 @@ def summarise(directory: str | Path) -> Summary:
             stop_reason=store.get_meta("stop_reason"),
             target=config.objective.target,
             unit=unit,
+            fidelity=config.highest_fidelity,
         )
 
 
@@ -181,7 +191,7 @@ def write_report(directory: str | Path) -> Path:
             for label, curve in found.items():
                 lines.append(f"- {label}: {curve[-1]:.0%} found after {len(ids)} measurements")
             lines.append("")
-        parity = _parity(decisions, ids, y, config.targets)
+        parity = _parity(decisions, ids, y, config.highest_fidelity)
         if parity is None:
             lines += [
                 "## Surrogate on the candidates it chose (predicted before measuring)",
@@ -217,7 +227,7 @@ def write_report(directory: str | Path) -> Path:
                     "in the edge bins of the histogram"
                 )
             lines.append("")
-        lines += _calibration_section(decisions, ids, y, out)
+        lines += _calibration_section(decisions, ids, y, out, config.highest_fidelity)
         if spec.is_multi:
             lines += _pareto_section(spec, ids, y, out)
         if config.surrogate.head == "debye" and config.surrogate.ensemble.debye_output == "theta" and ids:
@@ -474,7 +484,7 @@ def _pareto_section(spec: object, ids: list[str], y: torch.Tensor, out: Path) ->
 
 
 def _calibration_section(
-    decisions: list[dict[str, object]], ids: list[str], y: torch.Tensor, out: Path
+    decisions: list[dict[str, object]], ids: list[str], y: torch.Tensor, out: Path, fidelity: str
 ) -> list[str]:
     """Per model version: how its own picks came out against what it predicted of them."""
     import matplotlib.pyplot as plt
@@ -482,7 +492,11 @@ def _calibration_section(
     from loop.calibration import calibration_by_version
 
     measured = {cid: float(y[i, 0]) for i, cid in enumerate(ids)}
-    rows = [c for c in calibration_by_version(decisions, measured) if c.version is not None]
+    rows = [
+        c
+        for c in calibration_by_version(decisions, measured, fidelity)
+        if c.version is not None
+    ]
     if not rows:
         return []
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -594,13 +608,16 @@ def _found_curve(config: object, ids: list[str]) -> tuple[dict[str, list[float]]
 
 
 def _parity(
-    decisions: list[dict[str, object]], ids: list[str], y: torch.Tensor, targets: tuple[str, ...]
+    decisions: list[dict[str, object]], ids: list[str], y: torch.Tensor, fidelity: str
 ) -> tuple[list[float], list[float], list[float]] | None:
+    """Predicted (at decision time) vs measured for the picks made at ``fidelity``."""
     measured = {cid: float(y[i, 0]) for i, cid in enumerate(ids) if not math.isnan(float(y[i, 0]))}
     pred, sd, meas = [], [], []
     for d in decisions:
         for c in d["chosen"]:  # type: ignore[attr-defined]
             if c.predicted_mean is None or c.candidate_id not in measured:
+                continue
+            if c.fidelity != fidelity:
                 continue
             pred.append(float(c.predicted_mean[0]))
             sd.append(float(c.predicted_std[0]) if c.predicted_std else 0.0)

@@ -37,23 +37,26 @@ def snapshot(directory: str | Path) -> dict[str, Any]:
     with CampaignStore(directory / STORE_FILENAME, create=False) as store:
         scopes = dict(store.candidates())
         jobs = store.jobs()
-        measurements = {m.candidate_id: m for m in store.measurements()}
+        # one measurement per (candidate, fidelity); a multi-fidelity candidate has several
+        measurements = {(m.candidate_id, f): m for m, f, _ in store.fidelity_measurements()}
         decisions = store.decisions()
         versions = store.model_versions()
         proposals = list_proposals(store)
     target = summary.target
-    chosen_by: dict[str, tuple[int | None, str, Any]] = {}
+    chosen_by: dict[tuple[str, str], tuple[int | None, str, Any]] = {}
     for d in decisions:
         for c in d["chosen"]:
-            chosen_by[c.candidate_id] = (d["model_version"], d["acquisition"], c)
+            chosen_by[c.candidate_id, c.fidelity] = (d["model_version"], d["acquisition"], c)
     rows = []
     for j in jobs[-MAX_JOBS:]:
-        version, acquisition, c = chosen_by.get(j.candidate_id, (None, "-", None))
-        m = measurements.get(j.candidate_id)
+        key = (j.candidate_id, j.fidelity)
+        version, acquisition, c = chosen_by.get(key, (None, "-", None))
+        m = measurements.get(key)
         value = m.values.get(target) if m is not None else None
         rows.append(
             {
                 "candidate_id": j.candidate_id,
+                "fidelity": j.fidelity,
                 "formula": formula_from_scope(scopes.get(j.candidate_id, "")),
                 "state": j.state,
                 "model_version": version,
@@ -67,11 +70,16 @@ def snapshot(directory: str | Path) -> dict[str, Any]:
                 "message": j.message,
             }
         )
+    # picks at the highest fidelity against its values (a cheap fidelity measures another thing)
     measured = {
-        cid: m.values[target].value for cid, m in measurements.items() if target in m.values
+        cid: m.values[target].value
+        for (cid, f), m in measurements.items()
+        if f == summary.fidelity and target in m.values
     }
     calibration = [
-        c.model_dump() for c in calibration_by_version(decisions, measured) if c.version is not None
+        c.model_dump()
+        for c in calibration_by_version(decisions, measured, summary.fidelity)
+        if c.version is not None
     ]
     return _json_safe(
         {

@@ -297,6 +297,29 @@ def test_calibration_scores_predictions_against_measurements() -> None:
     assert overall is not None and overall.n == 4 and overall.coverage90 == 0.75
 
 
+def test_multi_fidelity_calibration_scores_only_the_highest_fidelity_picks() -> None:
+    """A cheap pick's stored prediction is the DFT one: scoring it against CHGNet is wrong."""
+    from loop.calibration import calibration_by_version, pick_calibration
+    from loop.store import ChosenCandidate
+
+    def pick(cid: str, fidelity: str) -> ChosenCandidate:
+        return ChosenCandidate(
+            candidate_id=cid, predicted_mean=[0.0], predicted_std=[1.0], fidelity=fidelity
+        )
+
+    decisions = [
+        {"model_version": 1, "chosen": [pick("a", "dft"), pick("b", "chgnet")]},
+        {"model_version": 2, "chosen": [pick("c", "chgnet")]},  # a version with no DFT pick
+    ]
+    dft = {"a": 0.5, "b": 0.1}  # b was measured at DFT later, by another decision
+    (v1,) = calibration_by_version(decisions, dft, "dft")
+    assert (v1.version, v1.n, v1.mae) == (1, 1, 0.5)
+    overall = pick_calibration(decisions, dft, fidelity="dft")
+    assert overall is not None and overall.n == 1
+    assert pick_calibration(decisions, dft).n == 2  # type: ignore[union-attr]  # unfiltered
+    assert pick_calibration(decisions, {"c": 0.0}, fidelity="dft") is None
+
+
 def test_spread_is_the_split_conformal_quantile() -> None:
     from loop.auto_surrogate import _conformal
 

@@ -38,6 +38,11 @@ def pools(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Pat
     return pool, low
 
 
+def store_decisions(out: Path) -> list[dict]:
+    with CampaignStore(out, create=False) as store:
+        return store.decisions()
+
+
 def _config(pool: Path, low: Path, **overrides: object) -> dict:
     data: dict = {
         "name": "mftest",
@@ -297,6 +302,41 @@ def test_campaign_records_fidelity_and_cost_within_budget_and_resumes(
     # after the initial design (4 candidates at both fidelities) the cheap one dominates
     later = [j for j in jobs if j.decision_id is not None][8:]
     assert sum(j.fidelity == "cheap" for j in later) >= len(later) // 2
+    # what a user reads counts the highest fidelity only: a cheap value is another quantity
+    from loop.bench import RunRecord, RunTimings, run_one
+    from loop.dashboard.state import snapshot
+    from loop.report import summarise
+
+    n_dft = sum(f == "dft" for _, f, _ in rows)
+    summary = summarise(out)
+    assert summary.n_measured == n_dft < len(rows) and summary.fidelity == "dft"
+    assert truth[summary.best_id] == pytest.approx(summary.best_value)
+    view = snapshot(out)
+    assert {j["fidelity"] for j in view["jobs"]} == {"dft", "cheap"}
+    for j in view["jobs"]:  # a job row shows its own fidelity's value (cv@cheap has no cv)
+        if j["fidelity"] == "dft" and j["state"] == "SUCCEEDED":
+            assert j["measured"] == pytest.approx(truth[j["candidate_id"]])
+        if j["fidelity"] == "cheap":
+            assert j["measured"] is None
+    dft_picks = {
+        c.candidate_id
+        for d in store_decisions(out)
+        for c in d["chosen"]
+        if c.fidelity == "dft" and c.predicted_mean is not None
+    }
+    scored = {m.candidate_id for m, f, _ in rows if f == "dft"} & dft_picks
+    assert sum(c["n"] for c in view["calibration"]) == len(scored)
+    # a finished benchmark run is not rerun, but its calibration is rescored from its store
+    stale = RunRecord(
+        name="run", measured_ids=[], submitted_ids=[], stop_reason="done", wall_s=0.0,
+        cpu_s=0.0, timings=RunTimings(fit=0, score=0, acquisition=0, dispatch=0),
+    )  # fmt: skip
+    (out / "result.json").write_text(stale.model_dump_json())
+    record = run_one(config.model_dump_json(), str(out))
+    assert record["calibration"]["n"] == len(scored)
+    assert RunRecord.model_validate_json((out / "result.json").read_text()).calibration == (
+        record["calibration"]
+    )
     # resume: nothing is run again, the store (fidelity, cost) is as it was
     again = Campaign.resume(out).run()
     assert again.n_submitted == result.n_submitted

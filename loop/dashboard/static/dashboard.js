@@ -97,6 +97,7 @@ function render(s) {
     cell(tr, j.candidate_id);
     cell(tr, j.formula);
     cell(tr, j.state, "state-" + j.state);
+    cell(tr, j.fidelity || "-");
     cell(tr, j.model_version === null ? "-" : "v" + j.model_version);
     cell(tr, j.acquisition);
     cell(tr, predicted(j.predicted_mean, j.predicted_std));
