@@ -144,8 +144,10 @@ def write_report(directory: str | Path) -> Path:
         approvals = _approval_section(store)
         units = _units(store)
         scopes = dict(store.candidates())
+        fidelities = _fidelity_section(store, config) if config.fidelities else []
     target = config.objective.target
     unit = units.get(target, "")
+    lines += fidelities
     if not ids:
         lines += ["## Results", "", "_missing: nothing has been measured yet._", ""]
     if ids:
@@ -230,7 +232,11 @@ def write_report(directory: str | Path) -> Path:
         lines += _calibration_section(decisions, ids, y, out, config.highest_fidelity)
         if spec.is_multi:
             lines += _pareto_section(spec, ids, y, out)
-        if config.surrogate.head == "debye" and config.surrogate.ensemble.debye_output == "theta" and ids:
+        if (
+            config.surrogate.head == "debye"
+            and config.surrogate.ensemble.debye_output == "theta"
+            and ids
+        ):
             lines += _debye_curves(config, ids, y, out)
     lines += approvals
     for stale in out.glob("*.png"):  # a figure this run did not draw is an old run's
@@ -483,6 +489,35 @@ def _pareto_section(spec: object, ids: list[str], y: torch.Tensor, out: Path) ->
     return [*lines, ""]
 
 
+def _fidelity_section(store: CampaignStore, config: object) -> list[str]:
+    """Jobs, measurements and cost per fidelity; the results below are the highest's."""
+    from loop.config import CampaignConfig
+
+    assert isinstance(config, CampaignConfig)
+    jobs = store.jobs()
+    measured = store.fidelity_measurements()
+    total = sum(c for _, _, c in measured)
+    lines = [
+        "## Fidelities",
+        "",
+        f"Results below are at `{config.highest_fidelity}`, the fidelity the campaign "
+        "optimises; the others only inform the surrogate.",
+        "",
+        "| fidelity | cost per experiment | jobs | measured | cost spent | share of cost |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in config.fidelities:
+        spent = sum(c for _, name, c in measured if name == f.name)
+        share = f"{spent / total:.0%}" if total > 0 else "-"
+        lines.append(
+            f"| {f.name} | {f.cost:g} | {sum(j.fidelity == f.name for j in jobs)} "
+            f"| {sum(name == f.name for _, name, _ in measured)} | {spent:g} | {share} |"
+        )
+    budget = config.budget.cost
+    lines += ["", f"Cost spent: {total:g}" + (f" of {budget:g}" if budget else "") + ".", ""]
+    return lines
+
+
 def _calibration_section(
     decisions: list[dict[str, object]], ids: list[str], y: torch.Tensor, out: Path, fidelity: str
 ) -> list[str]:
@@ -493,9 +528,7 @@ def _calibration_section(
 
     measured = {cid: float(y[i, 0]) for i, cid in enumerate(ids)}
     rows = [
-        c
-        for c in calibration_by_version(decisions, measured, fidelity)
-        if c.version is not None
+        c for c in calibration_by_version(decisions, measured, fidelity) if c.version is not None
     ]
     if not rows:
         return []

@@ -311,6 +311,19 @@ def test_campaign_records_fidelity_and_cost_within_budget_and_resumes(
     summary = summarise(out)
     assert summary.n_measured == n_dft < len(rows) and summary.fidelity == "dft"
     assert truth[summary.best_id] == pytest.approx(summary.best_value)
+    from loop.report import write_report
+
+    report = write_report(out).read_text()
+    n_cheap = len(rows) - n_dft
+    assert (
+        f"| dft | 10 | {sum(j.fidelity == 'dft' for j in jobs)} | {n_dft} | {10 * n_dft:g} |"
+        in report
+    )
+    assert (
+        f"| cheap | 1 | {sum(j.fidelity == 'cheap' for j in jobs)} | {n_cheap} | {n_cheap:g} |"
+        in report
+    )
+    assert f"{n_dft} / " in report  # measured / budget counts the DFT results
     view = snapshot(out)
     assert {j["fidelity"] for j in view["jobs"]} == {"dft", "cheap"}
     for j in view["jobs"]:  # a job row shows its own fidelity's value (cv@cheap has no cv)
@@ -334,8 +347,9 @@ def test_campaign_records_fidelity_and_cost_within_budget_and_resumes(
     (out / "result.json").write_text(stale.model_dump_json())
     record = run_one(config.model_dump_json(), str(out))
     assert record["calibration"]["n"] == len(scored)
-    assert RunRecord.model_validate_json((out / "result.json").read_text()).calibration == (
-        record["calibration"]
+    assert (
+        RunRecord.model_validate_json((out / "result.json").read_text()).calibration
+        == (record["calibration"])
     )
     # resume: nothing is run again, the store (fidelity, cost) is as it was
     again = Campaign.resume(out).run()
