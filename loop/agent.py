@@ -275,7 +275,7 @@ class Agent(PoolAgent):
         )
         self.timings.acquisition += time.perf_counter() - t0
         chosen_idx = torch.tensor([p.index for p in picks], dtype=torch.long)
-        mean, std = self.surrogate.mean_std(chosen_idx)
+        mean, std = self.surrogate.outcome_mean_std(chosen_idx)  # of the measurement
         return Proposal(
             chosen=[
                 ChosenCandidate(

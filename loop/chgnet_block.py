@@ -140,6 +140,7 @@ def chgnet_block_features(
         digest.update(hashlib.sha256(c.encode()).digest())
     memo = digest.hexdigest()
     if memo not in _MEMO:
+
         def shown(done: int, total: int) -> None:
             label = "CHGNet crystal features"
             _phase.debug(label, extra={"phase": label, "done": done, "total": total})

@@ -73,6 +73,15 @@ class MarginalPredictor:
                 var = var * std**2
         return mean, var
 
+    def noise_variance(self) -> Tensor:
+        """The fitted observation noise variance ``(1, m)``, in the model's original units."""
+        with torch.no_grad():
+            noise = self.model.likelihood.noise.reshape(1, -1)
+            tf = getattr(self.model, "outcome_transform", None)
+            if tf is not None:
+                noise = noise * tf.stdvs.reshape(1, -1) ** 2
+        return noise.expand(1, self.chol.shape[0]) if noise.shape[-1] == 1 else noise
+
     def leave_one_out(self) -> tuple[Tensor, Tensor]:
         """Leave-one-out mean and latent variance ``(n, m)`` of the training rows.
 

@@ -168,7 +168,7 @@ class MultiFidelityAgent(PoolAgent):
         if not picks:
             return Proposal(chosen=[], model_version=self._version, acquisition="none")
         rows = torch.tensor([p.row for p in picks], dtype=torch.long)
-        mean, std = self.surrogate.mean_std(rows)
+        mean, std = self.surrogate.outcome_mean_std(rows)  # of the DFT result
         chosen = [
             ChosenCandidate(
                 candidate_id=self.ids[p.row],

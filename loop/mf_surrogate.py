@@ -301,14 +301,17 @@ class MultiFidelityGPSurrogate(Surrogate):
             noise = (noisy.variance - post.variance).reshape(-1).clamp_min(1e-10)
         return mean, cov, noise
 
-    def marginals(self, idx: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
-        """Posterior means and variances (``n`` each) at ``idx``, standardised, in chunks."""
+    def marginals(
+        self, idx: Tensor, chunk: int = 1024, observation_noise: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Posterior means and variances (``n`` each) at ``idx``, standardised, in chunks;
+        with ``observation_noise`` the variances are of a measurement at each fidelity."""
         means, variances = [], []
         gp = self._gp()
         with torch.no_grad():
             for part in idx.long().split(chunk):
                 rows, fid = self.split(part)
-                post = gp.posterior(self._inputs(rows, fid))
+                post = gp.posterior(self._inputs(rows, fid), observation_noise=observation_noise)
                 means.append(post.mean.reshape(-1))
                 variances.append(post.variance.reshape(-1).clamp_min(1e-12))
         if not means:
@@ -327,6 +330,12 @@ class MultiFidelityGPSurrogate(Surrogate):
     def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Highest-fidelity mean and std (``n x 1`` each) at plain indices ``idx``."""
         mean, var = self.marginals(idx.long() % self.n_rows)
+        m, s = self._stats[0]
+        return (mean * s + m).unsqueeze(-1), (var.sqrt() * s).unsqueeze(-1)
+
+    def outcome_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of a highest-fidelity measurement (its fitted noise included)."""
+        mean, var = self.marginals(idx.long() % self.n_rows, observation_noise=True)
         m, s = self._stats[0]
         return (mean * s + m).unsqueeze(-1), (var.sqrt() * s).unsqueeze(-1)
 

@@ -130,6 +130,14 @@ class Surrogate(abc.ABC):
         s = self.samples(idx)
         return s.mean(0), s.std(0) if s.shape[0] > 1 else torch.zeros_like(s[0])
 
+    def outcome_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std (each ``n x m``) of a *measurement* at ``idx``: what a pick's stored
+        prediction, and the 90 % interval it is scored by, are of. The default is
+        :meth:`mean_std`, for a belief that already is one of outcomes (an ensemble's,
+        ``auto``'s recalibrated one); a GP adds its observation noise to its latent belief.
+        """
+        return self.mean_std(idx)
+
     def decision_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of the belief the acquisition acts on (:meth:`model`, :meth:`samples`).
 
@@ -516,6 +524,15 @@ class GPSurrogate(Surrogate):
 
     def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         mean, std = self._own_mean_std(idx)
+        if self._warp is None:
+            return mean, std
+        return self._warp.inverse(mean), self._warp.inverse_slope(mean).abs() * std
+
+    def outcome_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The latent belief widened by the fitted observation noise (in the modelled,
+        possibly warped, space; mapped back like :meth:`mean_std`)."""
+        mean, std = self._own_mean_std(idx)
+        std = (std.pow(2) + self._predictor().noise_variance()).sqrt()
         if self._warp is None:
             return mean, std
         return self._warp.inverse(mean), self._warp.inverse_slope(mean).abs() * std

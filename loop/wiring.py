@@ -93,7 +93,9 @@ def build_adapter(
     if isinstance(config, GpawAdapterConfig):
         from adapters.dft import GpawAdapter
 
-        work_dir = str(Path(config.work_dir or directory / "gpaw").resolve())  # workers run elsewhere
+        work_dir = str(
+            Path(config.work_dir or directory / "gpaw").resolve()
+        )  # workers run elsewhere
         return GpawAdapter(settings={"work_dir": work_dir, **config.settings})
     if isinstance(config, ChgnetAdapterConfig):
         from adapters.mlip import ChgnetAdapter

@@ -217,7 +217,10 @@ def test_shipped_checkpoint_is_the_multitask_one_and_reads_both_kinds_of_string(
     path = default_checkpoint()
     assert path.name == SHIPPED_CHECKPOINT and not (path.parent / "cloud-small").exists()
     assert (path / WEIGHTS_FILE).stat().st_size <= 50_000_000
-    assert file_sha256(path / WEIGHTS_FILE) == json.loads((path / CARD_FILE).read_text())["weights_sha256"]
+    assert (
+        file_sha256(path / WEIGHTS_FILE)
+        == json.loads((path / CARD_FILE).read_text())["weights_sha256"]
+    )
     model, loaded_tokenizer, card = load_checkpoint(path)
     assert isinstance(model, CloudForMaskedLM) and card.size == "small"
     assert loaded_tokenizer.tokens == tokenizer.tokens  # the default vocabulary is the shipped one
@@ -225,7 +228,9 @@ def test_shipped_checkpoint_is_the_multitask_one_and_reads_both_kinds_of_string(
     assert card.config is not None and card.config.element_features == "magpie"
     assert card.data.n_train is not None and card.data.n_train > 800_000
     guard = card.data.details["leakage_guard"]
-    assert {"perov_5:test", "carbon_24:val", "mpts_52:test", "cloud_cv:test"} <= set(guard["excluded_pools"])
+    assert {"perov_5:test", "carbon_24:val", "mpts_52:test", "cloud_cv:test"} <= set(
+        guard["excluded_pools"]
+    )
     assert guard["total_removed"] > 0
     downstream = card.evaluation["downstream"]
     assert set(downstream["tasks"]) >= {"aflow_debye", "cloud_cv", "mpts_52"}  # the suite's cells

@@ -271,7 +271,9 @@ def test_gp_conditions_on_more_rows_than_it_fits_on(tmp_path: Path) -> None:
     """Hyperparameters from ``max_train`` rows, posterior on ``max_condition`` rows."""
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(700, 3, generator=gen, dtype=torch.float64)  # rows 0-199 pool, 200-699 prior
-    y = torch.sin(12 * x[:, :1]) * torch.cos(9 * x[:, 1:2]) + 0.02 * torch.randn(700, 1, generator=gen)
+    y = torch.sin(12 * x[:, :1]) * torch.cos(9 * x[:, 1:2]) + 0.02 * torch.randn(
+        700, 1, generator=gen
+    )
     own = torch.tensor([5, 50, 150])
     train_idx = torch.cat([own, torch.arange(200, 700)])
     small = GPSurrogate(x, seed=0, max_train=40, n_pool=200)

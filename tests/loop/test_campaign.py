@@ -115,7 +115,9 @@ def test_debye_einstein_head_drives_a_campaign_on_heat_capacities(
     assert result.stop_reason == "experiment budget reached"
     with CampaignStore(tmp_path / "run", create=False) as store:
         decisions = store.decisions()
-        model = [c.predicted_mean[0] for d in decisions[2:] for c in d["chosen"] if c.predicted_mean]
+        model = [
+            c.predicted_mean[0] for d in decisions[2:] for c in d["chosen"] if c.predicted_mean
+        ]
     assert model and all(0.0 < m < 400.0 for m in model)  # J/(mol K) per cell, finite
     specs = [p.read_text() for p in (tmp_path / "run").rglob("*.json") if "ensemble" in p.name]
     assert specs and all('"debye_einstein"' in text for text in specs)  # the head that was saved

@@ -20,7 +20,9 @@ def _clusters(n_per: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0, 0], [10, 0, 0], [0, 10, 0], [0, 0, 10]])
     sizes = [n_per * 10, n_per, n_per, 5]  # random picks land almost only in the first
-    x = torch.cat([c + 0.1 * torch.randn(s, 3, generator=gen) for c, s in zip(centres, sizes, strict=True)])
+    x = torch.cat(
+        [c + 0.1 * torch.randn(s, 3, generator=gen) for c, s in zip(centres, sizes, strict=True)]
+    )
     label = torch.cat([torch.full((s,), k) for k, s in enumerate(sizes)])
     return x, label
 

@@ -35,6 +35,13 @@ def test_marginals_match_the_posterior(kind: str, m: int) -> None:
     assert torch.allclose(mean_s, mean) and torch.allclose(std_s, var.sqrt())
     empty_mean, empty_std = s.mean_std(torch.arange(0))
     assert empty_mean.shape == (0, m) and empty_std.shape == (0, m)
+    # a pick's stored prediction is of its measurement: BoTorch's noisy posterior
+    with torch.no_grad():
+        noisy = gp.posterior(test, observation_noise=True)
+    out_mean, out_std = s.outcome_mean_std(torch.arange(100, 400))
+    assert torch.allclose(out_mean, mean)
+    assert torch.allclose(out_std.pow(2), noisy.variance, atol=1e-10, rtol=1e-6)
+    assert bool((out_std > std_s).all())
 
 
 @pytest.mark.parametrize("kind", ["qlogei", "qucb"])
@@ -119,7 +126,11 @@ def test_factorised_joint_posterior_matches_the_model(kind: str) -> None:
     x = torch.randn(1200, 5, generator=gen, dtype=torch.float64)
     y = (x[:, :1] * 1.5).sin() + x[:, 1:2] * x[:, 2:3] + 0.05 * torch.randn(1200, 1, generator=gen)
     kw = {"seed": 0, "max_train": 60, "max_condition": 1000, "n_pool": 200}
-    s = GPSurrogate(x[:, :4], **kw) if kind == "gp" else TransferGPSurrogate(x, [(0, 4), (4, 5)], **kw)
+    s = (
+        GPSurrogate(x[:, :4], **kw)
+        if kind == "gp"
+        else TransferGPSurrogate(x, [(0, 4), (4, 5)], **kw)
+    )
     s.fit(torch.cat([torch.arange(10), torch.arange(200, 1200)]), torch.cat([y[:10], y[200:]]))
     model = s.model()
     assert isinstance(model.base, FactorisedGP)

@@ -150,6 +150,12 @@ def test_surrogate_predicts_the_high_fidelity_and_round_trips(tmp_path: Path) ->
     assert torch.corrcoef(torch.stack([mean[cheap_only, 0], f[cheap_only]]))[0, 1] > 0.98
     assert float(std[cheap_only].mean()) < float(std[200:].mean())  # and known better
     assert mean.shape == std.shape == (300, 1)
+    # a stored pick's prediction is of a DFT measurement: the latent belief plus DFT's noise
+    _, _, noise = s.joint(torch.arange(300))
+    out_mean, out_std = s.outcome_mean_std(torch.arange(300))
+    scale = s._stats[0][1]
+    assert torch.allclose(out_mean, mean)
+    assert torch.allclose(out_std.pow(2), std.pow(2) + noise.unsqueeze(-1) * scale**2, rtol=1e-5)
     s.save(tmp_path / "v1")
     again = MultiFidelityGPSurrogate(s.features, 2, seed=0)
     again.load(tmp_path / "v1")
