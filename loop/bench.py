@@ -154,8 +154,8 @@ def _pick_calibration(out: Path, config: CampaignConfig) -> dict[str, Any] | Non
     with CampaignStore(out, create=False) as store:
         values = {
             m.candidate_id: m.values[target].value
-            for m, f, _ in store.fidelity_measurements()
-            if f == highest and target in m.values
+            for m in store.measurements_at(highest)
+            if target in m.values
         }
         calibration = pick_calibration(store.decisions(), values, fidelity=highest)
     return None if calibration is None else calibration.model_dump()
@@ -195,7 +195,7 @@ def run_one(config_json: str, directory: str) -> dict[str, Any]:
     highest = config.highest_fidelity
     with CampaignStore(out, create=False) as store:
         job_rows = store.jobs()
-        measured = [m.candidate_id for m, f, _ in store.fidelity_measurements() if f == highest]
+        measured = [m.candidate_id for m in store.measurements_at(highest)]
         jobs = [j.candidate_id for j in job_rows if j.fidelity == highest]
         all_jobs = (
             [(j.candidate_id, j.fidelity, j.cost) for j in job_rows] if config.fidelities else []

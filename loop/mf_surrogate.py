@@ -329,13 +329,14 @@ class MultiFidelityGPSurrogate(Surrogate):
 
     def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Highest-fidelity mean and std (``n x 1`` each) at plain indices ``idx``."""
-        mean, var = self.marginals(idx.long() % self.n_rows)
-        m, s = self._stats[0]
-        return (mean * s + m).unsqueeze(-1), (var.sqrt() * s).unsqueeze(-1)
+        return self._highest(idx, observation_noise=False)
 
     def outcome_mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of a highest-fidelity measurement (its fitted noise included)."""
-        mean, var = self.marginals(idx.long() % self.n_rows, observation_noise=True)
+        return self._highest(idx, observation_noise=True)
+
+    def _highest(self, idx: Tensor, observation_noise: bool) -> tuple[Tensor, Tensor]:
+        mean, var = self.marginals(idx.long() % self.n_rows, observation_noise=observation_noise)
         m, s = self._stats[0]
         return (mean * s + m).unsqueeze(-1), (var.sqrt() * s).unsqueeze(-1)
 

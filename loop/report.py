@@ -71,8 +71,7 @@ def _trajectory(store: CampaignStore, config: object) -> tuple[list[str], torch.
     assert isinstance(config, CampaignConfig)
     # a multi-fidelity campaign's results are its highest fidelity's: a cheap fidelity's
     # value (CHGNet's energy for a DFT target) is a different quantity
-    highest = config.highest_fidelity
-    ms = [m for m, f, _ in store.fidelity_measurements() if f == highest]
+    ms = store.measurements_at(config.highest_fidelity)
     ids = [m.candidate_id for m in ms]
     y = torch.tensor(
         [[m.values[t].value if t in m.values else math.nan for t in config.targets] for m in ms],
@@ -95,11 +94,7 @@ def summarise(directory: str | Path) -> Summary:
             i = int(torch.argmax(score))
             if torch.isfinite(score[i]):
                 best_value, best_id = float(y[i, spec.primary]), ids[i]
-                best = next(
-                    m
-                    for m, f, _ in store.fidelity_measurements()
-                    if f == config.highest_fidelity and m.candidate_id == best_id
-                )
+                best = store.measurements_at(config.highest_fidelity)[i]  # _trajectory's order
                 measured = best.values.get(config.objective.target)
                 unit = measured.unit if measured is not None else ""
         latest = store.latest_model_version()

@@ -445,6 +445,10 @@ class CampaignStore:
             for r in self._db.execute("SELECT measurement FROM measurements ORDER BY seq")
         ]
 
+    def measurements_at(self, fidelity: str) -> list[Measurement]:
+        """The measurements at ``fidelity`` (``""`` in a single-fidelity campaign), in order."""
+        return [m for m, f, _ in self.fidelity_measurements() if f == fidelity]
+
     def fidelity_measurements(self) -> list[tuple[Measurement, str, float]]:
         """Every measurement with its fidelity and cost, in the order it was recorded."""
         return [
