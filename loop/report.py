@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from cloud_model.errors import CloudlabError, ConfigError
 from loop.config import parse_config
+from loop.fidelity import output_names
 from loop.store import STORE_FILENAME, CampaignStore
 
 
@@ -34,6 +35,8 @@ class Summary:
     target: str = ""
     unit: str = ""
     fidelity: str = ""  # the fidelity whose results these are ("" in a single-fidelity campaign)
+    # fidelity -> the name it reports the objective target under (e.g. "cv@cheap")
+    reported: dict[str, str] = field(default_factory=dict)
 
     def rows(self) -> list[tuple[str, str]]:
         jobs = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "none"
@@ -111,6 +114,12 @@ def summarise(directory: str | Path) -> Summary:
             target=config.objective.target,
             unit=unit,
             fidelity=config.highest_fidelity,
+            reported={
+                f.name: output_names(
+                    f, (config.objective.target,), is_highest=f.name == config.highest_fidelity
+                )[config.objective.target]
+                for f in config.fidelities
+            },
         )
 
 

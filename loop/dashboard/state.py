@@ -52,7 +52,8 @@ def snapshot(directory: str | Path) -> dict[str, Any]:
         key = (j.candidate_id, j.fidelity)
         version, acquisition, c = chosen_by.get(key, (None, "-", None))
         m = measurements.get(key)
-        value = m.values.get(target) if m is not None else None
+        # a cheap fidelity reports the target under its own name (e.g. "cv@cheap")
+        value = m.values.get(summary.reported.get(j.fidelity, target)) if m is not None else None
         rows.append(
             {
                 "candidate_id": j.candidate_id,
