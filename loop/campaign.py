@@ -145,7 +145,8 @@ class Campaign:
                 cfg.prior, cfg.targets, pool.ids, seed=cfg.seed
             )
         sc = cfg.surrogate
-        if sc.kind == "gp_transfer" or (sc.kind == "auto" and "gp_transfer" in sc.candidates):
+        kinds = sc.candidates if sc.kind == "auto" else [sc.kind]
+        if {"gp_transfer", "gp_transfer_chgnet"} & set(kinds):
             from cloud_model.datasets import get_spec
 
             for name in sc.transfer_sets:

@@ -164,6 +164,14 @@ class ChgnetGPSurrogate(BlockGPSurrogate):
         return super().fit(train_idx[own], train_y[own])
 
 
+class TransferChgnetGPSurrogate(ChgnetGPSurrogate):
+    """Composition, transferred property predictions (:mod:`loop.transfer`) and CHGNet crystal
+    features, one scaled ARD kernel each, added (``surrogate.kind: gp_transfer_chgnet``): the
+    fit's outputscales decide which block carries the signal."""
+
+    name = "gp_transfer_chgnet"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Featurise a registry dataset's structures from the command line (progress on stderr)."""
     import argparse

@@ -115,7 +115,11 @@ class ObjectiveConfig(_Section):
         return self
 
 
-LearningKind = Literal["cloud_ensemble", "gp", "gp_chgnet", "gp_cloud", "gp_transfer"]
+LearningKind = Literal[
+    "cloud_ensemble", "gp", "gp_chgnet", "gp_cloud", "gp_transfer", "gp_transfer_chgnet"
+]
+# the kinds that are one exact GP over feature blocks (the composition descriptor first)
+GP_KINDS = ("gp", "gp_chgnet", "gp_cloud", "gp_transfer", "gp_transfer_chgnet")
 # gp_transfer: composition models trained on these formula sets predict the pool (loop/transfer.py)
 DEFAULT_TRANSFER_SETS = (
     "crabnet_log10_gvrh",
@@ -137,8 +141,16 @@ class SurrogateConfig(_Section):
     # gp_chgnet: the GP with a composition block and a block of CHGNet crystal features of each
     # candidate's structure (loop/chgnet_block.py; needs structures; contaminated on pools of
     # Materials Project energies, which CHGNet was trained on)
+    # gp_transfer_chgnet: the three blocks of gp_transfer and gp_chgnet in one additive kernel
     kind: Literal[
-        "auto", "cloud_ensemble", "gp", "gp_chgnet", "gp_cloud", "gp_transfer", "random"
+        "auto",
+        "cloud_ensemble",
+        "gp",
+        "gp_chgnet",
+        "gp_cloud",
+        "gp_transfer",
+        "gp_transfer_chgnet",
+        "random",
     ] = "cloud_ensemble"
     transfer_sets: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TRANSFER_SETS), min_length=1, max_length=16
@@ -204,7 +216,7 @@ class AcquisitionConfig(_Section):
         """The shortlist size used with a surrogate of ``surrogate_kind``."""
         if self.shortlist is not None:
             return self.shortlist
-        return 256 if surrogate_kind in ("gp", "gp_chgnet", "gp_cloud", "gp_transfer") else 2048
+        return 256 if surrogate_kind in GP_KINDS else 2048
 
 
 class InitialDesignConfig(_Section):

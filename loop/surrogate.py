@@ -595,15 +595,19 @@ def build_surrogate(
         from loop.auto_surrogate import AutoSurrogate
 
         kinds = [str(k) for k in sc.candidates]
-        if "gp_chgnet" in kinds and "candidates" not in sc.model_fields_set:
-            if _missing_structures(cifs, n_pool):  # the default list, on a pool of formulas
-                logger.info("auto: no gp_chgnet candidate (the pool has no structures)")
-                kinds.remove("gp_chgnet")
+        if "candidates" not in sc.model_fields_set and _missing_structures(cifs, n_pool):
+            # the default list, on a pool of formulas: the kinds that need structures go
+            for k in [k for k in kinds if k in _STRUCTURE_KINDS]:
+                logger.info("auto: no %s candidate (the pool has no structures)", k)
+                kinds.remove(k)
         members: dict[str, Surrogate] = {
             k: _build_one(k, config, scopes, n_pool, cifs) for k in kinds
         }
         return AutoSurrogate(members, n_pool=n_pool)
     return _build_one(sc.kind, config, scopes, n_pool, cifs)
+
+
+_STRUCTURE_KINDS = ("gp_chgnet", "gp_transfer_chgnet")  # need every candidate's structure
 
 
 def _missing_structures(cifs: list[str | None] | None, n_pool: int) -> int:
@@ -621,9 +625,11 @@ def _build_one(
     cifs: list[str | None] | None = None,
 ) -> Surrogate:
     """One learning surrogate of ``kind`` (``gp``, ``gp_chgnet``, ``gp_cloud``,
-    ``gp_transfer``, ``cloud_ensemble``)."""
+    ``gp_transfer``, ``gp_transfer_chgnet``, ``cloud_ensemble``)."""
+    from loop.config import GP_KINDS
+
     sc = config.surrogate
-    if kind in ("gp", "gp_chgnet", "gp_cloud", "gp_transfer"):
+    if kind in GP_KINDS:
         from loop.features import composition_features
 
         feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
@@ -638,17 +644,18 @@ def _build_one(
             return GPSurrogate(feats, **gp_args)
         from loop.gp_blocks import BlockGPSurrogate, TransferGPSurrogate
 
-        d = feats.shape[-1]
-        if kind == "gp_chgnet":
-            from loop.chgnet_block import ChgnetGPSurrogate
+        if kind in _STRUCTURE_KINDS:
+            from loop.chgnet_block import ChgnetGPSurrogate, TransferChgnetGPSurrogate
 
-            block = chgnet_block(cifs, n_pool, len(scopes))
-            return ChgnetGPSurrogate(
-                torch.cat([feats, block], dim=-1), [(0, d), (d, d + block.shape[-1])], **gp_args
-            )
+            parts = [feats]
+            if kind == "gp_transfer_chgnet":
+                parts.append(_second_block("gp_transfer", config, scopes, n_pool))
+            parts.append(chgnet_block(cifs, n_pool, len(scopes)))
+            cls = ChgnetGPSurrogate if kind == "gp_chgnet" else TransferChgnetGPSurrogate
+            return cls(torch.cat(parts, dim=-1), _tiles(parts), **gp_args)
         extra = _second_block(kind, config, scopes, n_pool)
         cls = TransferGPSurrogate if kind == "gp_transfer" else BlockGPSurrogate
-        return cls(torch.cat([feats, extra], dim=-1), [(0, d), (d, d + extra.shape[-1])], **gp_args)
+        return cls(torch.cat([feats, extra], dim=-1), _tiles([feats, extra]), **gp_args)
     if kind != "cloud_ensemble":
         raise ValueError(f"unknown surrogate kind {kind!r}")
     from cloud_model.checkpoint import resolve_checkpoint
@@ -663,8 +670,15 @@ def _build_one(
     return EnsembleSurrogate(ensemble, scopes, warm_start=config.finetune.warm_start, n_pool=n_pool)
 
 
+def _tiles(parts: list[Tensor]) -> list[tuple[int, int]]:
+    """``(start, stop)`` column ranges of ``parts`` placed side by side."""
+    stops = torch.tensor([p.shape[-1] for p in parts]).cumsum(0).tolist()
+    return list(zip([0, *stops[:-1]], stops, strict=True))
+
+
 def chgnet_block(cifs: list[str | None] | None, n_pool: int, n_rows: int) -> Tensor:
-    """``n_rows x 64`` CHGNet block of ``gp_chgnet`` (zero rows past the pool's ``n_pool``).
+    """``n_rows x 64`` CHGNet block of ``gp_chgnet`` and ``gp_transfer_chgnet`` (zero rows past
+    the pool's ``n_pool``).
 
     Raises:
         ConfigError: a candidate of the pool without a structure.
@@ -675,9 +689,9 @@ def chgnet_block(cifs: list[str | None] | None, n_pool: int, n_rows: int) -> Ten
     missing = _missing_structures(cifs, n_pool)
     if missing or cifs is None:
         raise ConfigError(
-            f"surrogate gp_chgnet needs every candidate's structure: {missing} of the "
-            f"{n_pool} candidates of the pool have none (use a pool with CIFs, or leave "
-            "gp_chgnet out of surrogate.candidates)"
+            f"surrogate gp_chgnet / gp_transfer_chgnet needs every candidate's structure: "
+            f"{missing} of the {n_pool} candidates of the pool have none (use a pool with "
+            "CIFs, or leave these kinds out of surrogate.candidates)"
         )
     return chgnet_block_features([str(c) for c in cifs[:n_pool]], n_rows)
 

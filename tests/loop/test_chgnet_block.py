@@ -11,7 +11,12 @@ import torch
 from cloud_model.datasets import load_dataset
 from cloud_model.errors import ConfigError
 from loop.auto_surrogate import AutoSurrogate
-from loop.chgnet_block import CHGNET_DIMS, ChgnetGPSurrogate, chgnet_features
+from loop.chgnet_block import (
+    CHGNET_DIMS,
+    ChgnetGPSurrogate,
+    TransferChgnetGPSurrogate,
+    chgnet_features,
+)
 from loop.config import parse_config
 from loop.surrogate import build_surrogate
 
@@ -89,9 +94,37 @@ def test_gp_chgnet_fits_on_pool_rows_only(
     assert metrics["n_train"] == 10.0  # prior rows have no structure, so no CHGNet features
 
 
+def test_gp_transfer_chgnet_adds_the_three_blocks_and_round_trips(
+    carbon: tuple[list[str], list[str], torch.Tensor], tmp_path: Path
+) -> None:
+    scopes, cifs, y = carbon
+    config = _config("gp_transfer_chgnet", transfer_sets=["crabnet_log10_gvrh"])
+    gp = build_surrogate(config, scopes + scopes[:5], N, cifs)  # type: ignore[arg-type]
+    assert isinstance(gp, TransferChgnetGPSurrogate) and gp.name == "gp_transfer_chgnet"
+    (c0, c1), (t0, t1), (g0, g1) = gp.blocks  # composition, transfer, CHGNet, side by side
+    assert c0 == 0 and c1 == t0 and t1 == g0 and g1 - g0 == CHGNET_DIMS
+    assert g1 == gp.features.shape[-1]
+    rows = torch.cat([torch.arange(0, N, 2), torch.arange(N, N + 5)])  # 20 own, 5 prior rows
+    metrics = gp.fit(rows, torch.cat([y[0:N:2], y[:5]]))
+    assert metrics["n_train"] == 20.0  # prior rows have no structure
+    composition_w, transfer_w, chgnet_w = gp.block_weights()
+    assert chgnet_w > max(composition_w, transfer_w)  # pure carbon: only structure varies
+    test = torch.arange(1, N, 2)
+    mean, std = gp.mean_std(torch.arange(N))
+    assert bool((std > 0).all())
+    assert (mean[test] - y[test]).abs().mean() < 0.7 * (y[test] - y[0:N:2].mean()).abs().mean()
+    gp.save(tmp_path / "v1")
+    restored = build_surrogate(config, scopes + scopes[:5], N, cifs)  # type: ignore[arg-type]
+    restored.load(tmp_path / "v1")
+    m2, s2 = restored.mean_std(torch.arange(N))
+    assert torch.allclose(mean, m2, atol=1e-9) and torch.allclose(std, s2, atol=1e-9)
+
+
 def test_gp_chgnet_needs_structures(carbon: tuple[list[str], list[str], torch.Tensor]) -> None:
     scopes, cifs, _ = carbon
-    with pytest.raises(ConfigError, match="gp_chgnet needs every candidate's structure: 1 of"):
+    with pytest.raises(
+        ConfigError, match="gp_transfer_chgnet needs every candidate.s structure: 1 of"
+    ):
         build_surrogate(_config("gp_chgnet"), scopes, N, [*cifs[:-1], None])  # type: ignore[arg-type]
     named = _config("auto", candidates=["gp", "gp_chgnet"])  # asked for by name: an error
     with pytest.raises(ConfigError, match="gp_chgnet"):
@@ -171,5 +204,7 @@ def test_multi_fidelity_gp_takes_the_chgnet_block(
     s.fit(idx, torch.cat([y[high], y[low]]))
     mean, _ = s.mean_std(torch.arange(8, 24))
     assert torch.corrcoef(torch.stack([mean[:, 0], y[8:24, 0]]))[0, 1] > 0.9
-    with pytest.raises(ConfigError, match="gp_chgnet needs every candidate's structure: 1 of"):
+    with pytest.raises(
+        ConfigError, match="gp_transfer_chgnet needs every candidate.s structure: 1 of"
+    ):
         build_mf_agent(config, ids, scopes, registry, Timings(), [*cifs[:-1], None])
