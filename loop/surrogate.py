@@ -651,8 +651,8 @@ def _build_one(
             if kind == "gp_transfer_chgnet":
                 parts.append(_second_block("gp_transfer", config, scopes, n_pool))
             parts.append(chgnet_block(cifs, n_pool, len(scopes)))
-            cls = ChgnetGPSurrogate if kind == "gp_chgnet" else TransferChgnetGPSurrogate
-            return cls(torch.cat(parts, dim=-1), _tiles(parts), **gp_args)
+            structured = ChgnetGPSurrogate if kind == "gp_chgnet" else TransferChgnetGPSurrogate
+            return structured(torch.cat(parts, dim=-1), _tiles(parts), **gp_args)
         extra = _second_block(kind, config, scopes, n_pool)
         cls = TransferGPSurrogate if kind == "gp_transfer" else BlockGPSurrogate
         return cls(torch.cat([feats, extra], dim=-1), _tiles([feats, extra]), **gp_args)
