@@ -53,6 +53,12 @@ LABELS = {
     "bench_aflow_debye_chgnet": (
         "AFLOW lowest theta, {budget} of {pool:,}, GP + CHGNet block (MPtrj-trained features)"
     ),
+    "bench_aflow_debye_three_blocks": (
+        "AFLOW lowest theta, {budget} of {pool:,}, one GP on composition + transfer + CHGNet, hits"
+    ),
+    "bench_aflow_debye_finetune": (
+        "AFLOW lowest theta, {budget} of {pool:,}, top block fine-tuned vs frozen" + _NEW
+    ),
     "bench_aflow_debye_transfer": "AFLOW lowest theta, {budget} of {pool:,}, GP + transfer",
     "bench_aflow_debye_prior": (
         "AFLOW lowest theta, {budget} of {pool:,}, GP + AFLOW train rows" + _COND
@@ -107,6 +113,9 @@ LABELS = {
         "carbon_24 lowest E, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW + _LOO
     ),
     "bench_carbon24_bayes": "carbon_24 lowest E, {budget} of {pool:,}, Bayesian heads" + _OLD,
+    "bench_carbon24_three_blocks": (
+        "carbon_24 lowest E, {budget} of {pool:,}, one GP on composition + transfer + CHGNet, hits"
+    ),
     "bench_carbon24_finetune": (
         "carbon_24 lowest E, {budget} of {pool:,}, top block fine-tuned" + _OLD
     ),
