@@ -650,7 +650,7 @@ def _build_one(
             parts = [feats]
             if kind == "gp_transfer_chgnet":
                 parts.append(_second_block("gp_transfer", config, scopes, n_pool))
-            parts.append(chgnet_block(cifs, n_pool, len(scopes)))
+            parts.append(chgnet_block(cifs, n_pool, len(scopes), kind=kind))
             structured = ChgnetGPSurrogate if kind == "gp_chgnet" else TransferChgnetGPSurrogate
             return structured(torch.cat(parts, dim=-1), _tiles(parts), **gp_args)
         extra = _second_block(kind, config, scopes, n_pool)
@@ -676,9 +676,10 @@ def _tiles(parts: list[Tensor]) -> list[tuple[int, int]]:
     return list(zip([0, *stops[:-1]], stops, strict=True))
 
 
-def chgnet_block(cifs: list[str | None] | None, n_pool: int, n_rows: int) -> Tensor:
-    """``n_rows x 64`` CHGNet block of ``gp_chgnet`` and ``gp_transfer_chgnet`` (zero rows past
-    the pool's ``n_pool``).
+def chgnet_block(
+    cifs: list[str | None] | None, n_pool: int, n_rows: int, *, kind: str = "gp_chgnet"
+) -> Tensor:
+    """``n_rows x 64`` CHGNet block of surrogate ``kind`` (zero rows past the pool's ``n_pool``).
 
     Raises:
         ConfigError: a candidate of the pool without a structure.
@@ -689,9 +690,9 @@ def chgnet_block(cifs: list[str | None] | None, n_pool: int, n_rows: int) -> Ten
     missing = _missing_structures(cifs, n_pool)
     if missing or cifs is None:
         raise ConfigError(
-            f"surrogate gp_chgnet / gp_transfer_chgnet needs every candidate's structure: "
-            f"{missing} of the {n_pool} candidates of the pool have none (use a pool with "
-            "CIFs, or leave these kinds out of surrogate.candidates)"
+            f"surrogate {kind} needs every candidate's structure: {missing} of the "
+            f"{n_pool} candidates of the pool have none (use a pool with CIFs, or leave "
+            f"{kind} out of surrogate.candidates)"
         )
     return chgnet_block_features([str(c) for c in cifs[:n_pool]], n_rows)
 

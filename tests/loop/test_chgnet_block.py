@@ -122,10 +122,11 @@ def test_gp_transfer_chgnet_adds_the_three_blocks_and_round_trips(
 
 def test_gp_chgnet_needs_structures(carbon: tuple[list[str], list[str], torch.Tensor]) -> None:
     scopes, cifs, _ = carbon
-    with pytest.raises(
-        ConfigError, match="gp_transfer_chgnet needs every candidate.s structure: 1 of"
-    ):
+    with pytest.raises(ConfigError, match="surrogate gp_chgnet needs every candidate.s structure: 1 of"):
         build_surrogate(_config("gp_chgnet"), scopes, N, [*cifs[:-1], None])  # type: ignore[arg-type]
+    three = _config("gp_transfer_chgnet", transfer_sets=["crabnet_log10_gvrh"])
+    with pytest.raises(ConfigError, match="surrogate gp_transfer_chgnet needs every candidate"):
+        build_surrogate(three, scopes, N, [*cifs[:-1], None])  # type: ignore[arg-type]
     named = _config("auto", candidates=["gp", "gp_chgnet"])  # asked for by name: an error
     with pytest.raises(ConfigError, match="gp_chgnet"):
         build_surrogate(named, scopes, N, None)  # type: ignore[arg-type]
@@ -204,7 +205,5 @@ def test_multi_fidelity_gp_takes_the_chgnet_block(
     s.fit(idx, torch.cat([y[high], y[low]]))
     mean, _ = s.mean_std(torch.arange(8, 24))
     assert torch.corrcoef(torch.stack([mean[:, 0], y[8:24, 0]]))[0, 1] > 0.9
-    with pytest.raises(
-        ConfigError, match="gp_transfer_chgnet needs every candidate.s structure: 1 of"
-    ):
+    with pytest.raises(ConfigError, match="surrogate gp_chgnet needs every candidate.s structure: 1 of"):
         build_mf_agent(config, ids, scopes, registry, Timings(), [*cifs[:-1], None])
