@@ -411,10 +411,10 @@ class CampaignConfig(_Section):
                 f"fidelities: a multi-fidelity campaign measures one target, got {self.targets} "
                 "(constraints are not supported with fidelities)"
             )
-        if self.surrogate.kind not in ("gp", "gp_chgnet", "gp_cloud", "gp_transfer"):
+        if self.surrogate.kind not in GP_KINDS:
             raise ValueError(
                 f"fidelities: surrogate.kind {self.surrogate.kind} is not a GP; the "
-                "multi-fidelity GP uses the features of gp, gp_chgnet, gp_cloud or gp_transfer"
+                f"multi-fidelity GP uses the features of {', '.join(GP_KINDS)}"
             )
         highest = self.highest_fidelity
         for i, f in enumerate(self.fidelities):

@@ -195,11 +195,14 @@ def build_mf_agent(
     """The agent over an unfitted multi-fidelity GP on the configured features.
 
     The features are the GP surrogate's: composition features, with the CLOUD block
-    for ``surrogate.kind: gp_cloud``, the transfer block for ``gp_transfer`` and CHGNet's
-    crystal features of ``cifs`` (the pool's structures) for ``gp_chgnet``.
+    for ``surrogate.kind: gp_cloud``, the transfer block for ``gp_transfer``, CHGNet's
+    crystal features of ``cifs`` (the pool's structures) for ``gp_chgnet``, and the transfer
+    and CHGNet blocks for ``gp_transfer_chgnet``. The fidelities share one ARD kernel over
+    the features side by side (not the single-fidelity GP's one kernel per block).
 
     Raises:
-        ConfigError: ``gp_chgnet`` on a pool without every candidate's structure.
+        ConfigError: ``gp_chgnet`` or ``gp_transfer_chgnet`` on a pool without every
+            candidate's structure.
     """
     from loop.features import composition_features
     from loop.surrogate import _second_block, chgnet_block
@@ -207,10 +210,11 @@ def build_mf_agent(
     feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
     kind = config.surrogate.kind
     n_pool = len(candidate_ids)
-    if kind in ("gp_cloud", "gp_transfer"):
-        feats = torch.cat([feats, _second_block(kind, config, scopes, n_pool)], -1)
-    elif kind == "gp_chgnet":
-        feats = torch.cat([feats, chgnet_block(cifs, n_pool, len(scopes))], -1)
+    if kind in ("gp_cloud", "gp_transfer", "gp_transfer_chgnet"):
+        second = "gp_transfer" if kind == "gp_transfer_chgnet" else kind
+        feats = torch.cat([feats, _second_block(second, config, scopes, n_pool)], -1)
+    if kind in ("gp_chgnet", "gp_transfer_chgnet"):
+        feats = torch.cat([feats, chgnet_block(cifs, n_pool, len(scopes), kind=kind)], -1)
     surrogate = MultiFidelityGPSurrogate(
         feats[: len(candidate_ids)],
         len(config.fidelities),

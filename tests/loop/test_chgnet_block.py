@@ -207,3 +207,12 @@ def test_multi_fidelity_gp_takes_the_chgnet_block(
     assert torch.corrcoef(torch.stack([mean[:, 0], y[8:24, 0]]))[0, 1] > 0.9
     with pytest.raises(ConfigError, match="surrogate gp_chgnet needs every candidate.s structure: 1 of"):
         build_mf_agent(config, ids, scopes, registry, Timings(), [*cifs[:-1], None])
+    # the three blocks: composition, transfer, CHGNet side by side under the one ICM kernel
+    data = config.model_dump(mode="json")
+    data["surrogate"] = {"kind": "gp_transfer_chgnet", "transfer_sets": ["crabnet_log10_gvrh"]}
+    three = build_mf_agent(parse_config(data), ids, scopes, registry, Timings(), list(cifs))
+    f3 = three.surrogate.features
+    assert f3.shape[-1] > feats.shape[-1]  # the transfer block sits between the two
+    assert torch.equal(f3[:, :d], feats[:, :d]) and torch.equal(f3[:, -CHGNET_DIMS:], feats[:, d:])
+    with pytest.raises(ConfigError, match="surrogate gp_transfer_chgnet needs every candidate"):
+        build_mf_agent(parse_config(data), ids, scopes, registry, Timings(), [*cifs[:-1], None])
