@@ -31,19 +31,26 @@ _PRE = ", before be72a85"
 _COND = ", GP on <= 500 prior rows"
 # `auto` rows measured before it chose the first model by leave-one-out likelihood (b65b243)
 _LOO = ", auto before b65b243"
-# the example campaigns' default: auto over gp_transfer, cloud_ensemble, gp_chgnet + hits
-_DEF = ", default (auto + CHGNet block, hits)"
+# the example campaigns' default: auto over gp_transfer, cloud_ensemble, gp_chgnet and
+# gp_transfer_chgnet + hits; before that, the first three only
+_DEF = ", default (auto + CHGNet and three-block GPs, hits)"
+_DEF3 = ", earlier default (auto + CHGNet block, hits)"
 LABELS = {
     "bench_perov_5": "perov_5 window, {budget} of {pool:,}" + _OLD,
     "bench_perov_5_auto": "perov_5 window, {budget} of {pool:,}, auto (gp_transfer, CLOUD), the earlier default" + _NEW,
+    "bench_perov_5_auto3": "perov_5 window, {budget} of {pool:,}" + _DEF3 + _NEW,
     "bench_perov_5_default": "perov_5 window, {budget} of {pool:,}" + _DEF + _NEW,
     "bench_perov_5_hits": (
         "perov_5 window, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW + _LOO
+    ),
+    "bench_perov_5_three_blocks": (
+        "perov_5 window, {budget} of {pool:,}, one GP on composition + transfer + CHGNet, hits"
     ),
     "bench_perov_5_diverse": (
         "perov_5 window, {budget} of {pool:,}, auto + diverse initial design" + _NEW
     ),
     "bench_aflow_debye": "AFLOW lowest theta, {budget} of {pool:,}" + _OLD,
+    "bench_aflow_debye_auto3": "AFLOW lowest theta, {budget} of {pool:,}" + _DEF3 + _NEW,
     "bench_aflow_debye_default": "AFLOW lowest theta, {budget} of {pool:,}" + _DEF + _NEW,
     "bench_aflow_debye_hits": (
         "AFLOW lowest theta, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW + _LOO
@@ -108,6 +115,7 @@ LABELS = {
     "bench_carbon24_chgnet": (
         "carbon_24 lowest E, {budget} of {pool:,}, GP + CHGNet block (MPtrj-trained features)"
     ),
+    "bench_carbon24_auto3": "carbon_24 lowest E, {budget} of {pool:,}" + _DEF3 + _NEW,
     "bench_carbon24_default": "carbon_24 lowest E, {budget} of {pool:,}" + _DEF + _NEW,
     "bench_carbon24_hits": (
         "carbon_24 lowest E, {budget} of {pool:,}, hits acquisition, GP + CHGNet block" + _NEW + _LOO
