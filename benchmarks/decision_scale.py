@@ -13,8 +13,9 @@ predictions (the CLOUD ensemble):
   ranks every candidate -- the least any decision must do; ``decide_over_floor`` is
   the ratio.
 
-Features are synthetic (Gaussian, 40 composition-like columns plus 5 transfer columns);
-only the sizes matter for cost. The load is a pure-Python busy loop in its own process.
+Features are synthetic (Gaussian, 40 composition-like columns plus 5 transfer columns, and
+for the CHGNet kinds 64 more drawn from their own generator, so the other kinds' data stay
+as they were); only the sizes matter for cost. The load is a pure-Python busy loop in its own process.
 
     python benchmarks/decision_scale.py [--pool 1000000] [--out benchmarks/results/decision_scale.json]
 """
@@ -31,9 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-KINDS = ("cloud_ensemble", "gp", "gp_transfer", "auto")
+KINDS = ("cloud_ensemble", "gp", "gp_transfer", "auto", "gp_chgnet", "gp_transfer_chgnet")
 N_TRAIN = 96
-D_COMP, D_TRANSFER = 40, 5
+D_COMP, D_TRANSFER, D_CHGNET = 40, 5, 64
 
 
 def _worker(kind: str, threads: int, n: int) -> dict[str, object]:
@@ -44,6 +45,7 @@ def _worker(kind: str, threads: int, n: int) -> dict[str, object]:
     from acquisition_scale import _Cached as Cached  # the same cached-ensemble surrogate
 
     from loop.acquisition import select_batch
+    from loop.chgnet_block import ChgnetGPSurrogate, TransferChgnetGPSurrogate
     from loop.objective import ObjectiveSpec
     from loop.surrogate import GPSurrogate, Surrogate
 
@@ -62,6 +64,16 @@ def _worker(kind: str, threads: int, n: int) -> dict[str, object]:
             return Cached(preds)
         if kind == "gp":
             return GPSurrogate(x[:, :D_COMP], seed=0, n_pool=n)
+        if kind in ("gp_chgnet", "gp_transfer_chgnet"):
+            g = torch.Generator().manual_seed(1)
+            crystal = torch.randn(n, D_CHGNET, generator=g, dtype=torch.float64)
+            if kind == "gp_chgnet":
+                f, b = torch.cat([x[:, :D_COMP], crystal], -1), [(0, D_COMP)]
+                return ChgnetGPSurrogate(f, [*b, (D_COMP, D_COMP + D_CHGNET)], seed=0, n_pool=n)
+            d = D_COMP + D_TRANSFER
+            three = [(0, D_COMP), (D_COMP, d), (d, d + D_CHGNET)]
+            f = torch.cat([x, crystal], -1)
+            return TransferChgnetGPSurrogate(f, three, seed=0, n_pool=n)
         blocks = [(0, D_COMP), (D_COMP, D_COMP + D_TRANSFER)]
         transfer = TransferGPSurrogate(x, blocks, seed=0, n_pool=n)
         if kind == "gp_transfer":
