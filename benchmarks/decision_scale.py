@@ -14,7 +14,8 @@ predictions (the CLOUD ensemble):
   the ratio.
 
 Features are synthetic (Gaussian, 40 composition-like columns plus 5 transfer columns, and
-for the CHGNet kinds 64 more drawn from their own generator, so the other kinds' data stay
+for the CHGNet kinds 64 more, for gp_cloud the CLOUD block's PCA width, each drawn from its
+own generator, so the other kinds' data stay
 as they were); only the sizes matter for cost. The load is a pure-Python busy loop in its own process.
 
     python benchmarks/decision_scale.py [--pool 1000000] [--out benchmarks/results/decision_scale.json]
@@ -32,7 +33,15 @@ import sys
 import time
 from pathlib import Path
 
-KINDS = ("cloud_ensemble", "gp", "gp_transfer", "auto", "gp_chgnet", "gp_transfer_chgnet")
+KINDS = (
+    "cloud_ensemble",
+    "gp",
+    "gp_transfer",
+    "auto",
+    "gp_chgnet",
+    "gp_transfer_chgnet",
+    "gp_cloud",
+)
 N_TRAIN = 96
 D_COMP, D_TRANSFER, D_CHGNET = 40, 5, 64
 
@@ -64,6 +73,13 @@ def _worker(kind: str, threads: int, n: int) -> dict[str, object]:
             return Cached(preds)
         if kind == "gp":
             return GPSurrogate(x[:, :D_COMP], seed=0, n_pool=n)
+        if kind == "gp_cloud":
+            from loop.gp_blocks import CLOUD_DIMS, BlockGPSurrogate
+
+            g = torch.Generator().manual_seed(2)
+            pca = torch.randn(n, CLOUD_DIMS, generator=g, dtype=torch.float64)
+            tiles = [(0, D_COMP), (D_COMP, D_COMP + CLOUD_DIMS)]
+            return BlockGPSurrogate(torch.cat([x[:, :D_COMP], pca], -1), tiles, seed=0, n_pool=n)
         if kind in ("gp_chgnet", "gp_transfer_chgnet"):
             g = torch.Generator().manual_seed(1)
             crystal = torch.randn(n, D_CHGNET, generator=g, dtype=torch.float64)
