@@ -63,7 +63,10 @@ class MarginalPredictor:
             cross = model.covar_module(xb, self.train_x).to_dense()
             mean = model.mean_module(xb) + (cross @ self.alpha).squeeze(-1)  # (b, n*)
             v = torch.linalg.solve_triangular(self.chol, cross.transpose(-1, -2), upper=False)
-            prior = model.covar_module(xb, diag=True)  # (b, n*)
+            if getattr(model.covar_module, "is_stationary", False):  # k(x, x) the same for every x
+                prior = model.covar_module(xb[:, :1], diag=True).expand(b, xt.shape[0])
+            else:
+                prior = model.covar_module(xb, diag=True)  # (b, n*)
             var = (prior - v.pow(2).sum(-2)).clamp_min(0.0)  # (b, n*)
             mean, var = mean.transpose(0, 1), var.transpose(0, 1)  # (n*, b)
             tf = getattr(model, "outcome_transform", None)
