@@ -13,10 +13,10 @@ predictions (the CLOUD ensemble):
   ranks every candidate -- the least any decision must do; ``decide_over_floor`` is
   the ratio.
 
-Features are synthetic (Gaussian, 40 composition-like columns plus 5 transfer columns, and
-for the CHGNet kinds 64 more, for gp_cloud the CLOUD block's PCA width, each drawn from its
-own generator, so the other kinds' data stay
-as they were); only the sizes matter for cost. The load is a pure-Python busy loop in its own process.
+Features are synthetic (Gaussian, 40 composition-like columns plus 5 transfer columns; the
+CHGNet kinds add 64 and gp_cloud the CLOUD block's 16 PCA columns, each from its own generator
+so the other kinds' data stay as they were); only the sizes matter for cost. The load is a
+pure-Python busy loop in its own process.
 
     python benchmarks/decision_scale.py [--pool 1000000] [--out benchmarks/results/decision_scale.json]
 """

@@ -204,17 +204,11 @@ def build_mf_agent(
         ConfigError: ``gp_chgnet`` or ``gp_transfer_chgnet`` on a pool without every
             candidate's structure.
     """
-    from loop.features import composition_features
-    from loop.surrogate import _second_block, chgnet_block
+    from loop.surrogate import gp_feature_blocks
 
-    feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
-    kind = config.surrogate.kind
-    n_pool = len(candidate_ids)
-    if kind in ("gp_cloud", "gp_transfer", "gp_transfer_chgnet"):
-        second = "gp_transfer" if kind == "gp_transfer_chgnet" else kind
-        feats = torch.cat([feats, _second_block(second, config, scopes, n_pool)], -1)
-    if kind in ("gp_chgnet", "gp_transfer_chgnet"):
-        feats = torch.cat([feats, chgnet_block(cifs, n_pool, len(scopes), kind=kind)], -1)
+    feats = torch.cat(
+        gp_feature_blocks(config.surrogate.kind, config, scopes, len(candidate_ids), cifs), -1
+    )
     surrogate = MultiFidelityGPSurrogate(
         feats[: len(candidate_ids)],
         len(config.fidelities),

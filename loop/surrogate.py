@@ -630,9 +630,7 @@ def _build_one(
 
     sc = config.surrogate
     if kind in GP_KINDS:
-        from loop.features import composition_features
-
-        feats = torch.as_tensor(composition_features(scopes), dtype=torch.float64)
+        parts = gp_feature_blocks(kind, config, scopes, n_pool, cifs)
         gp_args: dict[str, Any] = {
             "seed": config.seed,
             "max_train": sc.gp_max_train,
@@ -641,21 +639,17 @@ def _build_one(
             "warp": sc.gp_warp,
         }
         if kind == "gp":
-            return GPSurrogate(feats, **gp_args)
+            return GPSurrogate(parts[0], **gp_args)
+        from loop.chgnet_block import ChgnetGPSurrogate, TransferChgnetGPSurrogate
         from loop.gp_blocks import BlockGPSurrogate, TransferGPSurrogate
 
-        if kind in _STRUCTURE_KINDS:
-            from loop.chgnet_block import ChgnetGPSurrogate, TransferChgnetGPSurrogate
-
-            parts = [feats]
-            if kind == "gp_transfer_chgnet":
-                parts.append(_second_block("gp_transfer", config, scopes, n_pool))
-            parts.append(chgnet_block(cifs, n_pool, len(scopes), kind=kind))
-            structured = ChgnetGPSurrogate if kind == "gp_chgnet" else TransferChgnetGPSurrogate
-            return structured(torch.cat(parts, dim=-1), _tiles(parts), **gp_args)
-        extra = _second_block(kind, config, scopes, n_pool)
-        cls = TransferGPSurrogate if kind == "gp_transfer" else BlockGPSurrogate
-        return cls(torch.cat([feats, extra], dim=-1), _tiles([feats, extra]), **gp_args)
+        cls = {
+            "gp_chgnet": ChgnetGPSurrogate,
+            "gp_cloud": BlockGPSurrogate,
+            "gp_transfer": TransferGPSurrogate,
+            "gp_transfer_chgnet": TransferChgnetGPSurrogate,
+        }[kind]
+        return cls(torch.cat(parts, dim=-1), _tiles(parts), **gp_args)
     if kind != "cloud_ensemble":
         raise ValueError(f"unknown surrogate kind {kind!r}")
     from cloud_model.checkpoint import resolve_checkpoint
@@ -668,6 +662,32 @@ def _build_one(
     ensemble = create_ensemble(checkpoint, sc.n_members, sc.head, len(config.targets), ens_config)
     ensemble.share_cache()  # runs in one process (benchmark workers) share the trunk's features
     return EnsembleSurrogate(ensemble, scopes, warm_start=config.finetune.warm_start, n_pool=n_pool)
+
+
+def gp_feature_blocks(
+    kind: str,
+    config: CampaignConfig,
+    scopes: list[str],
+    n_pool: int,
+    cifs: list[str | None] | None = None,
+) -> list[Tensor]:
+    """The feature blocks of GP ``kind``, ``len(scopes)`` rows each: composition descriptors,
+    then the CLOUD (``gp_cloud``) or transfer block (``gp_transfer``, ``gp_transfer_chgnet``),
+    then CHGNet crystal features (``gp_chgnet``, ``gp_transfer_chgnet``).
+
+    Raises:
+        ConfigError: a structure kind on a pool without every candidate's structure.
+    """
+    from loop.features import composition_features
+
+    parts = [torch.as_tensor(composition_features(scopes), dtype=torch.float64)]
+    if kind in ("gp_cloud", "gp_transfer"):
+        parts.append(_second_block(kind, config, scopes, n_pool))
+    elif kind == "gp_transfer_chgnet":
+        parts.append(_second_block("gp_transfer", config, scopes, n_pool))
+    if kind in _STRUCTURE_KINDS:
+        parts.append(chgnet_block(cifs, n_pool, len(scopes), kind=kind))
+    return parts
 
 
 def _tiles(parts: list[Tensor]) -> list[tuple[int, int]]:

@@ -212,7 +212,8 @@ def test_multi_fidelity_gp_takes_the_chgnet_block(
     data["surrogate"] = {"kind": "gp_transfer_chgnet", "transfer_sets": ["crabnet_log10_gvrh"]}
     three = build_mf_agent(parse_config(data), ids, scopes, registry, Timings(), list(cifs))
     f3 = three.surrogate.features
-    assert f3.shape[-1] > feats.shape[-1]  # the transfer block sits between the two
+    # one column per transfer set between the two (constant here: every candidate is carbon)
+    assert f3.shape[-1] == d + 1 + CHGNET_DIMS
     assert torch.equal(f3[:, :d], feats[:, :d]) and torch.equal(f3[:, -CHGNET_DIMS:], feats[:, d:])
     with pytest.raises(ConfigError, match="surrogate gp_transfer_chgnet needs every candidate"):
         build_mf_agent(parse_config(data), ids, scopes, registry, Timings(), [*cifs[:-1], None])
